@@ -1,0 +1,34 @@
+"""Belt-mask parallel decoding for stock transformers causal LMs (no LangChain here).
+
+Modules: ``masks`` (belt masks, positions), ``cache`` (split-attention cache), ``attention``
+(shared-prefix + per-branch attention), ``sampling`` (next-token choice), ``stops`` (stop
+strings), ``sequential`` (ordinary decoding with constraints), ``decoder`` (the Stage-2 loop).
+"""
+
+from .decoder import (
+    SPLIT_ARCHITECTURES,
+    BranchesOutput,
+    BranchResult,
+    StepEvent,
+    choose_attention,
+    decode_branches,
+    iter_decode_branches,
+    model_device,
+    prefill,
+)
+from .sampling import SamplingParams, make_generator, sample_next
+
+__all__ = [
+    "SPLIT_ARCHITECTURES",
+    "BranchResult",
+    "BranchesOutput",
+    "SamplingParams",
+    "StepEvent",
+    "choose_attention",
+    "decode_branches",
+    "iter_decode_branches",
+    "make_generator",
+    "model_device",
+    "prefill",
+    "sample_next",
+]

@@ -1,0 +1,98 @@
+"""Next-token selection as pure functions over logits.
+
+Contract: ``sample_next(logits, params, generator)`` maps logits ``[B, V]`` to token ids ``[B]``.
+Temperature 0 is argmax (no randomness consumed); otherwise top-k, then top-p (nucleus), then a
+multinomial draw from the caller's ``torch.Generator``, so a seed reproduces the draw exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingParams", "make_generator", "sample_next"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen.
+
+    Attributes:
+        temperature: 0 means greedy (argmax); > 0 divides the logits before sampling.
+        top_p: nucleus mass in (0, 1]; 1 disables it.
+        top_k: keep the k most likely tokens; 0 disables it.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            msg = f"temperature must be >= 0 (0 = greedy), got {self.temperature}"
+            raise ValueError(msg)
+        if not 0.0 < self.top_p <= 1.0:
+            msg = f"top_p must be in (0, 1], got {self.top_p}; use 1.0 to disable nucleus sampling"
+            raise ValueError(msg)
+        if self.top_k < 0:
+            msg = f"top_k must be >= 0 (0 disables it), got {self.top_k}"
+            raise ValueError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (a fresh random seed when None)."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def _filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    # logits: [B, V]; everything below the k-th largest value becomes -inf.
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    # Keep the smallest set of tokens whose mass reaches p (the most likely token always stays).
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
+    # Mass strictly before each token: a token is dropped when that mass already reaches p.
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Choose one token per row.
+
+    Args:
+        logits: ``[B, V]`` raw logits (any float dtype; sampling math runs in float32).
+        params: temperature / top-k / top-p settings.
+        generator: source of randomness for sampling; ignored when greedy.
+
+    Returns:
+        ``[B]`` int64 token ids on the logits' device.
+    """
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / params.temperature
+    if params.top_k:
+        scores = _filter_top_k(scores, params.top_k)
+    if params.top_p < 1.0:
+        scores = _filter_top_p(scores, params.top_p)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
