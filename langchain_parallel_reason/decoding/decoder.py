@@ -18,6 +18,7 @@ The prefix cache a caller passes in is returned holding exactly the prefix again
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -29,6 +30,7 @@ from .attention import SplitLayout, use_split_attention
 from .cache import BranchCache, crop_to, kv_bytes
 from .masks import ColumnLayout, model_mask_kind
 from .sampling import SamplingParams, make_generator, sample_next
+from .sequential import Cancelled
 from .stops import StopStrings
 
 __all__ = [
@@ -189,6 +191,7 @@ def iter_decode_branches(
     prefix_cache: DynamicCache | None = None,
     prefix_logits: torch.Tensor | None = None,
     attention: Attention = "auto",
+    cancel: threading.Event | None = None,
 ) -> Generator[StepEvent, None, BranchesOutput]:
     """Decode every branch at once; yield one ``StepEvent`` per forward; return the results.
 
@@ -208,6 +211,8 @@ def iter_decode_branches(
         prefix_logits: ``[V]`` logits after the last prefix token, if the caller has them (only
             needed when a branch has an empty forced prefix).
         attention: "auto", "split" or "mask" (see the module docstring).
+        cancel: checked before every forward; ``decoding.sequential.Cancelled`` is raised when
+            it is set (the prefix cache is restored first).
     """
     params = SamplingParams(temperature, top_p, top_k)
     device = model_device(model)
@@ -269,6 +274,8 @@ def iter_decode_branches(
     def forward(q_branch: list[int], q_idx: list[int], tokens: list[int]) -> torch.Tensor:
         # One Stage-2 forward over Q tokens (any mix of branches); returns logits [Q, V].
         nonlocal forwards, peak
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("decoding cancelled")
         qb = torch.tensor(q_branch, device=device)
         qi = torch.tensor(q_idx, device=device)
         qpos = qi + plen

@@ -1,0 +1,131 @@
+"""Ordinary one-token-per-step decoding over a caller's cache (Stage 1, Stage 3, fallback).
+
+Contract: ``iter_decode`` appends ``input_ids`` to ``cache`` (which already holds ``start``
+tokens), then samples until a stop id, a stop string, the budget, or a terminated grammar; it
+yields every new token id and returns a ``SequentialResult``. The last sampled token is never fed
+back, so on return the cache holds the input plus all generated tokens but the last.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .sampling import SamplingParams, make_generator, sample_next
+from .stops import StopStrings
+
+__all__ = ["Cancelled", "LogitsConstraint", "SequentialResult", "forward_tokens", "iter_decode"]
+
+
+class Cancelled(RuntimeError):  # noqa: N818 - reads as an event, like asyncio.CancelledError
+    """Raised inside a decode loop when the caller's cancel event is set."""
+
+
+class LogitsConstraint(Protocol):
+    """Per-call grammar state (see ``decoding.constraints.GrammarConstraint``)."""
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Return logits with disallowed tokens set to -inf."""
+
+    def advance(self, token_id: int) -> None:
+        """Accept the sampled token."""
+
+    def is_terminated(self) -> bool:
+        """True once the grammar is complete."""
+
+
+@dataclass(frozen=True)
+class SequentialResult:
+    """Outcome of ``iter_decode``.
+
+    Attributes:
+        token_ids: new tokens (a stop id that ended decoding included).
+        finish_reason: "stop" (stop id, stop string or finished grammar) or "length".
+        stop: the stop string or id that ended it, if any.
+        forward_passes: model forward calls, the prefill of ``input_ids`` included.
+    """
+
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+    stop: str | int | None
+    forward_passes: int
+
+
+def forward_tokens(
+    model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache, start: int
+) -> torch.Tensor:
+    """Append ``ids`` ``[S]`` at positions ``start..`` to ``cache``; return last-token logits [V]."""
+    pos = torch.arange(start, start + ids.shape[0], device=ids.device)
+    out = model(
+        input_ids=ids[None],
+        position_ids=pos[None],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[0, -1]
+
+
+def iter_decode(
+    model: torch.nn.Module,
+    input_ids: Sequence[int] | torch.Tensor,
+    cache: DynamicCache,
+    *,
+    start: int,
+    max_new_tokens: int,
+    params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen dataclass
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    constraint: LogitsConstraint | None = None,
+    cancel: threading.Event | None = None,
+) -> Generator[int, None, SequentialResult]:
+    """Decode after ``input_ids``; yield each new token; return the result.
+
+    Args:
+        model: stock causal LM. input_ids: ``[S]`` (S >= 1) tokens to append first.
+        cache: DynamicCache already holding ``start`` tokens (its own contents are not checked).
+        max_new_tokens: budget (0 returns at once after the prefill).
+        params, seed: sampling; the generator is seeded once per call.
+        stop_token_ids, stop_strings, tokenizer: when to stop (stop strings need the tokenizer).
+        constraint: optional grammar; its mask applies before sampling, and decoding stops as
+            soon as it terminates.
+        cancel: checked before every forward; raises ``Cancelled`` when set.
+    """
+    device = model.get_input_embeddings().weight.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    stops = StopStrings(tokenizer, stop_strings)
+    stop_ids = frozenset(int(t) for t in stop_token_ids)
+    gen = None if params.greedy else make_generator(seed, device)
+    tokens: list[int] = []
+    passes = 0
+    pos = start
+    with torch.inference_mode():
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("decoding cancelled")
+            if len(tokens) >= max_new_tokens:
+                return SequentialResult(tokens, "length", None, passes)
+            logits = forward_tokens(model, ids, cache, pos)
+            passes += 1
+            pos += ids.shape[0]
+            if constraint is not None:
+                logits = constraint.mask_logits(logits)
+            tok = int(sample_next(logits[None], params, gen)[0])
+            tokens.append(tok)
+            yield tok
+            if constraint is not None:
+                constraint.advance(tok)
+                if constraint.is_terminated():
+                    return SequentialResult(tokens, "stop", None, passes)
+            if tok in stop_ids:
+                return SequentialResult(tokens, "stop", tok, passes)
+            if stops and (hit := stops.find(tokens)) is not None:
+                return SequentialResult(tokens, "stop", hit, passes)
+            ids = torch.tensor([tok], device=device)

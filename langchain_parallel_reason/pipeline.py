@@ -1,0 +1,594 @@
+"""The three stages over one KV cache: plan -> parallel steps -> conclusion (no LangChain here).
+
+Contract: ``iter_answer(model, tokenizer, messages, config)`` yields ``ContentDelta`` (the next
+piece of the final content, in order), ``StepDelta`` (live text of a parallel step, not content)
+and ``StageEvent`` items, and returns an ``AnswerResult``; the ContentDelta texts concatenate to
+``AnswerResult.content``. Stage 1 writes the plan after the prompt in the same cache; when it
+does not validate it is re-sampled (tenacity, bounded), then the answer falls back to ordinary
+sequential decoding, and the report says why. Any failure of the parallel path (Stage 2 or 3)
+falls back the same way. The caller serialises calls on one model (the chat model holds a lock).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+from transformers.cache_utils import DynamicCache
+
+from .decoding.cache import crop_to
+from .decoding.decoder import iter_decode_branches, model_device
+from .decoding.sampling import SamplingParams
+from .decoding.sequential import Cancelled, forward_tokens, iter_decode
+from .decoding.stops import cut_at_stop
+from .plan import PlanFormatError, format_plan, parse_plan, plan_grammar_ebnf
+from .prompts import END_MARKER, STEP_MARKER, conclusion_cue, stage1_system_prompt, step_header
+from .schemas import ParallelReport, Plan
+
+__all__ = [
+    "AnswerResult",
+    "ContentDelta",
+    "PipelineCancelled",
+    "PipelineConfig",
+    "StageEvent",
+    "StepDelta",
+    "TextStream",
+    "answer",
+    "iter_answer",
+    "render_prompt",
+]
+
+Mode = Literal["auto", "parallel", "sequential"]
+# Fewest new tokens a parallel step gets before the context/max_tokens budget makes parallel
+# decoding pointless; below it the answer is decoded sequentially and the reason recorded.
+MIN_STEP_TOKENS = 8
+PLAN_TITLE_CHARS = 60
+
+
+class PipelineCancelled(Exception):  # noqa: N818 - mirrors asyncio.CancelledError
+    """The caller's cancel event was set; decoding stopped at the next forward pass."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Per-call decoding settings (mapped from the chat model's fields in one place).
+
+    Attributes:
+        mode: "auto" (parallel when the plan validates), "parallel" (same, but a fallback is
+            reported as a failure of the requested mode), "sequential" (no plan at all).
+        steps: caller-given step titles; Stage 1 is skipped.
+        max_branches: most parallel steps (>= 2).
+        max_tokens: new-token budget of the whole answer (plan + steps + conclusion).
+        step_max_tokens: new tokens per parallel step.
+        plan_max_tokens: new tokens for the Stage-1 plan.
+        plan_retries: re-samples of a plan that does not validate, before falling back.
+        temperature, top_p, top_k, seed: sampling (temperature 0 is greedy).
+        stop: stop strings; one inside a step ends that step only, one in the conclusion or a
+            sequential answer ends the answer.
+        attention: Stage-2 backend, "auto", "split" or "mask".
+        constrain_plan: force the plan's shape with a grammar (xgrammar).
+    """
+
+    mode: Mode = "auto"
+    steps: tuple[str, ...] | None = None
+    max_branches: int = 6
+    max_tokens: int = 512
+    step_max_tokens: int = 96
+    plan_max_tokens: int = 96
+    plan_retries: int = 2
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    attention: Literal["auto", "split", "mask"] = "auto"
+    constrain_plan: bool = True
+
+    def __post_init__(self) -> None:
+        SamplingParams(self.temperature, self.top_p, self.top_k)  # validates
+        checks = [
+            (
+                self.mode in ("auto", "parallel", "sequential"),
+                "mode must be auto|parallel|sequential",
+            ),
+            (self.max_branches >= 2, f"max_branches must be >= 2, got {self.max_branches}"),
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (
+                self.step_max_tokens >= 1,
+                f"step_max_tokens must be >= 1, got {self.step_max_tokens}",
+            ),
+            (
+                self.plan_max_tokens >= 1,
+                f"plan_max_tokens must be >= 1, got {self.plan_max_tokens}",
+            ),
+            (self.plan_retries >= 0, f"plan_retries must be >= 0, got {self.plan_retries}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    """The next piece of the final content, in order."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class StepDelta:
+    """Live text of parallel step ``step`` (0-based) as it is decoded; not part of content."""
+
+    step: int
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """A stage boundary: "plan" (titles), "steps_done", "fallback" (reason)."""
+
+    stage: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AnswerResult:
+    """The merged answer and what happened."""
+
+    content: str
+    report: ParallelReport
+    input_tokens: int
+    output_tokens: int
+
+
+Event = ContentDelta | StepDelta | StageEvent
+
+
+class TextStream:
+    """Incremental detokenizer that never emits half a character or a possible stop string.
+
+    ``push(token)`` returns the newly final text; text that could still become the start of a
+    stop string (or is an incomplete UTF-8 sequence) is held back until ``finish()``, which cuts
+    the whole text before the first stop string and returns the remainder.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = (), *, lstrip: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.lstrip = lstrip
+        self.tokens: list[int] = []
+        self.emitted = 0
+
+    def _text(self) -> str:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return text.lstrip() if self.lstrip else text
+
+    def push(self, token: int) -> str:
+        """Add one token; return text that is now final."""
+        self.tokens.append(token)
+        text = self._text()
+        if text.endswith("\ufffd"):
+            return ""
+        text, hit = cut_at_stop(text, self.stops)
+        safe = len(text) if hit else max(self.emitted, len(text) - self.hold)
+        delta = text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return delta
+
+    def finish(self) -> str:
+        """Return the held-back tail (stop strings cut)."""
+        text, _ = cut_at_stop(self._text(), self.stops)
+        delta = text[self.emitted :]
+        self.emitted = len(text)
+        return delta
+
+    @property
+    def text(self) -> str:
+        """Everything final so far after ``finish()``."""
+        return cut_at_stop(self._text(), self.stops)[0]
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], **template_kw: Any) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, ready for generation."""
+    if not getattr(tokenizer, "chat_template", None):
+        msg = "the tokenizer has no chat_template; pass a tokenizer that defines one (tokenizer.chat_template = ...)"
+        raise ValueError(msg)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **template_kw
+    )
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _with_system(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
+    # The Stage-1 instruction goes first; a caller's system prompt follows it in the same block
+    # (several templates accept only one system message, at the start).
+    if messages and messages[0].get("role") == "system":
+        merged = f"{system}\n\n{messages[0].get('content', '')}"
+        return [{**messages[0], "content": merged}, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list | tuple):
+            ids.update(int(e) for e in eos)
+    return sorted(ids)
+
+
+def _context_window(model: Any) -> int:
+    config = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
+
+
+def _grammar_constraint(tokenizer: Any, ebnf: str, vocab_size: int) -> Any:
+    # Imported on first use: xgrammar is only needed when the plan is constrained.
+    from .decoding.constraints import GrammarConstraint
+
+    return GrammarConstraint.from_ebnf(tokenizer, ebnf, vocab_size=vocab_size)
+
+
+def _drive(gen: Generator, sink: list) -> Any:
+    """Run a sub-generator to its return value, collecting yielded items into ``sink``."""
+    while True:
+        try:
+            sink.append(next(gen))
+        except StopIteration as stop:
+            return stop.value
+
+
+class _Run:
+    """State of one ``iter_answer`` call (nothing survives the call)."""
+
+    def __init__(self, model, tokenizer, messages, config, cancel, tools) -> None:
+        self.model = model
+        self.tok = tokenizer
+        self.messages = messages
+        self.cfg = config
+        self.cancel = cancel
+        self.tools = tools
+        self.params = SamplingParams(config.temperature, config.top_p, config.top_k)
+        self.stop_ids = _stop_ids(model, tokenizer)
+        self.ctx = _context_window(model)
+        self.device = model_device(model)
+        self.timings: dict[str, float] = {}
+        self.output_tokens = 0
+        self.input_tokens = 0
+        self.plan_attempts = 0
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def check_prompt(self, ids: list[int]) -> None:
+        if len(ids) >= self.ctx:
+            msg = (
+                f"the prompt has {len(ids)} tokens but the model's context window is {self.ctx}; "
+                "shorten the messages or use a model with a longer context"
+            )
+            raise ValueError(msg)
+
+    # Stage 1 ----------------------------------------------------------------------------
+    def plan(self, prompt: list[int], cache: DynamicCache) -> tuple[Plan, list[int], int]:
+        """Decode and validate the plan; returns (plan, plan token ids, attempts)."""
+        cfg = self.cfg
+        self.plan_attempts = 0
+        budget = min(cfg.plan_max_tokens, self.cfg.max_tokens)
+        grammar = (
+            plan_grammar_ebnf(cfg.max_branches, PLAN_TITLE_CHARS) if cfg.constrain_plan else None
+        )
+
+        def attempt() -> tuple[Plan, list[int]]:
+            self.plan_attempts += 1
+            attempts = self.plan_attempts
+            # Each attempt restarts from the prompt; re-samples explore (temperature >= 0.7).
+            crop_to(cache, len(prompt) - 1)
+            params = self.params
+            seed = cfg.seed
+            if attempts > 1:
+                params = replace(params, temperature=max(params.temperature, 0.7))
+                seed = None if seed is None else seed + 1000 * attempts
+            constraint = (
+                _grammar_constraint(self.tok, grammar, self.vocab_size) if grammar else None
+            )
+            gen = iter_decode(
+                self.model,
+                prompt[-1:],
+                cache,
+                start=len(prompt) - 1,
+                max_new_tokens=budget,
+                params=params,
+                seed=seed,
+                stop_token_ids=self.stop_ids,
+                stop_strings=() if grammar else (END_MARKER,),
+                tokenizer=self.tok,
+                constraint=constraint,
+                cancel=self.cancel,
+            )
+            result = _drive(gen, [])
+            self.output_tokens += len(result.token_ids)
+            text = self.tok.decode(result.token_ids, skip_special_tokens=True)
+            plan = parse_plan(text, max_branches=cfg.max_branches, max_title_chars=PLAN_TITLE_CHARS)
+            return plan, result.token_ids
+
+        # The prompt but its last token is prefilled once; every attempt feeds that last token.
+        if len(prompt) > 1 and cache.get_seq_length() == 0:
+            with torch.inference_mode():
+                forward_tokens(self.model, torch.tensor(prompt[:-1], device=self.device), cache, 0)
+        retrying = Retrying(
+            stop=stop_after_attempt(cfg.plan_retries + 1),
+            retry=retry_if_exception_type(PlanFormatError),
+            reraise=True,
+        )
+        plan, ids = retrying(attempt)
+        return plan, ids, self.plan_attempts
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+
+def iter_answer(
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    config: PipelineConfig,
+    *,
+    cancel: threading.Event | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> Generator[Event, None, AnswerResult]:
+    """Answer ``messages``; yield events as text is produced; return the merged answer.
+
+    Raises:
+        ValueError: bad messages, a tokenizer without chat template, or a prompt longer than
+            the model's context window.
+        PipelineCancelled: ``cancel`` was set (checked before every forward pass).
+    """
+    if not messages:
+        raise ValueError("messages is empty: pass at least one user message")
+    run = _Run(model, tokenizer, messages, config, cancel, tools)
+    t0 = time.perf_counter()
+    try:
+        if config.mode == "sequential":
+            return (yield from _sequential(run, None, 0, t0))
+        return (yield from _parallel(run, t0))
+    except Cancelled as e:
+        raise PipelineCancelled(str(e)) from e
+
+
+def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Generator:
+    """Plain decoding of the whole answer from the caller's messages (also the fallback)."""
+    if reason is not None:
+        yield StageEvent("fallback", {"reason": reason})
+    cfg = run.cfg
+    template_kw = {"tools": run.tools} if run.tools else {}
+    prompt = render_prompt(run.tok, run.messages, **template_kw)
+    run.check_prompt(prompt)
+    run.input_tokens = run.input_tokens or len(prompt)
+    # A fallback answer gets the whole max_tokens budget: discarded plan attempts still count
+    # in usage, but must not starve the answer.
+    budget = max(1, min(cfg.max_tokens, run.ctx - len(prompt)))
+    cache = DynamicCache()
+    stream = TextStream(run.tok, cfg.stop, lstrip=True)
+    t = time.perf_counter()
+    gen = iter_decode(
+        run.model,
+        prompt,
+        cache,
+        start=0,
+        max_new_tokens=budget,
+        params=run.params,
+        seed=cfg.seed,
+        stop_token_ids=run.stop_ids,
+        stop_strings=cfg.stop,
+        tokenizer=run.tok,
+        cancel=run.cancel,
+    )
+    while True:
+        try:
+            tok = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if delta := stream.push(tok):
+            yield ContentDelta(delta)
+    if tail := stream.finish():
+        yield ContentDelta(tail)
+    run.output_tokens += len(result.token_ids)
+    run.timings["sequential"] = time.perf_counter() - t
+    run.timings["total"] = time.perf_counter() - t0
+    report = ParallelReport(
+        mode_used="sequential",
+        fallback_reason=reason,
+        plan_attempts=attempts,
+        timings=run.timings,
+    )
+    return AnswerResult(stream.text, report, run.input_tokens, run.output_tokens)
+
+
+def _parallel(run: _Run, t0: float) -> Generator:
+    cfg = run.cfg
+    tok = run.tok
+    messages = _with_system(run.messages, stage1_system_prompt(cfg.max_branches))
+    template_kw = {"tools": run.tools} if run.tools else {}
+    prompt = render_prompt(tok, messages, **template_kw)
+    run.check_prompt(prompt)
+    run.input_tokens = len(prompt)
+    cache = DynamicCache()
+
+    # Stage 1: the plan, decoded after the prompt in the same cache (or given by the caller).
+    t = time.perf_counter()
+    attempts = 0
+    try:
+        if cfg.steps is not None:
+            plan = Plan.model_validate(
+                {"preamble": "", "titles": list(cfg.steps)},
+                context={"max_branches": cfg.max_branches, "max_title_chars": 200},
+            )
+            plan_ids = run.encode(format_plan(plan))
+        else:
+            plan, plan_ids, attempts = run.plan(prompt, cache)
+    except (PlanFormatError, ValueError) as e:
+        if cfg.steps is not None:
+            raise ValueError(f"steps= is not a usable plan: {e}") from e
+        run.timings["plan"] = time.perf_counter() - t
+        attempts = run.plan_attempts
+        reason = f"plan did not validate after {attempts} attempt(s): {e}"
+        return (yield from _sequential(run, reason, attempts, t0))
+    run.timings["plan"] = time.perf_counter() - t
+    yield StageEvent("plan", {"titles": list(plan.titles), "preamble": plan.preamble})
+
+    # Budgets: the steps and the conclusion must fit both max_tokens and the context window,
+    # since Stage 3 lays the steps out one after another.
+    n = len(plan.titles)
+    prefix = [*prompt, *plan_ids, *run.encode("\n")]
+    left_tokens = cfg.max_tokens - run.output_tokens
+    left_ctx = run.ctx - len(prefix) - 16 * (n + 1)
+    per_step = min(cfg.step_max_tokens, left_tokens // (n + 1), left_ctx // (n + 1))
+    if per_step < MIN_STEP_TOKENS:
+        reason = (
+            f"budget too small for {n} parallel steps ({per_step} tokens each; "
+            f"max_tokens={cfg.max_tokens}, context={run.ctx})"
+        )
+        return (yield from _sequential(run, reason, attempts, t0))
+
+    try:
+        return (
+            yield from _steps_and_conclusion(
+                run, plan, prompt, prefix, cache, per_step, attempts, t0
+            )
+        )
+    except Cancelled:
+        raise
+    except Exception as e:
+        reason = f"parallel decoding failed ({type(e).__name__}: {e})"
+        if isinstance(e, torch.OutOfMemoryError) and run.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return (yield from _sequential(run, reason, attempts, t0))
+
+
+def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t0):
+    cfg = run.cfg
+    tok = run.tok
+    n = len(plan.titles)
+    # Bring the cache to exactly the prefix: Stage 1 left prompt + plan minus its last token.
+    have = cache.get_seq_length()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        rest = torch.tensor(prefix[have:], device=run.device)
+        prefix_logits = forward_tokens(run.model, rest, cache, have)
+    headers = [step_header(title) for title in plan.titles]
+    branch_prefixes = [run.encode(h) for h in headers]
+    step_stops = (STEP_MARKER, *cfg.stop)
+    streams = [TextStream(tok, step_stops, lstrip=True) for _ in range(n)]
+    gen = iter_decode_branches(
+        run.model,
+        prefix,
+        branch_prefixes,
+        max_new_tokens=per_step,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        seed=cfg.seed,
+        stop_token_ids=run.stop_ids,
+        stop_strings=step_stops,
+        tokenizer=tok,
+        prefix_cache=cache,
+        prefix_logits=prefix_logits,
+        attention=cfg.attention,
+        cancel=run.cancel,
+    )
+    # The preamble is final once the plan is: it opens the content.
+    preamble = plan.preamble.strip()
+    if preamble:
+        yield ContentDelta(preamble + "\n\n")
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            out = stop.value
+            break
+        for b, token in zip(event.branch_ids, event.token_ids, strict=True):
+            if delta := streams[b].push(token):
+                yield StepDelta(b, plan.titles[b], delta)
+    for b in range(n):
+        if tail := streams[b].finish():
+            yield StepDelta(b, plan.titles[b], tail)
+    run.timings["steps"] = time.perf_counter() - t
+    bodies = [s.text.strip() for s in streams]
+    branch_tokens = [len(r.token_ids) for r in out.branches]
+    run.output_tokens += sum(branch_tokens)
+    yield StageEvent("steps_done", {"branch_tokens": branch_tokens})
+
+    # Stage 3: the steps laid out in plan order, as if written one after another, then the
+    # conclusion. The prefix cache is reused; only the merged steps are prefilled.
+    t = time.perf_counter()
+    merged = "".join(f"{h} {body}\n" for h, body in zip(headers, bodies, strict=True))
+    steps_md = "".join(
+        f"**{title}**: {body}\n\n" for title, body in zip(plan.titles, bodies, strict=True)
+    )
+    yield ContentDelta(steps_md)
+    stage3 = run.encode(merged + conclusion_cue())
+    budget = max(1, min(cfg.max_tokens - run.output_tokens, run.ctx - len(prefix) - len(stage3)))
+    stream = TextStream(tok, (*cfg.stop, STEP_MARKER), lstrip=True)
+    gen3 = iter_decode(
+        run.model,
+        stage3,
+        cache,
+        start=len(prefix),
+        max_new_tokens=budget,
+        params=run.params,
+        seed=cfg.seed,
+        stop_token_ids=run.stop_ids,
+        stop_strings=(*cfg.stop, STEP_MARKER),
+        tokenizer=tok,
+        cancel=run.cancel,
+    )
+    while True:
+        try:
+            token = next(gen3)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if delta := stream.push(token):
+            yield ContentDelta(delta)
+    if tail := stream.finish():
+        yield ContentDelta(tail)
+    run.output_tokens += len(result.token_ids)
+    run.timings["conclusion"] = time.perf_counter() - t
+    run.timings["total"] = time.perf_counter() - t0
+    content = (preamble + "\n\n" if preamble else "") + steps_md + stream.text
+    report = ParallelReport(
+        mode_used="parallel",
+        steps=list(plan.titles),
+        branch_tokens=branch_tokens,
+        branch_finish_reasons=[r.finish_reason for r in out.branches],
+        decode_steps=out.forward_passes,
+        tokens_per_forward=(out.tokens / out.forward_passes) if out.forward_passes else None,
+        plan_attempts=attempts,
+        timings=run.timings,
+        attention=out.attention,
+    )
+    return AnswerResult(content, report, run.input_tokens, run.output_tokens)
+
+
+def answer(
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    config: PipelineConfig | None = None,
+    **kwargs: Any,
+) -> AnswerResult:
+    """Run ``iter_answer`` to the end and return the merged answer."""
+    return _drive(iter_answer(model, tokenizer, messages, config or PipelineConfig(), **kwargs), [])
