@@ -1,0 +1,233 @@
+"""Command line: `parallel-reason COMMAND ...` (also `python -m langchain_parallel_reason`).
+
+Contract: `main(argv)` parses, runs one command and returns the exit status; it never lets an
+exception escape. A failure prints one line `parallel-reason: error: ...` to stderr and returns
+1 (usage errors: argparse's message and 2); `--debug` adds the traceback. Results go to stdout,
+progress to stderr. Heavy imports (torch, transformers) happen inside the command handlers so
+`--help` stays instant.
+
+Adding a command: write `_add_<name>(subparsers)` that builds its parser and sets
+`handler=<function(args) -> int>` with `set_defaults`, then list it in `_COMMANDS` (top level)
+or `_BENCH_COMMANDS` (under `bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+PROG = "parallel-reason"
+
+_SubParsers = Any  # argparse's _SubParsersAction is private
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand accepts, wherever they are written on the line."""
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand without the flag must not reset one given before the subcommand.
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
+    return common
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model / --device: which model to load (shared by commands that run one)."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)"
+    )
+
+
+# ----------------------------------------------------------------------------- bench decode
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"expected a positive integer, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+# Copies of bench.decode.ATTENTIONS / DTYPE_CHOICES (a test keeps them equal), so building the
+# parser does not import torch.
+_ATTENTIONS = ("auto", "split", "mask")
+_DTYPE_CHOICES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def _attention_list(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in values if v not in _ATTENTIONS]
+    if not values or unknown or len(set(values)) != len(values):
+        msg = f"expected one or more of {','.join(_ATTENTIONS)} separated by commas, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return values
+
+
+def _add_bench_decode(subparsers: _SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "decode",
+        parents=[_common_options()],
+        help="time N branches: sequential vs one-sequence parallel vs batch fork",
+        description=(
+            "Decode N branches of T greedy tokens after a P-token prefix three ways on one model "
+            "(sequential, belt-mask parallel, batch of N prefix copies) and report median wall "
+            "times, speedups and KV-cache bytes. Prefill is not timed."
+        ),
+    )
+    parser.add_argument(
+        "--branches", type=_positive_int, default=8, metavar="N", help="branches (default 8)"
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=_positive_int,
+        default=64,
+        metavar="T",
+        help="T, tokens per branch (default 64)",
+    )
+    parser.add_argument(
+        "--prefix-tokens",
+        type=_positive_int,
+        default=800,
+        metavar="P",
+        help="P, prefix tokens (default 800)",
+    )
+    _add_model_options(parser)
+    parser.add_argument(
+        "--dtype",
+        choices=_DTYPE_CHOICES,
+        default="auto",
+        help="auto (default): time a step in float32 and bfloat16, run each mode in the faster",
+    )
+    parser.add_argument(
+        "--attention",
+        type=_attention_list,
+        default=("auto",),
+        metavar="{auto,split,mask}[,...]",
+        help="parallel attention layout; a comma list times each (the first is the headline)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=3,
+        metavar="R",
+        help="timed runs per mode (default 3)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="torch threads (default: torch's)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.set_defaults(handler=_run_bench_decode)
+
+
+def _run_bench_decode(args: argparse.Namespace) -> int:
+    from langchain_parallel_reason.bench.decode import (
+        DecodeBenchConfig,
+        render_table,
+        run_decode_bench,
+    )
+
+    # Validate before the (slow) model load.
+    config = DecodeBenchConfig(
+        branches=args.branches,
+        new_tokens=args.new_tokens,
+        prefix_tokens=args.prefix_tokens,
+        dtype=args.dtype,
+        attention=args.attention,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from langchain_parallel_reason.loading import load_model_and_tokenizer
+
+    progress = not args.no_progress
+    # A fixed dtype is loaded directly; "auto" loads the default and casts per mode.
+    dtype = None if args.dtype == "auto" else args.dtype
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, device=args.device, dtype=dtype, progress=progress
+    )
+    model_name = args.model or "embedded SmolLM2-135M-Instruct"
+    result = run_decode_bench(model, tokenizer, config, model_name=model_name, progress=progress)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        render_table(result)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_bench(subparsers: _SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", parents=[_common_options()], help="benchmarks (decode speed, task quality)"
+    )
+    bench_sub = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    for add in _BENCH_COMMANDS:
+        add(bench_sub)
+
+
+# Top-level commands (`ask` goes here) and benchmarks under `bench` (`tasks` goes here).
+_COMMANDS: list[Callable[[_SubParsers], None]] = [_add_bench]
+_BENCH_COMMANDS: list[Callable[[_SubParsers], None]] = [_add_bench_decode]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser: one subparser per entry of `_COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Parallel reasoning branches in one sequence, on local transformers models.",
+    )
+    parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception as one line: its first non-empty message line, or its type name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    name = type(exc).__name__
+    return f"{lines[0]} ({name})" if lines else name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]) and return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
