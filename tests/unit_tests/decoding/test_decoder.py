@@ -30,7 +30,7 @@ BRANCHES = [[40, 41, 42], [7], [300, 301, 302, 303, 304], []]
 NEW = 10
 
 
-def _alone(model, prefix, forced, new):  # noqa: ANN001, ANN202
+def _alone(model, prefix, forced, new):
     ids = torch.tensor([prefix + forced], device=model.device)
     out = model.generate(
         ids,
@@ -115,7 +115,8 @@ def test_stop_ids_stop_strings_and_budgets(tiny_model, tiny_tokenizer) -> None:
         tokenizer=tiny_tokenizer,
     )
     got = out.branches[2]
-    assert got.finish_reason == "stop" and got.stop == needle
+    assert got.finish_reason == "stop"
+    assert got.stop == needle
     assert needle in tiny_tokenizer.decode(got.token_ids)
     assert needle not in tiny_tokenizer.decode(got.token_ids[:-1])
 
