@@ -182,6 +182,11 @@ class TextStream:
         self.emitted = max(self.emitted, safe)
         return delta
 
+    def reset(self) -> None:
+        """Forget every token (the text is being decoded again)."""
+        self.tokens.clear()
+        self.emitted = 0
+
     def finish(self) -> str:
         """Return the held-back tail (stop strings cut)."""
         text, _ = cut_at_stop(self._text(), self.stops)
@@ -267,6 +272,7 @@ class _Run:
         self.output_tokens = 0
         self.input_tokens = 0
         self.plan_attempts = 0
+        self.notes: list[str] = []
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -492,42 +498,21 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     branch_prefixes = [run.encode(h) for h in headers]
     step_stops = (STEP_MARKER, *cfg.stop)
     streams = [TextStream(tok, step_stops, lstrip=True) for _ in range(n)]
-    gen = iter_decode_branches(
-        run.model,
-        prefix,
-        branch_prefixes,
-        max_new_tokens=per_step,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        seed=cfg.seed,
-        stop_token_ids=run.stop_ids,
-        stop_strings=step_stops,
-        tokenizer=tok,
-        prefix_cache=cache,
-        prefix_logits=prefix_logits,
-        attention=cfg.attention,
-        cancel=run.cancel,
-    )
     # The preamble is final once the plan is: it opens the content.
     preamble = plan.preamble.strip()
     if preamble:
         yield ContentDelta(preamble + "\n\n")
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            out = stop.value
-            break
-        for b, token in zip(event.branch_ids, event.token_ids, strict=True):
-            if delta := streams[b].push(token):
-                yield StepDelta(b, plan.titles[b], delta)
+    out = yield from _decode_steps(
+        run, plan.titles, prefix, branch_prefixes, per_step, cache, prefix_logits, streams
+    )
     for b in range(n):
         if tail := streams[b].finish():
             yield StepDelta(b, plan.titles[b], tail)
     run.timings["steps"] = time.perf_counter() - t
     bodies = [s.text.strip() for s in streams]
     branch_tokens = [len(r.token_ids) for r in out.branches]
+    if out.width < n:
+        run.notes.append(f"out of memory: steps decoded {out.width} at a time")
     run.output_tokens += sum(branch_tokens)
     yield StageEvent("steps_done", {"branch_tokens": branch_tokens})
 
@@ -581,6 +566,87 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
         attention=out.attention,
     )
     return AnswerResult(content, report, run.input_tokens, run.output_tokens)
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+@dataclass(frozen=True)
+class _StepsOutput:
+    branches: list[Any]
+    forward_passes: int
+    tokens: int
+    attention: str
+    width: int
+
+
+def _decode_steps(run, titles, prefix, branch_prefixes, per_step, cache, prefix_logits, streams):
+    """Stage 2, with a memory fallback: on out-of-memory, decode the branches in halves.
+
+    Branches are independent and branch b always samples with seed + b, so decoding them in
+    groups gives exactly the same steps as decoding them all at once; only speed changes.
+    """
+    cfg = run.cfg
+    n = len(branch_prefixes)
+    width = n
+    results: list[Any] = [None] * n
+    forwards = tokens = 0
+    attention = "split"
+    step_stops = (STEP_MARKER, *cfg.stop)
+    start = 0
+    while start < n:
+        group = list(range(start, min(n, start + width)))
+        gen = iter_decode_branches(
+            run.model,
+            prefix,
+            [branch_prefixes[i] for i in group],
+            max_new_tokens=per_step,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            seed=None if cfg.seed is None else cfg.seed + group[0],
+            stop_token_ids=run.stop_ids,
+            stop_strings=step_stops,
+            tokenizer=run.tok,
+            prefix_cache=cache,
+            prefix_logits=prefix_logits,
+            attention=cfg.attention,
+            cancel=run.cancel,
+        )
+        try:
+            while True:
+                try:
+                    event = next(gen)
+                except StopIteration as stop:
+                    out = stop.value
+                    break
+                for j, token in zip(event.branch_ids, event.token_ids, strict=True):
+                    b = group[j]
+                    if delta := streams[b].push(token):
+                        yield StepDelta(b, titles[b], delta)
+        except Exception as e:
+            if not _is_oom(e) or width == 1:
+                raise
+            if run.device.type == "cuda":
+                torch.cuda.empty_cache()
+            width = max(1, width // 2)
+            for b in group:  # their partial text is decoded again
+                streams[b].reset()
+            yield StageEvent("steps_retry", {"reason": "out of memory", "width": width})
+            continue
+        for j, result in enumerate(out.branches):
+            results[group[j]] = result
+        forwards += out.forward_passes
+        tokens += out.tokens
+        attention = out.attention
+        start += len(group)
+    return _StepsOutput(results, forwards, tokens, attention, width)
 
 
 def answer(
