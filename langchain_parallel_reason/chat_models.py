@@ -1,0 +1,895 @@
+"""ChatParallelReason: the LangChain chat model over the three-stage parallel pipeline.
+
+Contract: a thin adapter. It converts LangChain messages to chat-template dicts, maps its
+fields (and per-call overrides) to one `PipelineConfig`, runs `pipeline.iter_answer` on a
+worker thread under a per-model lock, and turns the pipeline's events into message chunks.
+Constructing never loads weights; the model loads once, on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import queue
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
+
+from .schemas import Plan
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from .pipeline import AnswerResult, PipelineConfig
+
+__all__ = ["ChatParallelReason"]
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+"""Reported as the model name when `model` is None (the embedded default)."""
+
+_PROVIDER = "parallel-reason"
+# The pipeline accepts caller-given titles up to this length (longer than Stage 1's own).
+_STEP_TITLE_CHARS = 200
+# How often a call waiting for the model lock looks at its cancel flag and deadline.
+_LOCK_POLL_S = 0.05
+
+# Fields a call may override through `invoke(..., name=value)` or `.bind(name=value)`.
+_CALL_OPTIONS = (
+    "mode",
+    "steps",
+    "max_branches",
+    "max_tokens",
+    "step_max_tokens",
+    "plan_max_tokens",
+    "plan_retries",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "attention",
+    "constrain_plan",
+    "timeout",
+)
+# Call kwargs LangChain itself may pass down; they carry nothing for this model.
+_IGNORED_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
+# Content blocks an assistant message may carry besides text; the text is what the template
+# needs (tool calls travel in `AIMessage.tool_calls`).
+_AI_SKIPPED_BLOCKS = frozenset(
+    {
+        "tool_call",
+        "tool_call_chunk",
+        "invalid_tool_call",
+        "tool_use",
+        "server_tool_call",
+        "server_tool_call_chunk",
+        "server_tool_result",
+        "reasoning",
+        "thinking",
+    }
+)
+_CHAT_MESSAGE_ROLES = {"human": "user", "user": "user", "ai": "assistant", "assistant": "assistant"}
+
+
+def _pipeline() -> ModuleType:
+    """The pipeline module, imported on first use: it pulls in torch and transformers, which
+    `import langchain_parallel_reason` (and the CLI's `--help`) should not pay for."""
+    from . import pipeline
+
+    return pipeline
+
+
+# ------------------------------------------------------------------------------- messages
+
+
+def _content_text(content: str | list[Any], role: str) -> str:
+    """Join a message's text; reject images, audio, files and other non-text blocks."""
+    if isinstance(content, str):
+        return content
+    parts: list[str] = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+            continue
+        kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+        if kind == "text":
+            parts.append(block.get("text") or "")
+        elif role == "assistant" and kind in _AI_SKIPPED_BLOCKS:
+            continue
+        else:
+            msg = (
+                f"ChatParallelReason is text-only: a {role} message holds a {kind!r} content "
+                "block; pass text only (a string or {'type': 'text', 'text': ...} blocks)"
+            )
+            raise ValueError(msg)
+    return "\n".join(parts)
+
+
+def _template_tool_call(tool_call: dict[str, Any]) -> dict[str, Any]:
+    """A LangChain `ToolCall` in the OpenAI shape chat templates expect."""
+    return {
+        "type": "function",
+        "id": tool_call.get("id"),
+        "function": {"name": tool_call["name"], "arguments": tool_call.get("args", {})},
+    }
+
+
+def _convert_message(message: BaseMessage) -> dict[str, Any]:
+    """One LangChain message as a chat-template dict."""
+    if isinstance(message, SystemMessage):
+        role = "system"
+    elif isinstance(message, HumanMessage):
+        role = "user"
+    elif isinstance(message, AIMessage):
+        role = "assistant"
+    elif isinstance(message, ToolMessage):
+        role = "tool"
+    elif isinstance(message, ChatMessage):
+        role = _CHAT_MESSAGE_ROLES.get(message.role, message.role)
+        if role not in ("system", "user", "assistant", "tool"):
+            msg = (
+                f"ChatMessage role {message.role!r} is not supported; use system, user, "
+                "assistant or tool"
+            )
+            raise ValueError(msg)
+    else:
+        msg = (
+            f"unsupported message type {type(message).__name__}; use SystemMessage, "
+            "HumanMessage, AIMessage or ToolMessage"
+        )
+        raise ValueError(msg)
+    converted: dict[str, Any] = {"role": role, "content": _content_text(message.content, role)}
+    if isinstance(message, AIMessage) and message.tool_calls:
+        converted["tool_calls"] = [_template_tool_call(tc) for tc in message.tool_calls]
+    if isinstance(message, ToolMessage):
+        converted["tool_call_id"] = message.tool_call_id
+        if message.name:
+            converted["name"] = message.name
+    return converted
+
+
+def _convert_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as chat-template dicts (``[{"role": ..., "content": ...}, ...]``)."""
+    if not messages:
+        msg = "no messages: pass at least one message (e.g. a HumanMessage)"
+        raise ValueError(msg)
+    return [_convert_message(message) for message in messages]
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+class _Engine:
+    """A loaded model, its tokenizer and the lock that serialises its use.
+
+    Instances are shared: every chat model over the same weights holds the same engine, so
+    one lock guards one model whichever chat model calls it. Copying returns the engine itself.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, lock: threading.Lock) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.lock = lock
+
+    def __copy__(self) -> _Engine:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Engine:
+        return self
+
+
+# Engines loaded from fields, keyed by the loading arguments; an engine lives as long as a
+# chat model holds it. Locks per model object, for models passed in by the caller.
+_LOADED: weakref.WeakValueDictionary[str, _Engine] = weakref.WeakValueDictionary()
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_REGISTRY_LOCK = threading.RLock()  # guards the two tables above and serialises loading
+
+
+def _check_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        msg = (
+            "the tokenizer has no chat_template: ChatParallelReason renders messages with it; "
+            "pass a tokenizer that defines one (e.g. an instruct model's tokenizer, or set "
+            "tokenizer.chat_template to a Jinja template)"
+        )
+        raise ValueError(msg)
+
+
+def _lock_for(model: Any) -> threading.Lock:
+    """The one lock of a model object (created on first request)."""
+    with _REGISTRY_LOCK:
+        try:
+            return _MODEL_LOCKS.setdefault(model, threading.Lock())
+        except TypeError:  # not weak-referenceable: a lock of its own
+            return threading.Lock()
+
+
+def _model_name_of(model: Any) -> str:
+    name = getattr(model, "name_or_path", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", None
+    )
+    return str(name) if name else "custom"
+
+
+# ---------------------------------------------------------------------- the worker thread
+
+
+_Item = tuple[Literal["event", "done", "error"], Any]
+
+
+class _PipelineRun:
+    """One pipeline call on a worker thread; its items reach the caller through ``sink``.
+
+    The worker sends ``("event", event)`` for every pipeline event, then ``("done",
+    AnswerResult)`` or ``("error", exception)``. Setting ``cancel`` stops the pipeline at its
+    next forward pass (or while it waits for the model lock) and releases the model. The
+    deadline covers waiting for the lock and generating, not the one-time model load.
+    """
+
+    def __init__(
+        self,
+        get_engine: Callable[[], _Engine],
+        messages: list[dict[str, Any]],
+        config: PipelineConfig,
+        *,
+        tools: list[dict[str, Any]] | None,
+        timeout: float | None,
+        max_retries: int,
+        num_threads: int | None,
+        sink: Callable[[_Item], None],
+    ) -> None:
+        self.cancel = threading.Event()
+        self._get_engine = get_engine
+        self._messages = messages
+        self._config = config
+        self._tools = tools
+        self._timeout = timeout
+        self._max_retries = max_retries
+        self._num_threads = num_threads
+        self._sink = sink
+        self._timed_out = False
+        self._sent_text = False
+        self._thread = threading.Thread(target=self._work, name="parallel-reason", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _send(self, item: _Item) -> None:
+        try:
+            self._sink(item)
+        except RuntimeError:
+            # The caller's event loop is closed: nobody listens any more.
+            self.cancel.set()
+
+    def _expire(self) -> None:
+        self._timed_out = True
+        self.cancel.set()
+
+    def _work(self) -> None:
+        try:
+            result = self._run()
+        except BaseException as e:  # handed to the caller, who re-raises it
+            self._send(("error", e))
+        else:
+            self._send(("done", result))
+
+    def _run(self) -> AnswerResult:
+        pl = _pipeline()
+        engine = self._get_engine()
+        timer = None
+        deadline = None
+        if self._timeout is not None:
+            deadline = time.monotonic() + self._timeout
+            timer = threading.Timer(self._timeout, self._expire)
+            timer.daemon = True
+            timer.start()
+        try:
+            for attempt in itertools.count():
+                try:
+                    return self._run_once(engine, deadline)
+                except (pl.PipelineCancelled, NotImplementedError):
+                    raise
+                except RuntimeError:
+                    # A runtime failure (e.g. out of memory) before the caller saw any text
+                    # is retried from scratch; after that the partial answer is already out.
+                    if self._sent_text or self.cancel.is_set() or attempt >= self._max_retries:
+                        raise
+            raise AssertionError  # unreachable: the loop returns or raises
+        except pl.PipelineCancelled as e:
+            if self._timed_out:
+                raise self._timeout_error() from e
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _timeout_error(self) -> TimeoutError:
+        msg = (
+            f"ChatParallelReason did not finish within timeout={self._timeout} s and was "
+            "cancelled; raise `timeout` or lower `max_tokens` (the model is free again)"
+        )
+        return TimeoutError(msg)
+
+    def _acquire(self, lock: threading.Lock, deadline: float | None) -> None:
+        while not lock.acquire(timeout=_LOCK_POLL_S):
+            if deadline is not None and time.monotonic() >= deadline:
+                self._timed_out = True
+            if self.cancel.is_set() or self._timed_out:
+                msg = "cancelled while waiting for the model"
+                raise _pipeline().PipelineCancelled(msg)
+
+    def _run_once(self, engine: _Engine, deadline: float | None) -> AnswerResult:
+        import torch  # loaded already by the pipeline; imported here, not at module level
+
+        pl = _pipeline()
+        self._acquire(engine.lock, deadline)
+        try:
+            if self._num_threads is not None:
+                torch.set_num_threads(self._num_threads)
+            with torch.no_grad():
+                events = pl.iter_answer(
+                    engine.model,
+                    engine.tokenizer,
+                    self._messages,
+                    self._config,
+                    cancel=self.cancel,
+                    tools=self._tools,
+                )
+                try:
+                    while True:
+                        try:
+                            event = next(events)
+                        except StopIteration as stop:
+                            return stop.value
+                        self._send(("event", event))
+                        self._sent_text = self._sent_text or not isinstance(event, pl.StageEvent)
+                finally:
+                    events.close()
+        finally:
+            engine.lock.release()
+
+
+def _finish_reason(result: AnswerResult, config: PipelineConfig) -> str:
+    """Why the answer ended: "stop" or "length" (budget spent)."""
+    reason = getattr(result, "finish_reason", None)
+    if isinstance(reason, str):
+        return reason
+    # Without a reason from the pipeline: "length" when the new tokens reached the budget.
+    # After a plan fallback the discarded plan tokens count too, so this may say "length"
+    # for an answer that stopped by itself.
+    return "length" if result.output_tokens >= config.max_tokens else "stop"
+
+
+@functools.cache
+def _field_adapter(cls: type[BaseChatModel], name: str) -> TypeAdapter[Any]:
+    """A validator for one field of ``cls``, constraints included, for per-call overrides."""
+    info = cls.model_fields[name]
+    if not info.metadata:
+        return TypeAdapter(info.annotation)
+    return TypeAdapter(Annotated[info.annotation, *info.metadata])
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+class ChatParallelReason(BaseChatModel):
+    r"""Chat model that decodes independent reasoning steps in parallel in one sequence.
+
+    Any local transformers causal LM with a chat template works. Stage 1 plans the
+    independent steps, Stage 2 decodes all of them at once (one token per step per forward
+    pass, "belt" attention mask), Stage 3 writes the conclusion; one merged `AIMessage`
+    comes back. When the plan does not validate the answer falls back to ordinary
+    decoding, and `response_metadata["parallel"]` says why.
+
+    Setup:
+        ```bash
+        pip install langchain-parallel-reason
+        ```
+        With `model=None` the embedded SmolLM2-135M-Instruct is used (no download).
+
+    Key init args — generation params:
+        max_tokens: int
+            Total new-token budget (plan + steps + conclusion).
+        temperature: float
+            0 is greedy; with `seed` sampling is reproducible.
+        steps: list[str] | None
+            Step titles to decode in parallel; skips Stage 1.
+        mode: "auto" | "parallel" | "sequential"
+
+    Key init args — client params:
+        model: str | None
+            A local folder, `.gguf` file, or hub id; None for the embedded model.
+        timeout: float | None
+            Seconds per call; a call that runs over is cancelled and raises `TimeoutError`.
+
+    Instantiate:
+        ```python
+        from langchain_parallel_reason import ChatParallelReason
+
+        llm = ChatParallelReason(max_tokens=256, temperature=0.0)
+        # or over a model you loaded yourself:
+        llm = ChatParallelReason.from_model(model, tokenizer, max_tokens=256)
+        ```
+
+    Invoke:
+        ```python
+        msg = llm.invoke("Compare Paris and Rome as holiday destinations.")
+        msg.content
+        msg.response_metadata["parallel"]["mode_used"]  # "parallel" or "sequential"
+        msg.usage_metadata  # {"input_tokens": ..., "output_tokens": ..., "total_tokens": ...}
+        ```
+
+    Stream (content chunks, plus live step text in `additional_kwargs`):
+        ```python
+        for chunk in llm.stream("Plan a 3-day trip to Rome."):
+            for part in chunk.additional_kwargs.get("parallel_steps", []):
+                print(part["step"], part["title"], part["text"])
+            print(chunk.content, end="")
+        ```
+
+    Per-call overrides:
+        ```python
+        llm.invoke("...", steps=["Pros", "Cons"], max_tokens=128, seed=7)
+        llm.bind(mode="sequential").invoke("...")
+        ```
+
+    Async (never blocks the event loop; cancelling the task stops decoding):
+        ```python
+        await llm.ainvoke("...")
+        await llm.abatch(["...", "..."])
+        ```
+    """
+
+    model: str | None = None
+    """Model to load: a local folder, a `.gguf` file or a hub id; None = the embedded default
+    (SmolLM2-135M-Instruct, converted once to a cache folder). Ignored by `from_model`."""
+
+    gguf_file: str | None = None
+    """GGUF file name inside `model` (a folder or hub repository) to load and dequantize."""
+
+    device: str | None = None
+    """Torch device to run on, e.g. "cpu" or "cuda"; None picks automatically."""
+
+    dtype: str | None = None
+    """Weights dtype: "auto", "float32", "bfloat16" or "float16"; None = the loader's default."""
+
+    device_map: str | dict[str, Any] | None = None
+    """Passed to `from_pretrained` for multi-device placement (e.g. "auto")."""
+
+    attn_implementation: str | None = None
+    """transformers attention implementation for the ordinary stages, e.g. "sdpa" or "eager"."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the model's folder or repository (only for models you trust)."""
+
+    mode: Literal["auto", "parallel", "sequential"] = "auto"
+    """"auto" and "parallel" plan and decode steps in parallel, falling back to ordinary
+    decoding when the plan does not validate ("parallel" reports that as a failure of the
+    requested mode); "sequential" never plans."""
+
+    steps: list[str] | None = None
+    """Step titles to decode in parallel, in order; Stage 1 (planning) is skipped."""
+
+    max_branches: int = Field(default=6, ge=2)
+    """Most steps decoded in parallel (at least 2)."""
+
+    max_tokens: int = Field(default=512, gt=0)
+    """Total new-token budget of one answer: plan, steps and conclusion together."""
+
+    step_max_tokens: int = Field(default=96, gt=0)
+    """New tokens each parallel step may take."""
+
+    plan_max_tokens: int = Field(default=96, gt=0)
+    """New tokens the Stage-1 plan may take."""
+
+    plan_retries: int = Field(default=2, ge=0)
+    """Re-samples of a plan that does not validate before falling back to ordinary decoding."""
+
+    constrain_plan: bool = True
+    """Force the plan's format with a grammar (small models rarely write it unaided)."""
+
+    temperature: float = Field(default=0.0, ge=0.0)
+    """Sampling temperature; 0 is greedy (argmax)."""
+
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`."""
+
+    top_k: int = Field(default=0, ge=0)
+    """Keep only the `top_k` most likely tokens; 0 keeps all."""
+
+    seed: int | None = None
+    """Seed of the sampling generator: the same seed gives the same answer."""
+
+    stop: list[str] | None = None
+    """Stop strings: one ends the answer (inside a parallel step it ends that step only)."""
+
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds one call may take (waiting for the model included, first load excluded); a
+    call that runs over is cancelled and raises `TimeoutError`."""
+
+    max_retries: int = Field(default=0, ge=0)
+    """Retries of a call that fails with a runtime error (e.g. out of memory) before any
+    text was produced."""
+
+    streaming: bool = False
+    """Stream by default: `invoke` then runs through `_stream` (callbacks get each token)."""
+
+    attention: Literal["auto", "split", "mask"] = "auto"
+    """Stage-2 attention backend: "split" (shared prefix + per-branch, merged), "mask" (one
+    4D belt mask) or "auto"."""
+
+    num_threads: int | None = Field(default=None, ge=1)
+    """CPU threads for torch (`torch.set_num_threads`, process-wide) before each call."""
+
+    progress: bool = True
+    """Show progress while the model loads or is converted the first time."""
+
+    _engine: _Engine | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> Self:
+        """Reject `steps` that cannot form a plan (count, empty or duplicate titles)."""
+        if self.steps is not None:
+            _validate_steps(self.steps, self.max_branches)
+        return self
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> Self:
+        """Build a chat model over an already loaded transformers model and tokenizer.
+
+        Nothing is loaded or copied; chat models over the same model object share one lock.
+        `kwargs` are the usual fields (`max_tokens`, `temperature`, ...); `model` (a name
+        for metadata) defaults to the model's `name_or_path`.
+
+        Raises:
+            ValueError: The tokenizer has no chat template.
+        """
+        _check_chat_template(tokenizer)
+        name = kwargs.get("model") or _model_name_of(model)
+        chat = cls(**kwargs)
+        chat._engine = _Engine(model, tokenizer, name, _lock_for(model))
+        return chat
+
+    # -- LangChain identity -----------------------------------------------------------
+
+    @property
+    def _llm_type(self) -> str:
+        return "parallel-reason"
+
+    @property
+    def _model_name(self) -> str:
+        if self._engine is not None:
+            return self._engine.name
+        return self.model or DEFAULT_MODEL_NAME
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self._model_name,
+            "gguf_file": self.gguf_file,
+            "dtype": self.dtype,
+            **{name: getattr(self, name) for name in _CALL_OPTIONS if name != "timeout"},
+            "stop": self.stop,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider=_PROVIDER,
+            ls_model_name=kwargs.get("model") or self._model_name,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        if ls_stop := stop or self.stop:
+            params["ls_stop"] = ls_stop
+        return params
+
+    # -- loading and per-call settings -----------------------------------------------------
+
+    def _get_engine(self) -> _Engine:
+        """The engine, loading the model on first use (once, thread-safe)."""
+        if self._engine is None:
+            # Racing first calls all get the one shared engine: loading holds the registry lock.
+            self._engine = self._load_engine()
+        return self._engine
+
+    def _load_engine(self) -> _Engine:
+        key = json.dumps(
+            [
+                self.model,
+                self.gguf_file,
+                self.device,
+                self.dtype,
+                self.device_map,
+                self.attn_implementation,
+                self.trust_remote_code,
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        with _REGISTRY_LOCK:
+            engine = _LOADED.get(key)
+            if engine is None:
+                from .loading import load_model_and_tokenizer
+
+                model, tokenizer = load_model_and_tokenizer(
+                    self.model,
+                    gguf_file=self.gguf_file,
+                    device=self.device,
+                    dtype=self.dtype,
+                    device_map=self.device_map,
+                    attn_implementation=self.attn_implementation,
+                    trust_remote_code=self.trust_remote_code,
+                    progress=self.progress,
+                )
+                _check_chat_template(tokenizer)
+                lock = _MODEL_LOCKS.setdefault(model, threading.Lock())
+                engine = _Engine(model, tokenizer, self.model or DEFAULT_MODEL_NAME, lock)
+                _LOADED[key] = engine
+        return engine
+
+    def _call_settings(
+        self, stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[PipelineConfig, float | None, list[dict[str, Any]] | None]:
+        """Fields with this call's overrides, as (pipeline config, timeout, tools)."""
+        overrides: dict[str, Any] = {}
+        tools = None
+        for name, value in kwargs.items():
+            if name in _IGNORED_KWARGS:
+                continue
+            if name == "model":
+                if value not in (None, self.model, self._model_name):
+                    msg = (
+                        f"model={value!r} cannot be changed per call: ChatParallelReason "
+                        "runs one local model; create another ChatParallelReason for it"
+                    )
+                    raise ValueError(msg)
+            elif name == "tools":
+                tools = [convert_to_openai_tool(tool) for tool in value] if value else None
+            elif name in _CALL_OPTIONS:
+                try:
+                    overrides[name] = _field_adapter(type(self), name).validate_python(value)
+                except ValidationError as e:
+                    msg = f"invalid per-call {name}={value!r}: {e.errors()[0]['msg']}"
+                    raise ValueError(msg) from e
+            else:
+                msg = (
+                    f"unknown keyword argument {name!r}; per-call options are stop, "
+                    f"{', '.join(_CALL_OPTIONS)}"
+                )
+                raise ValueError(msg)
+        values = {name: getattr(self, name) for name in _CALL_OPTIONS} | overrides
+        if values["steps"] is not None and ("steps" in overrides or "max_branches" in overrides):
+            _validate_steps(values["steps"], values["max_branches"])
+        stops = self.stop if stop is None else stop
+        config = _pipeline().PipelineConfig(
+            mode=values["mode"],
+            steps=None if values["steps"] is None else tuple(values["steps"]),
+            max_branches=values["max_branches"],
+            max_tokens=values["max_tokens"],
+            step_max_tokens=values["step_max_tokens"],
+            plan_max_tokens=values["plan_max_tokens"],
+            plan_retries=values["plan_retries"],
+            temperature=values["temperature"],
+            top_p=values["top_p"],
+            top_k=values["top_k"],
+            seed=values["seed"],
+            stop=tuple(s for s in stops or () if s),
+            attention=values["attention"],
+            constrain_plan=values["constrain_plan"],
+        )
+        return config, values["timeout"], tools
+
+    def _new_run(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+        sink: Callable[[_Item], None],
+    ) -> tuple[_PipelineRun, PipelineConfig]:
+        template_messages = _convert_messages(messages)
+        config, timeout, tools = self._call_settings(stop, kwargs)
+        run = _PipelineRun(
+            self._get_engine,
+            template_messages,
+            config,
+            tools=tools,
+            timeout=timeout,
+            max_retries=self.max_retries,
+            num_threads=self.num_threads,
+            sink=sink,
+        )
+        return run, config
+
+    # -- the pipeline as a stream of items -------------------------------------------------
+
+    def _iter_items(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Iterator[tuple[str, Any]]:
+        """``("event", event)`` per pipeline event, then ``("done", (AnswerResult, config))``."""
+        items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        run, config = self._new_run(messages, stop, kwargs, items.put)
+        run.start()
+        finished = False
+        try:
+            while True:
+                kind, value = items.get()
+                if kind == "error":
+                    finished = True
+                    raise value
+                if kind == "done":
+                    finished = True
+                    yield kind, (value, config)
+                    return
+                yield kind, value
+        finally:
+            if not finished:  # the caller stopped early: free the model
+                run.cancel.set()
+
+    async def _aiter_items(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """Async `_iter_items`: the worker thread feeds an asyncio queue."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[_Item] = asyncio.Queue()
+
+        def sink(item: _Item) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+        run, config = self._new_run(messages, stop, kwargs, sink)
+        run.start()
+        finished = False
+        try:
+            while True:
+                kind, value = await items.get()
+                if kind == "error":
+                    finished = True
+                    raise value
+                if kind == "done":
+                    finished = True
+                    yield kind, (value, config)
+                    return
+                yield kind, value
+        finally:
+            if not finished:  # cancelled or closed early: free the model
+                run.cancel.set()
+
+    # -- events to LangChain objects -------------------------------------------------------
+
+    def _event_chunk(self, event: Any) -> ChatGenerationChunk | None:
+        pl = _pipeline()
+        if isinstance(event, pl.ContentDelta):
+            return ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+        if isinstance(event, pl.StepDelta):
+            part = {"step": event.step, "title": event.title, "text": event.text}
+            return ChatGenerationChunk(
+                message=AIMessageChunk(content="", additional_kwargs={"parallel_steps": [part]})
+            )
+        return None  # stage boundaries: their facts are in the final report
+
+    def _metadata(
+        self, result: AnswerResult, config: PipelineConfig
+    ) -> tuple[UsageMetadata, dict[str, Any]]:
+        usage = UsageMetadata(
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            total_tokens=result.input_tokens + result.output_tokens,
+        )
+        response_metadata = {
+            "model_name": self._model_name,
+            "finish_reason": _finish_reason(result, config),
+            "parallel": result.report.model_dump(),
+        }
+        return usage, response_metadata
+
+    def _final_chunk(self, result: AnswerResult, config: PipelineConfig) -> ChatGenerationChunk:
+        usage, response_metadata = self._metadata(result, config)
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                usage_metadata=usage,
+                response_metadata=response_metadata,
+                chunk_position="last",
+            )
+        )
+
+    def _chat_result(self, result: AnswerResult, config: PipelineConfig) -> ChatResult:
+        usage, response_metadata = self._metadata(result, config)
+        message = AIMessage(
+            content=result.content,
+            usage_metadata=usage,
+            response_metadata=response_metadata,
+        )
+        return ChatResult(
+            generations=[ChatGeneration(message=message)],
+            llm_output={"model_name": self._model_name},
+        )
+
+    # -- BaseChatModel hooks ---------------------------------------------------------------
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        for kind, value in self._iter_items(messages, stop, kwargs):
+            if kind == "done":
+                return self._chat_result(*value)
+        msg = "the pipeline ended without an answer"  # unreachable: _iter_items ends on one
+        raise RuntimeError(msg)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        async for kind, value in self._aiter_items(messages, stop, kwargs):
+            if kind == "done":
+                return self._chat_result(*value)
+        msg = "the pipeline ended without an answer"
+        raise RuntimeError(msg)
+
+    # BaseChatModel calls `run_manager.on_llm_new_token` for every chunk `_stream` yields
+    # (stream, astream_events and streaming invoke alike); calling it here as well would
+    # give callback handlers every token twice.
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for kind, value in self._iter_items(messages, stop, kwargs):
+            if kind == "done":
+                yield self._final_chunk(*value)
+            elif chunk := self._event_chunk(value):
+                yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        async for kind, value in self._aiter_items(messages, stop, kwargs):
+            if kind == "done":
+                yield self._final_chunk(*value)
+            elif chunk := self._event_chunk(value):
+                yield chunk
+
+
+def _validate_steps(steps: list[str], max_branches: int) -> None:
+    """Raise ValueError unless ``steps`` form a valid plan for ``max_branches``."""
+    try:
+        Plan.model_validate(
+            {"titles": list(steps)},
+            context={"max_branches": max_branches, "max_title_chars": _STEP_TITLE_CHARS},
+        )
+    except ValidationError as e:
+        msg = f"steps={steps!r} cannot be decoded in parallel: {e.errors()[0]['msg']}"
+        raise ValueError(msg) from None
