@@ -254,7 +254,10 @@ class GrammarConstraint:
 
         The JSON is laid out like ``json.dumps`` (``", "`` and ``": "``, one line) unless
         `any_whitespace`: free whitespace lets a small model ramble in blank space.
-        Properties come in schema order; extra properties are not allowed.
+        Properties come in schema order; extra properties are not allowed. Beware: xgrammar
+        0.2.8 lets raw control characters (and no escapes) into strings with ``minLength`` or
+        ``maxLength``, which ``json.loads`` rejects unless ``strict=False``; plain strings and
+        ``pattern`` strings are correct.
 
         Args:
             tokenizer: The Hugging Face tokenizer the model decodes with.
@@ -268,10 +271,9 @@ class GrammarConstraint:
         """
         _check_vocab_size(vocab_size)
         try:
-            # Canonical text: equal schemas share one cache entry whatever their key order.
-            text = json.dumps(
-                json.loads(schema) if isinstance(schema, str) else schema, sort_keys=True
-            )
+            # One canonical text per schema for the cache key. Keys are not sorted: xgrammar
+            # makes the model write properties in the schema's order, which is meaningful.
+            text = json.dumps(json.loads(schema) if isinstance(schema, str) else schema)
         except (TypeError, ValueError) as exc:
             msg = f"schema is not valid JSON: {exc}"
             raise ValueError(msg) from exc
@@ -353,7 +355,18 @@ class GrammarConstraint:
                 the state is then unchanged.
         """
         token_id = int(token_id)
-        if not 0 <= token_id < self._vocab_size or not self._matcher.accept_token(token_id):
+        if self._matcher.is_terminated():
+            msg = f"token {token_id} is not allowed: the grammar has terminated"
+            raise ValueError(msg)
+        # Check the mask first (cached: the loop just used it for mask_logits). xgrammar alone
+        # accepts a former stop token (empty text) as a no-op when stop_token_ids overrides it,
+        # and logs a C++ warning for every rejected special token.
+        in_range = 0 <= token_id < self._vocab_size
+        if (
+            not in_range
+            or not self._allowed_mask()[token_id]
+            or not self._matcher.accept_token(token_id)
+        ):
             msg = (
                 f"token {token_id} ({self._describe(token_id)}) is not allowed by the grammar here"
             )

@@ -1,0 +1,124 @@
+"""Prompt texts and format markers of the three-stage parallel reasoning format.
+
+Contract: the texts live in the top-level ``prompts/`` folder (a checkout) or in the wheel's
+``langchain_parallel_reason/_prompts`` (an install); ``load_prompt`` returns them as LangChain
+``PromptTemplate``s, and the marker constants below are the only spelling of the format.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+from langchain_core.prompts import PromptTemplate
+
+__all__ = [
+    "END_MARKER",
+    "PLACEHOLDER",
+    "PROMPT_NAMES",
+    "STEP_MARKER",
+    "conclusion_cue",
+    "load_prompt",
+    "stage1_system_prompt",
+    "step_header",
+]
+
+STEP_MARKER = "####"
+"""Starts every step line: a title in the Stage-1 plan, a branch in Stage 2."""
+
+END_MARKER = "####%%%%"
+"""Closes the Stage-1 title list (and, in the merged text, the detailed steps)."""
+
+PLACEHOLDER = "......"
+"""Written after each title's colon in the Stage-1 plan instead of the step itself."""
+
+PROMPT_NAMES: tuple[str, ...] = ("stage1_plan", "step", "conclusion")
+"""Names accepted by `load_prompt`, one per ``prompts/<name>.txt`` file."""
+
+_PACKAGE = "langchain_parallel_reason"
+_INSTALLED_DIR = "_prompts"  # where hatch force-include puts prompts/ inside the wheel
+
+
+def _checkout_dir() -> Path | None:
+    """Return the repository's ``prompts/`` folder when running from a checkout, else None."""
+    root = Path(__file__).resolve().parent.parent
+    # pyproject.toml next to it proves this is our checkout and not a stray `prompts`
+    # folder that some other distribution dropped into site-packages.
+    if (root / "pyproject.toml").is_file() and (root / "prompts").is_dir():
+        return root / "prompts"
+    return None
+
+
+@functools.cache
+def _read_text(name: str) -> str:
+    """Read ``<name>.txt`` from the installed package data, else from the checkout."""
+    filename = f"{name}.txt"
+    try:
+        # An installed wheel carries the texts as package data. In a checkout (or an
+        # editable install) there is no `_prompts` folder and we fall through.
+        resource = resources.files(_PACKAGE) / _INSTALLED_DIR / filename
+        if resource.is_file():
+            return _strip_final_newline(resource.read_text(encoding="utf-8"))
+    except (ModuleNotFoundError, TypeError, NotADirectoryError, FileNotFoundError):
+        # files() refuses some namespace-package and zip layouts; the checkout may still work.
+        pass
+    folder = _checkout_dir()
+    if folder is not None and (folder / filename).is_file():
+        return _strip_final_newline((folder / filename).read_text(encoding="utf-8"))
+    msg = (
+        f"prompt file {filename!r} not found in the installed package ({_PACKAGE}/"
+        f"{_INSTALLED_DIR}) nor in a checkout's prompts/ folder; reinstall the package"
+    )
+    raise FileNotFoundError(msg)
+
+
+def _strip_final_newline(text: str) -> str:
+    """Drop the one newline that ends a text file, so a cue such as `conclusion` is exact."""
+    return text.removesuffix("\n")
+
+
+def load_prompt(name: str) -> PromptTemplate:
+    """Return the prompt ``prompts/<name>.txt`` as an f-string ``PromptTemplate``.
+
+    Names: ``"stage1_plan"`` (system prompt, variable ``max_branches``), ``"step"`` (a branch
+    instruction, variable ``title``) and ``"conclusion"`` (the Stage-3 cue, no variables).
+    The file's final newline is not part of the template. Each call returns a new template;
+    the file itself is read once per process.
+
+    Raises:
+        ValueError: If ``name`` is not one of `PROMPT_NAMES`.
+        FileNotFoundError: If the package was installed without its prompt files.
+    """
+    if name not in PROMPT_NAMES:
+        msg = f"unknown prompt {name!r}; choose one of {', '.join(PROMPT_NAMES)}"
+        raise ValueError(msg)
+    return PromptTemplate.from_template(_read_text(name), template_format="f-string")
+
+
+def stage1_system_prompt(max_branches: int) -> str:
+    """Return the Stage-1 system prompt asking for 2..``max_branches`` step titles.
+
+    Raises:
+        ValueError: If ``max_branches`` is not an integer of at least 2.
+    """
+    # bool is an int subclass; True would render as "True" in the prompt.
+    if isinstance(max_branches, bool) or not isinstance(max_branches, int) or max_branches < 2:
+        msg = f"max_branches must be an integer >= 2, got {max_branches!r}"
+        raise ValueError(msg)
+    return load_prompt("stage1_plan").format(max_branches=max_branches)
+
+
+def conclusion_cue() -> str:
+    """Return the text forced after the merged steps to start Stage 3 (``"####%%%%\\nConclusion:"``).
+
+    It repeats `END_MARKER` on its own line, as the Stage-1 example does after the detailed
+    steps, so the caller must make sure the merged steps end with a newline before it. The
+    model then continues the answer after ``Conclusion:``.
+    """
+    return load_prompt("conclusion").format()
+
+
+def step_header(title: str) -> str:
+    """Return the forced prefix of one Stage-2 branch: ``####<title>:``."""
+    return f"{STEP_MARKER}{title}:"
