@@ -419,6 +419,7 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         fallback_reason=reason,
         plan_attempts=attempts,
         timings=run.timings,
+        notes=run.notes,
     )
     return AnswerResult(stream.text, report, run.input_tokens, run.output_tokens)
 
@@ -564,6 +565,7 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
         plan_attempts=attempts,
         timings=run.timings,
         attention=out.attention,
+        notes=run.notes,
     )
     return AnswerResult(content, report, run.input_tokens, run.output_tokens)
 

@@ -139,7 +139,7 @@ class ParallelReport(BaseModel):
     """Tokens each branch generated in Stage 2, its forced title prefix excluded."""
 
     branch_finish_reasons: list[str] = Field(default_factory=list)
-    """Why each branch stopped: e.g. ``"marker"`` (next ``####``), ``"eos"``, ``"length"``."""
+    """Why each branch stopped: ``"stop"`` (next ``####``, EOS or a stop string) or ``"length"``."""
 
     decode_steps: int = Field(default=0, ge=0)
     """Stage-2 forward passes; sequential decoding would have needed ``sum(branch_tokens)``."""
@@ -155,6 +155,9 @@ class ParallelReport(BaseModel):
 
     attention: str | None = None
     """The Stage-2 attention backend that ran (None when Stage 2 did not run)."""
+
+    notes: list[str] = Field(default_factory=list)
+    """Other things worth knowing, e.g. steps decoded in smaller groups after out-of-memory."""
 
     @field_validator("timings")
     @classmethod

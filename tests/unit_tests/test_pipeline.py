@@ -146,6 +146,7 @@ def test_stage2_out_of_memory_decodes_fewer_branches_at_once(tiny_tokenizer, tin
     assert any(isinstance(e, StageEvent) and e.stage == "steps_retry" for e in events)
     assert result.report.mode_used == "parallel"
     assert result.content == expected.content
+    assert result.report.notes == ["out of memory: steps decoded 2 at a time"]
 
 
 def test_cancel_raises_and_the_next_call_works(tiny_llama, tiny_tokenizer) -> None:
