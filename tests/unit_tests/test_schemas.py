@@ -104,6 +104,7 @@ def test_sequential_report_defaults() -> None:
         "plan_attempts": 0,
         "timings": {},
         "attention": None,
+        "notes": [],
     }
 
 
