@@ -1,7 +1,7 @@
 """An LCEL chain: prompt | ChatParallelReason | StrOutputParser, on the embedded model.
 
 Run: `python examples/lcel_chain.py` (the first run converts the embedded SmolLM2-135M-Instruct
-once, about half a minute; later runs start in a second or two).
+once, about half a minute; later runs load it in a second or two).
 """
 
 from __future__ import annotations
@@ -11,30 +11,30 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from langchain_parallel_reason import ChatParallelReason
 
+QUESTION = "Compare tea and coffee for a morning drink."
+
 
 def main() -> None:
     prompt = ChatPromptTemplate.from_messages(
-        [
-            ("system", "You are a concise assistant."),
-            ("human", "{question}"),
-        ]
+        [("system", "You are a concise assistant."), ("human", "{question}")]
     )
-    # Small budgets keep the example quick on a CPU; `steps=` skips planning and decodes
-    # the two steps in parallel. Drop it to let the model plan its own steps.
-    llm = ChatParallelReason(max_tokens=96, step_max_tokens=32, temperature=0.0)
-    chain = prompt | llm.bind(steps=["Tea", "Coffee"]) | StrOutputParser()
+    # Small budgets keep the example quick on a CPU.
+    llm = ChatParallelReason(max_tokens=96, step_max_tokens=32, plan_retries=1)
 
-    question = "Compare tea and coffee for a morning drink."
-    print(f"Q: {question}\n")
-    print(chain.invoke({"question": question}))
+    # 1. The usual chain: the model plans its steps (the 135M model often cannot, and then
+    #    answers sequentially; the report says why).
+    chain = prompt | llm | StrOutputParser()
+    print(f"Q: {QUESTION}\n")
+    print(chain.invoke({"question": QUESTION}))
 
-    # The same model without the parser returns the message with what the pipeline did.
-    message = (prompt | llm.bind(steps=["Tea", "Coffee"])).invoke({"question": question})
+    # 2. Steps given per call with `.bind`: Stage 1 is skipped and both steps are decoded
+    #    in parallel, one token of each per forward pass.
+    message = (prompt | llm.bind(steps=["Tea", "Coffee"])).invoke({"question": QUESTION})
     report = message.response_metadata["parallel"]
+    print(f"\nWith steps=['Tea', 'Coffee']:\n{message.content}")
     print(
-        f"\nmode: {report['mode_used']}, steps: {report['steps']}, "
-        f"branch tokens: {report['branch_tokens']}, forward passes for the steps: "
-        f"{report['decode_steps']}, usage: {message.usage_metadata}"
+        f"mode: {report['mode_used']}, branch tokens: {report['branch_tokens']}, "
+        f"forward passes for the steps: {report['decode_steps']}, usage: {message.usage_metadata}"
     )
 
 
