@@ -90,7 +90,7 @@ def test_invoke_sets_usage_and_parallel_metadata(chat: ChatParallelReason) -> No
     meta = message.response_metadata
     assert meta["model_name"]
     assert meta["finish_reason"] in ("stop", "length")
-    assert set(meta["parallel"]) == REPORT_KEYS
+    assert set(meta["parallel"]) >= REPORT_KEYS
     assert meta["parallel"]["mode_used"] in ("parallel", "sequential")
 
 
@@ -309,15 +309,22 @@ def test_closing_a_stream_early_frees_the_model(chat: ChatParallelReason) -> Non
 # ----------------------------------------------------------------------------- timeout
 
 
-def test_timeout_raises_and_the_next_call_works(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [{"mode": "sequential"}, {"steps": STEPS, "step_max_tokens": 2000}],
+    ids=["sequential", "parallel-steps"],
+)
+def test_timeout_raises_and_the_next_call_works(
+    tiny_llama: Any, tiny_tokenizer: Any, options: dict[str, Any]
+) -> None:
     chat = ChatParallelReason.from_model(
-        tiny_llama, tiny_tokenizer, mode="sequential", max_tokens=2000, timeout=0.05
+        tiny_llama, tiny_tokenizer, max_tokens=2000, timeout=0.05, **options
     )
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"timeout=0\.05"):
         chat.invoke(QUESTIONS[6])
     assert time.monotonic() - t0 < 10
-    message = chat.invoke(QUESTIONS[0], max_tokens=5, timeout=60)
+    message = chat.invoke(QUESTIONS[0], max_tokens=40, timeout=60)
     assert message.usage_metadata is not None
 
 
@@ -328,6 +335,35 @@ async def test_async_timeout(chat: ChatParallelReason) -> None:
 
 
 # ------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(("max_retries", "succeeds"), [(0, False), (1, True)])
+def test_max_retries_retries_a_runtime_failure_before_any_text(
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_llama: Any,
+    tiny_tokenizer: Any,
+    max_retries: int,
+    succeeds: bool,
+) -> None:
+    from langchain_parallel_reason import pipeline
+
+    real = pipeline.iter_answer
+    failures = [RuntimeError("out of memory (simulated)")]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "iter_answer", flaky)
+    chat = ChatParallelReason.from_model(
+        tiny_llama, tiny_tokenizer, mode="sequential", max_tokens=5, max_retries=max_retries
+    )
+    if succeeds:
+        assert chat.invoke(QUESTIONS[0]).usage_metadata is not None
+    else:
+        with pytest.raises(RuntimeError, match="simulated"):
+            chat.invoke(QUESTIONS[0])
 
 
 def test_empty_messages_raise(chat: ChatParallelReason) -> None:
