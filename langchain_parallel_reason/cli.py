@@ -189,9 +189,50 @@ def _add_bench(subparsers: _SubParsers) -> None:
         add(bench_sub)
 
 
-# Top-level commands (`ask` goes here) and benchmarks under `bench` (`tasks` goes here).
-_COMMANDS: list[Callable[[_SubParsers], None]] = [_add_bench]
-_BENCH_COMMANDS: list[Callable[[_SubParsers], None]] = [_add_bench_decode]
+# ----------------------------------------------------------------------------- ask, bench tasks
+
+
+def _add_ask(subparsers: _SubParsers) -> None:
+    from langchain_parallel_reason import cli_ask  # stdlib-only at import time
+
+    parser = subparsers.add_parser(
+        "ask",
+        parents=[_common_options()],
+        help="answer a question: plan, parallel steps (shown live), conclusion",
+        description=(
+            "Answer QUESTION on a local model: Stage 1 plans independent steps, Stage 2 decodes "
+            "them in parallel in one sequence (shown side by side as they are written), Stage 3 "
+            "writes the conclusion; then a short report. Falls back to plain decoding when the "
+            "plan does not validate."
+        ),
+    )
+    _add_model_options(parser)
+    cli_ask.add_arguments(parser)
+    parser.set_defaults(handler=cli_ask.run)
+
+
+def _add_bench_tasks(subparsers: _SubParsers) -> None:
+    from langchain_parallel_reason.bench import tasks  # torch is imported by its handler only
+
+    parser = subparsers.add_parser(
+        "tasks",
+        parents=[_common_options()],
+        help="accuracy and speed on generated tasks: sequential vs sequential steps vs parallel",
+        description=(
+            "Generate seeded retrieval, planning or multi-document tasks and answer each three "
+            "ways on one model in one run: plain sequential, the plan's steps written one after "
+            "another (the paper's baseline), and parallel steps in one sequence. Reports mean "
+            "wall time, tokens, tokens/s, accuracy, Stage-1 format success and speedups."
+        ),
+    )
+    _add_model_options(parser)
+    tasks.add_arguments(parser)
+    parser.set_defaults(handler=tasks.run)
+
+
+# Top-level commands and benchmarks under `bench`.
+_COMMANDS: list[Callable[[_SubParsers], None]] = [_add_ask, _add_bench]
+_BENCH_COMMANDS: list[Callable[[_SubParsers], None]] = [_add_bench_decode, _add_bench_tasks]
 
 
 def build_parser() -> argparse.ArgumentParser:

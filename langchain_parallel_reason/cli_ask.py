@@ -1,0 +1,424 @@
+"""`parallel-reason ask`: answer one question on a local model and show the stages as they run.
+
+Contract: `add_arguments(parser)` declares the options (the command registry in `cli.py` adds
+`--model`/`--device`/`--debug`), `run(args)` answers and returns the exit status. In a terminal a
+rich Live view shows the plan, one panel per step filling in side by side, then the conclusion;
+when stdout is not a terminal the same content comes as plain, complete lines. `--json` prints one
+JSON object instead. Errors propagate to `cli.main`, which prints them as one line.
+`AnswerView` folds the pipeline's events into plan / steps / final answer; the task benchmark
+reuses it to score the conclusion alone. Heavy imports (torch, transformers) happen in `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+__all__ = ["AnswerView", "add_arguments", "calm_openmp", "format_report", "run"]
+
+EMBEDDED_LABEL = "embedded SmolLM2-135M-Instruct"
+
+
+def calm_openmp() -> None:
+    """Make idle OpenMP threads sleep instead of spin, unless the user chose otherwise.
+
+    Must run before torch is first imported. Measured on the shared 2-core dev machine with other
+    jobs running: one `ask` on the embedded model took 88 s with the default (active) policy at 2
+    threads and 6-11 s with PASSIVE.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# ----------------------------------------------------------------------------- events -> parts
+
+
+@dataclass
+class AnswerView:
+    """The parts of an answer, folded from `pipeline.iter_answer` events as they arrive.
+
+    Attributes:
+        preamble, titles: the plan (empty when no plan was accepted).
+        steps: the live text of each step; after Stage 2 the exact bodies of the merged steps.
+        final: the conclusion of a stepped answer, or the whole text of a sequential one.
+        fallback: why the answer fell back to sequential decoding, if it did.
+        notes: other events worth showing (an out-of-memory retry of the steps).
+        phase: "answer" (plain text), "steps" (Stage 2 running), "merged" (the next content
+            delta is the merged steps), "conclusion".
+    """
+
+    preamble: str = ""
+    titles: list[str] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)
+    final: str = ""
+    fallback: str | None = None
+    notes: list[str] = field(default_factory=list)
+    phase: str = "answer"
+    _since_retry: set[int] = field(default_factory=set, init=False, repr=False)
+
+    def feed(self, event: Any) -> None:
+        """Fold one `ContentDelta`, `StepDelta` or `StageEvent` into the view."""
+        kind = type(event).__name__
+        if kind == "StepDelta":
+            self.steps[event.step] += event.text
+            self._since_retry.add(event.step)
+        elif kind == "ContentDelta":
+            self._content(event.text)
+        elif kind == "StageEvent":
+            self._stage(event.stage, event.data)
+
+    def _content(self, text: str) -> None:
+        if self.phase == "merged":
+            # The pipeline yields the merged steps as one delta right after "steps_done": its
+            # bodies are the exact step texts (live text may have been reset by a retry).
+            self._parse_merged(text)
+            self.phase = "conclusion"
+        elif self.phase != "steps":  # in "steps", content is the preamble (already in the plan)
+            self.final += text
+
+    def _stage(self, stage: str, data: dict[str, Any]) -> None:
+        if stage == "plan":
+            self.titles = list(data.get("titles", []))
+            self.preamble = str(data.get("preamble", "")).strip()
+            self.steps = [""] * len(self.titles)
+            self.phase = "steps"
+        elif stage == "steps_retry":
+            # Branches that were decoding when memory ran out are decoded again from scratch.
+            for b in self._since_retry:
+                self.steps[b] = ""
+            self._since_retry.clear()
+            self.notes.append(f"steps retried {data.get('width', '?')} at a time (out of memory)")
+        elif stage == "steps_done":
+            self.phase = "merged"
+        elif stage == "fallback":
+            self.fallback = str(data.get("reason", "unknown"))
+            self.final = ""
+            self.phase = "answer"
+
+    def _parse_merged(self, text: str) -> None:
+        heads = [f"**{title}**: " for title in self.titles]
+        pos = 0
+        for b, head in enumerate(heads):
+            start = text.find(head, pos)
+            if start < 0:
+                return  # not the expected layout: keep the live text
+            start += len(head)
+            end = text.find(heads[b + 1], start) if b + 1 < len(heads) else len(text)
+            if end < 0:
+                return
+            self.steps[b] = text[start:end].strip()
+            pos = end
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def format_report(result: Any, view: AnswerView) -> list[str]:
+    """The short report after an answer: mode, steps, tokens per forward pass, stage times."""
+    report = result.report
+    mode = report.mode_used + (f" (attention {report.attention})" if report.attention else "")
+    parts = [f"mode: {mode}"]
+    if report.mode_used == "parallel":
+        parts.append(f"steps: {len(report.steps)}")
+        if report.tokens_per_forward is not None:
+            parts.append(
+                f"tokens/forward: {report.tokens_per_forward:.2f} "
+                f"({sum(report.branch_tokens)} step tokens in {report.decode_steps} passes)"
+            )
+    if report.plan_attempts:
+        parts.append(f"plan attempts: {report.plan_attempts}")
+    lines = [" | ".join(parts)]
+    order = ("plan", "steps", "conclusion", "sequential", "total")
+    times = [(k, report.timings[k]) for k in order if k in report.timings]
+    if times:
+        lines.append("times: " + ", ".join(f"{k} {v:.2f} s" for k, v in times))
+    lines.append(f"tokens: prompt {result.input_tokens}, generated {result.output_tokens}")
+    if report.fallback_reason:
+        lines.append(f"fallback: {report.fallback_reason}")
+    lines.extend(f"note: {note}" for note in view.notes)
+    return lines
+
+
+class _PlainRenderer:
+    """Complete lines on a non-terminal stream: plan, step lines as they end, answer lines."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.view = AnswerView()
+        self.step_buf: list[str] = []
+        self.final_buf = ""
+        self.final_header = False
+
+    def _write(self, line: str) -> None:
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def feed(self, event: Any) -> None:
+        view = self.view
+        before = view.phase
+        view.feed(event)
+        kind = type(event).__name__
+        if kind == "StageEvent" and event.stage == "plan":
+            self._write(f"Plan: {view.preamble}" if view.preamble else "Plan:")
+            for i, title in enumerate(view.titles, start=1):
+                self._write(f"  {i}. {title}")
+            self._write("Steps (decoded in parallel):")
+            self.step_buf = [""] * len(view.titles)
+        elif kind == "StepDelta":
+            self.step_buf[event.step] += event.text
+            *done, self.step_buf[event.step] = self.step_buf[event.step].split("\n")
+            for line in done:
+                self._step_line(event.step, line)
+        elif kind == "StageEvent" and event.stage == "steps_retry":
+            self._write(f"note: {view.notes[-1]}")
+            self.step_buf = [""] * len(view.titles)
+        elif kind == "StageEvent" and event.stage == "steps_done":
+            for b, rest in enumerate(self.step_buf):
+                self._step_line(b, rest)
+        elif kind == "StageEvent" and event.stage == "fallback":
+            self._write(f"Fallback to sequential decoding: {view.fallback}")
+            self.final_buf = ""
+            self.final_header = False
+        elif kind == "ContentDelta" and before in ("answer", "conclusion"):
+            # Content in the other phases is the preamble (printed with the plan) or the merged
+            # steps (already printed line by line).
+            self._final_text(event.text)
+
+    def _step_line(self, b: int, line: str) -> None:
+        if line.strip():
+            self._write(f"[{b + 1} {self.view.titles[b]}] {line.strip()}")
+
+    def _final_text(self, text: str) -> None:
+        if not self.final_header:
+            self._write("Conclusion:" if self.view.phase == "conclusion" else "Answer:")
+            self.final_header = True
+        self.final_buf += text
+        *done, self.final_buf = self.final_buf.split("\n")
+        for line in done:
+            self._write(line)
+
+    def close(self) -> None:
+        if self.final_buf:
+            self._write(self.final_buf)
+            self.final_buf = ""
+
+
+class _LiveView:
+    """A rich renderable of the whole answer so far: plan, step panels side by side, answer."""
+
+    def __init__(self, view: AnswerView, console: Any) -> None:
+        self.view = view
+        self.console = console
+
+    def __rich__(self) -> Any:
+        from rich.columns import Columns
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.text import Text
+
+        view = self.view
+        parts: list[Any] = []
+        if view.titles:
+            plan = Text("Plan: ", style="bold")
+            plan.append(view.preamble or "")
+            parts.append(plan)
+            per_row = max(1, min(len(view.titles), 4))
+            width = max(24, self.console.width // per_row - 1)
+            done = view.phase in ("merged", "conclusion")
+            panels = [
+                Panel(
+                    Text(text.strip() or "…"),
+                    title=f"{i}. {title}",
+                    title_align="left",
+                    width=width,
+                    border_style="green" if done else "cyan",
+                )
+                for i, (title, text) in enumerate(zip(view.titles, view.steps, strict=True), 1)
+            ]
+            parts.append(Columns(panels))
+        if view.fallback:
+            parts.append(Text(f"Fallback to sequential decoding: {view.fallback}", style="yellow"))
+        if view.final or view.phase == "conclusion":
+            label = "Conclusion" if view.phase == "conclusion" else "Answer"
+            parts.append(Text(f"{label}:", style="bold"))
+            parts.append(Text(view.final.strip()))
+        if not parts:
+            parts.append(Text("thinking…", style="dim"))
+        return Group(*parts)
+
+
+class _LiveRenderer:
+    def __init__(self, console: Any) -> None:
+        from rich.live import Live
+
+        self.view = AnswerView()
+        self.live = Live(
+            _LiveView(self.view, console),
+            console=console,
+            refresh_per_second=8,
+            vertical_overflow="visible",
+        )
+        self.live.start()
+
+    def feed(self, event: Any) -> None:
+        self.view.feed(event)
+
+    def close(self) -> None:
+        self.live.refresh()
+        self.live.stop()
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare `ask`'s own options on `parser` (the registry adds --model, --device, --debug)."""
+    from langchain_parallel_reason.cli import _positive_int
+
+    parser.add_argument("question", help="the question to answer")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "parallel", "sequential"),
+        default="auto",
+        help="auto (default): parallel steps when the plan validates, else sequential; "
+        "parallel: the same, a fallback is reported; sequential: no plan",
+    )
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        default=None,
+        metavar="TITLE",
+        help="give the step titles yourself (2 or more); Stage 1 is skipped",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=512,
+        metavar="N",
+        help="new tokens for the whole answer (default 512)",
+    )
+    parser.add_argument(
+        "--step-max-tokens",
+        type=_positive_int,
+        default=96,
+        metavar="N",
+        help="new tokens per parallel step (default 96)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy"
+    )
+    parser.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="torch threads (default: torch's; 1 is often faster on a busy machine)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _check_steps(steps: tuple[str, ...], max_branches: int) -> None:
+    """Refuse unusable --steps before the model load, with the plan rule that they break."""
+    from pydantic import ValidationError
+
+    from langchain_parallel_reason.schemas import Plan
+
+    try:
+        Plan.model_validate(
+            {"titles": list(steps)},
+            context={"max_branches": max_branches, "max_title_chars": 200},
+        )
+    except ValidationError as e:
+        reason = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+        msg = f"--steps: {reason} (give 2 or more distinct titles without ':' or '####')"
+        raise ValueError(msg) from None
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from langchain_parallel_reason.pipeline import PipelineConfig
+
+    steps = tuple(args.steps) if args.steps else None
+    if steps is not None:
+        _check_steps(steps, max(6, len(steps)))
+    return PipelineConfig(
+        mode=args.mode,
+        steps=steps,
+        max_branches=max(6, len(steps or ())),
+        max_tokens=args.max_tokens,
+        step_max_tokens=args.step_max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Answer `args.question` and print it (see the module docstring); returns 0."""
+    calm_openmp()
+    config = _config(args)  # validated before the slow model load
+    import torch
+
+    from langchain_parallel_reason.loading import load_model_and_tokenizer
+    from langchain_parallel_reason.pipeline import iter_answer
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, progress=True)
+    messages = [{"role": "user", "content": args.question}]
+    gen = iter_answer(model, tokenizer, messages, config)
+
+    if args.json:
+        view = AnswerView()
+        result = _consume(gen, view.feed)
+        sys.stdout.write(json.dumps(_json_result(args, result, view)) + "\n")
+        return 0
+
+    from rich.console import Console
+
+    console = Console(file=sys.stdout, highlight=False)
+    renderer: Any = _LiveRenderer(console) if console.is_terminal else _PlainRenderer(sys.stdout)
+    try:
+        result = _consume(gen, renderer.feed)
+    finally:
+        renderer.close()
+    lines = ["---", *format_report(result, renderer.view)]
+    if console.is_terminal:
+        for line in lines:
+            console.print(line, style="dim", markup=False)
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _consume(gen: Any, sink: Any) -> Any:
+    """Feed every event of `gen` to `sink`; return the generator's return value."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        sink(event)
+
+
+def _json_result(args: argparse.Namespace, result: Any, view: AnswerView) -> dict[str, Any]:
+    return {
+        "model": args.model or EMBEDDED_LABEL,
+        "content": result.content,
+        "conclusion": view.final.strip(),
+        "steps": [
+            {"title": title, "text": text.strip()}
+            for title, text in zip(view.titles, view.steps, strict=True)
+        ]
+        if result.report.mode_used == "parallel"
+        else [],
+        "report": result.report.model_dump(),
+        "usage": {
+            "input_tokens": result.input_tokens,
+            "output_tokens": result.output_tokens,
+            "total_tokens": result.input_tokens + result.output_tokens,
+        },
+    }
