@@ -33,6 +33,7 @@ from .schemas import ParallelReport, Plan
 __all__ = [
     "AnswerResult",
     "ContentDelta",
+    "OutputGrammar",
     "PipelineCancelled",
     "PipelineConfig",
     "StageEvent",
@@ -55,6 +56,26 @@ class PipelineCancelled(Exception):  # noqa: N818 - mirrors asyncio.CancelledErr
 
 
 @dataclass(frozen=True)
+class OutputGrammar:
+    """A grammar the whole answer must match: a forced tool call or structured output.
+
+    The answer is ``prefix`` (prefilled after the prompt, as if the model had written it),
+    then text decoded under ``json_schema`` (JSON text) or ``ebnf`` (xgrammar EBNF), then
+    ``suffix``, appended once the grammar is complete (not when the budget ran out first).
+    Stop strings do not apply: the grammar decides where the answer ends.
+    """
+
+    json_schema: str | None = None
+    ebnf: str | None = None
+    prefix: str = ""
+    suffix: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.json_schema is None) == (self.ebnf is None):
+            raise ValueError("OutputGrammar takes exactly one of json_schema and ebnf")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Per-call decoding settings (mapped from the chat model's fields in one place).
 
@@ -72,6 +93,9 @@ class PipelineConfig:
             sequential answer ends the answer.
         attention: Stage-2 backend, "auto", "split" or "mask".
         constrain_plan: force the plan's shape with a grammar (xgrammar).
+        grammar: the whole answer must match this grammar (decoded sequentially).
+        sequential_reason: decode sequentially for this reason, recorded in the report as
+            ``fallback_reason`` (e.g. tools are bound); ignored when mode is "sequential".
     """
 
     mode: Mode = "auto"
@@ -88,6 +112,8 @@ class PipelineConfig:
     stop: tuple[str, ...] = ()
     attention: Literal["auto", "split", "mask"] = "auto"
     constrain_plan: bool = True
+    grammar: OutputGrammar | None = None
+    sequential_reason: str | None = None
 
     def __post_init__(self) -> None:
         SamplingParams(self.temperature, self.top_p, self.top_k)  # validates
@@ -245,6 +271,16 @@ def _grammar_constraint(tokenizer: Any, ebnf: str, vocab_size: int) -> Any:
     return GrammarConstraint.from_ebnf(tokenizer, ebnf, vocab_size=vocab_size)
 
 
+def _output_constraint(run: _Run, grammar: OutputGrammar) -> Any:
+    """The constraint of an output grammar, stopping on the model's own stop tokens."""
+    from .decoding.constraints import GrammarConstraint
+
+    kw = {"vocab_size": run.vocab_size, "stop_token_ids": run.stop_ids or None}
+    if grammar.json_schema is not None:
+        return GrammarConstraint.from_json_schema(run.tok, grammar.json_schema, **kw)
+    return GrammarConstraint.from_ebnf(run.tok, grammar.ebnf, **kw)
+
+
 def _drive(gen: Generator, sink: list) -> Any:
     """Run a sub-generator to its return value, collecting yielded items into ``sink``."""
     while True:
@@ -368,6 +404,11 @@ def iter_answer(
     try:
         if config.mode == "sequential":
             return (yield from _sequential(run, None, 0, t0))
+        reason = config.sequential_reason
+        if reason is None and config.grammar is not None:
+            reason = "an output grammar is set: the answer is decoded sequentially"
+        if reason is not None:
+            return (yield from _sequential(run, reason, 0, t0))
         return (yield from _parallel(run, t0))
     except Cancelled as e:
         raise PipelineCancelled(str(e)) from e
@@ -380,14 +421,23 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
     cfg = run.cfg
     template_kw = {"tools": run.tools} if run.tools else {}
     prompt = render_prompt(run.tok, run.messages, **template_kw)
+    # An output grammar: its forced prefix is prefilled with the prompt, the rest decoded
+    # under the grammar, with no stop strings (one inside a JSON string would cut it).
+    grammar = cfg.grammar
+    forced = run.encode(grammar.prefix) if grammar is not None and grammar.prefix else []
+    constraint = _output_constraint(run, grammar) if grammar is not None else None
+    stops = () if grammar is not None else cfg.stop
+    prompt = [*prompt, *forced]
     run.check_prompt(prompt)
     run.input_tokens = run.input_tokens or len(prompt)
     # A fallback answer gets the whole max_tokens budget: discarded plan attempts still count
     # in usage, but must not starve the answer.
     budget = max(1, min(cfg.max_tokens, run.ctx - len(prompt)))
     cache = DynamicCache()
-    stream = TextStream(run.tok, cfg.stop, lstrip=True)
+    stream = TextStream(run.tok, stops, lstrip=not forced)
     t = time.perf_counter()
+    if grammar is not None and grammar.prefix:
+        yield ContentDelta(grammar.prefix)
     gen = iter_decode(
         run.model,
         prompt,
@@ -397,8 +447,9 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         params=run.params,
         seed=cfg.seed,
         stop_token_ids=run.stop_ids,
-        stop_strings=cfg.stop,
+        stop_strings=stops,
         tokenizer=run.tok,
+        constraint=constraint,
         cancel=run.cancel,
     )
     while True:
@@ -411,6 +462,12 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
             yield ContentDelta(delta)
     if tail := stream.finish():
         yield ContentDelta(tail)
+    text = stream.text
+    if grammar is not None:
+        suffix = grammar.suffix if constraint.is_completed() else ""
+        if suffix:
+            yield ContentDelta(suffix)
+        text = grammar.prefix + text + suffix
     run.output_tokens += len(result.token_ids)
     run.timings["sequential"] = time.perf_counter() - t
     run.timings["total"] = time.perf_counter() - t0
@@ -421,7 +478,7 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         timings=run.timings,
         notes=run.notes,
     )
-    return AnswerResult(stream.text, report, run.input_tokens, run.output_tokens)
+    return AnswerResult(text, report, run.input_tokens, run.output_tokens)
 
 
 def _parallel(run: _Run, t0: float) -> Generator:

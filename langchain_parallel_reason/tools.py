@@ -1,0 +1,523 @@
+"""Tool calling and structured output for ChatParallelReason: formats, prompts, grammars, parsing.
+
+Contract: pure text and JSON work, no torch. `parse_tool_calls` turns any model output into
+content plus LangChain `tool_calls` / `invalid_tool_calls` and never raises; `ToolCallStream`
+does the same incrementally, holding back text that may belong to a call. `forced_call_schema`
+gives the JSON schema a forced call's JSON must match, and `ToolCallFormat` the text around it.
+Templates that cannot render tools (SmolLM2's) get them from `render_tool_messages`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.utils.json_schema import dereference_refs
+
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.tools import BaseTool
+
+__all__ = [
+    "BARE_JSON",
+    "HERMES",
+    "SMOLLM2",
+    "ParsedOutput",
+    "ToolCallFormat",
+    "ToolCallStream",
+    "forced_call_schema",
+    "grammar_safe_schema",
+    "normalize_tool_choice",
+    "parallel_reasoner_tool",
+    "parse_tool_calls",
+    "render_tool_messages",
+    "structured_output_instruction",
+    "template_renders_tools",
+    "tool_call_format",
+    "tool_names",
+]
+
+
+# ------------------------------------------------------------------------------ formats
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How one model writes a tool call: ``prefix`` + call JSON + ``suffix``.
+
+    A forced call prefills ``prefix`` (the model never has to find the tag), decodes one
+    ``{"name": ..., "arguments": ...}`` object under a grammar, then appends ``suffix``.
+    """
+
+    name: str
+    prefix: str
+    suffix: str
+
+
+HERMES = ToolCallFormat("hermes", "<tool_call>\n", "\n</tool_call>")
+"""Hermes / Qwen2.5 / SmolLM3: one JSON object per ``<tool_call>`` block."""
+SMOLLM2 = ToolCallFormat("smollm2", "<tool_call>[\n", "\n]</tool_call>")
+"""SmolLM2's tool-use format: a JSON list of calls inside one ``<tool_call>`` block."""
+BARE_JSON = ToolCallFormat("json", "", "")
+"""A template that renders tools without tags (e.g. Llama 3.1): a bare JSON object."""
+
+_TAG_OPEN = "<tool_call>"
+_TAG_CLOSE = "</tool_call>"
+
+
+def template_renders_tools(chat_template: Any) -> bool:
+    """True when a chat template renders ``tools=`` and assistant ``tool_calls`` itself."""
+    return (
+        isinstance(chat_template, str)
+        and "tools" in chat_template
+        and "tool_calls" in (chat_template)
+    )
+
+
+def tool_call_format(chat_template: Any) -> ToolCallFormat:
+    """The call format a model expects, read from its chat template.
+
+    A template that renders tools and mentions ``<tool_call>`` means Hermes-style blocks; one
+    that renders tools without the tag means a bare JSON object; a template without tool
+    support gets our SmolLM2-style prompt (`render_tool_messages`), so the SmolLM2 format.
+    """
+    if not template_renders_tools(chat_template):
+        return SMOLLM2
+    return HERMES if _TAG_OPEN in chat_template else BARE_JSON
+
+
+# ---------------------------------------------------------------- prompts without tools
+
+
+def _tools_system_prompt(tools: Sequence[dict[str, Any]]) -> str:
+    functions = json.dumps([tool["function"] for tool in tools], ensure_ascii=False)
+    return (
+        "You can call functions to answer the user. The functions you may call are listed "
+        f"as JSON inside <tools></tools>:\n<tools>{functions}</tools>\n"
+        "To call functions, reply with nothing but a JSON list of calls inside "
+        "<tool_call></tool_call> tags, with arguments of the right types, e.g.\n"
+        '<tool_call>[\n{"name": "function_name", "arguments": {"argument": "value"}}\n]'
+        "</tool_call>\nWhen a function result (<tool_response>) answers the question, or "
+        "no function fits, answer in plain text."
+    )
+
+
+def _call_text(calls: Sequence[dict[str, Any]]) -> str:
+    """Assistant tool calls (OpenAI template shape) in the SmolLM2 format."""
+    items = []
+    for call in calls:
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        items.append(f'{{"name": {json.dumps(function["name"])}, "arguments": {arguments}}}')
+    return SMOLLM2.prefix + ",\n".join(items) + SMOLLM2.suffix
+
+
+def render_tool_messages(
+    messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """Chat-template messages with tools written as text, for templates without tool support.
+
+    The tool list goes into the system message (before the caller's own system text),
+    assistant tool calls become ``<tool_call>[...]</tool_call>`` text, and tool results
+    become user turns of ``<tool_response>`` blocks (consecutive results share one turn).
+    Plain user/assistant/system messages pass through unchanged.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        content = message.get("content") or ""
+        if role == "assistant" and message.get("tool_calls"):
+            text = _call_text(message["tool_calls"])
+            out.append({"role": "assistant", "content": f"{content}\n{text}" if content else text})
+        elif role == "tool":
+            block = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1].get("_tool_turn"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool_turn": True})
+        else:
+            out.append({k: v for k, v in message.items() if k not in ("tool_calls",)})
+    for message in out:
+        message.pop("_tool_turn", None)
+    if tools:
+        prompt = _tools_system_prompt(tools)
+        if out and out[0].get("role") == "system":
+            caller = out[0].get("content") or ""
+            out[0] = {**out[0], "content": f"{prompt}\n\n{caller}" if caller else prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def structured_output_instruction(schema: dict[str, Any] | None) -> str:
+    """The system-prompt line that tells the model what JSON to write."""
+    if schema is None:
+        return "Reply with one JSON object and nothing else."
+    text = json.dumps(schema, ensure_ascii=False)
+    return (
+        "Reply with one JSON object and nothing else. It must match this JSON schema, with "
+        f"short, sensible values for the user's request:\n{text}"
+    )
+
+
+# ------------------------------------------------------------------------- tool choice
+
+
+def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
+    """Map a LangChain/OpenAI ``tool_choice`` to None, "auto", "none", "any" or a tool name.
+
+    Accepted: None, "auto", "none", "any", "required", True (any tool), a tool name, or a
+    dict ``{"type": "function", "function": {"name": ...}}`` / ``{"name": ...}``.
+
+    Raises:
+        ValueError: An unknown choice or a name that is not among the bound tools.
+    """
+    if tool_choice is None or tool_choice == "auto":
+        return None if tool_choice is None else "auto"
+    if tool_choice is True or tool_choice in ("any", "required"):
+        return "any"
+    if tool_choice is False or tool_choice == "none":
+        return "none"
+    name = tool_choice
+    if isinstance(tool_choice, dict):
+        inner = tool_choice.get("function", tool_choice)
+        name = inner.get("name") if isinstance(inner, dict) else None
+        if name is None and tool_choice.get("type") in ("any", "required", "auto", "none"):
+            return normalize_tool_choice(tool_choice["type"], names)
+    if not isinstance(name, str) or name not in names:
+        msg = (
+            f"tool_choice={tool_choice!r} is not a bound tool; use None, 'auto', 'none', "
+            f"'any', 'required' or one of {list(names)}"
+        )
+        raise ValueError(msg)
+    return name
+
+
+# ----------------------------------------------------------------------------- grammars
+
+# JSON schema keywords xgrammar 0.2.8 mishandles on strings: minLength/maxLength let raw
+# control characters into the string (json.loads rejects them). A length-bounded `pattern`
+# is exact, so the bounds become one.
+_LENGTH_KEYS = ("minLength", "maxLength")
+
+
+def grammar_safe_schema(schema: Any) -> Any:
+    """A copy of a JSON schema that xgrammar turns into a correct grammar.
+
+    ``$ref``s are resolved, and string length bounds become an equivalent ``pattern``
+    (``^.{min,max}$``, which admits no escapes or control characters) unless the string
+    already has a pattern, in which case the bounds are dropped.
+    """
+    if isinstance(schema, dict) and ("$defs" in schema or "definitions" in schema):
+        schema = dereference_refs(schema)
+        schema = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
+    return _safe(schema)
+
+
+def _safe(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_safe(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _safe(value) for key, value in node.items() if key not in _LENGTH_KEYS}
+    low, high = node.get("minLength"), node.get("maxLength")
+    if (low is not None or high is not None) and "pattern" not in node:
+        low = int(low or 0)
+        out["pattern"] = f"^.{{{low},{'' if high is None else int(high)}}}$"
+    return out
+
+
+def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    function = tool["function"]
+    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"const": function["name"]},
+            "arguments": grammar_safe_schema(parameters),
+        },
+        "required": ["name", "arguments"],
+    }
+
+
+def forced_call_schema(tools: Sequence[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
+    """The JSON schema of one call ``{"name": <tool>, "arguments": <its parameters>}``.
+
+    Args:
+        tools: OpenAI-format tools (`convert_to_openai_tool` output).
+        name: Force this tool; None allows any of them (``anyOf`` over the tools).
+
+    Raises:
+        ValueError: No tools, or ``name`` is not among them.
+    """
+    chosen: dict[str, dict[str, Any]] = {}
+    for tool in tools:
+        tool_name = tool["function"]["name"]
+        if name is None or tool_name == name:
+            chosen.setdefault(tool_name, tool)  # one case per name (duplicates are merged)
+    if not chosen:
+        msg = f"no tool named {name!r} is bound" if name else "no tools are bound"
+        raise ValueError(msg)
+    cases = [_call_schema(tool) for tool in chosen.values()]
+    return cases[0] if len(cases) == 1 else {"anyOf": cases}
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+@dataclass
+class ParsedOutput:
+    """Model output split into text and calls (see `parse_tool_calls`)."""
+
+    content: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
+
+    def tool_call_chunks(self) -> list[ToolCallChunk]:
+        """The calls as streaming chunks: args as JSON text; an invalid call keeps its raw
+        text (tag included), which a chunk merge cannot mistake for arguments."""
+        chunks = [
+            tool_call_chunk(
+                name=call["name"],
+                args=json.dumps(call["args"], ensure_ascii=False),
+                id=call["id"],
+                index=i,
+            )
+            for i, call in enumerate(self.tool_calls)
+        ]
+        offset = len(chunks)
+        chunks += [
+            tool_call_chunk(name=bad["name"], args=bad["args"], id=bad["id"], index=offset + i)
+            for i, bad in enumerate(self.invalid_tool_calls)
+        ]
+        return chunks
+
+
+_BLOCK_RE = re.compile(re.escape(_TAG_OPEN) + r"(.*?)(?:" + re.escape(_TAG_CLOSE) + r"|\Z)", re.S)
+_NAME_RE = re.compile(r'"name"\s*:\s*"([^"\\]+)"')
+_FENCE_RE = re.compile(r"\A```[a-zA-Z]*\s*(.*?)\s*```\Z", re.S)
+
+
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _unfence(text: str) -> str:
+    text = text.strip()
+    match = _FENCE_RE.match(text)
+    return match.group(1) if match else text
+
+
+def _call_from(obj: Any) -> tuple[str, dict[str, Any], str | None] | str:
+    """(name, args, id) of one decoded call object, or the reason it is not one."""
+    if not isinstance(obj, dict):
+        return f"a call must be a JSON object, got {type(obj).__name__}"
+    if isinstance(obj.get("function"), dict):  # OpenAI shape {"type": "function", ...}
+        obj = {**obj["function"], "id": obj.get("id")}
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        return "the call has no 'name' string"
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError as e:
+            return f"'arguments' is not valid JSON: {e}"
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        return f"'arguments' must be a JSON object, got {type(args).__name__}"
+    call_id = obj.get("id")
+    return name, args, call_id if isinstance(call_id, str) and call_id else None
+
+
+def _calls_in(body: str, raw: str) -> tuple[list[ToolCall], list[InvalidToolCall]]:
+    """Calls in one ``<tool_call>`` block body (an object or a list of objects)."""
+    try:
+        decoded = json.loads(_unfence(body))
+    except ValueError as e:
+        return [], [invalid_tool_call(args=raw, id=_new_id(), error=f"not valid JSON: {e}")]
+    items = decoded if isinstance(decoded, list) else [decoded]
+    calls: list[ToolCall] = []
+    bad: list[InvalidToolCall] = []
+    for item in items:
+        got = _call_from(item)
+        if isinstance(got, str):
+            name = item.get("name") if isinstance(item, dict) else None
+            bad.append(
+                invalid_tool_call(
+                    name=name if isinstance(name, str) else None,
+                    args=raw,
+                    id=_new_id(),
+                    error=got,
+                )
+            )
+        else:
+            name, args, call_id = got
+            calls.append(tool_call(name=name, args=args, id=call_id or _new_id()))
+    return calls, bad
+
+
+def _bare_calls(text: str) -> list[ToolCall] | None:
+    """Calls when the whole text is one call object or a list of them, else None."""
+    body = _unfence(text)
+    if not body.startswith(("{", "[")):
+        return None
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        return None
+    items = decoded if isinstance(decoded, list) else [decoded]
+    if not items:
+        return None
+    calls: list[ToolCall] = []
+    for item in items:
+        # Only objects that look like calls: a name and arguments (or parameters).
+        if not isinstance(item, dict) or not ({"arguments", "parameters"} & item.keys()):
+            return None
+        got = _call_from(item)
+        if isinstance(got, str):
+            return None
+        name, args, call_id = got
+        calls.append(tool_call(name=name, args=args, id=call_id or _new_id()))
+    return calls
+
+
+def parse_tool_calls(text: str) -> ParsedOutput:
+    """Split model output into content and tool calls; never raises.
+
+    Recognised: ``<tool_call>{...}</tool_call>`` blocks (Hermes/Qwen, one call each),
+    ``<tool_call>[{...}, ...]</tool_call>`` (SmolLM2, a list), and output that is nothing
+    but a call object or a list of them (``{"name": ..., "arguments"|"parameters": ...}``,
+    optionally in a code fence). ``arguments`` may be an object or a JSON string. A block
+    that does not parse, or an unclosed one (the budget ran out), becomes an invalid tool
+    call holding the raw block text. Content is the text outside the blocks, stripped.
+    """
+    calls: list[ToolCall] = []
+    bad: list[InvalidToolCall] = []
+    pieces: list[str] = []
+    last = 0
+    for match in _BLOCK_RE.finditer(text):
+        pieces.append(text[last : match.start()])
+        last = match.end()
+        raw = match.group(0)
+        body = match.group(1)
+        if not raw.endswith(_TAG_CLOSE):
+            named = _NAME_RE.search(body)
+            bad.append(
+                invalid_tool_call(
+                    name=named.group(1) if named else None,
+                    args=raw,
+                    id=_new_id(),
+                    error="unterminated <tool_call> block (the token budget ran out?)",
+                )
+            )
+            continue
+        got, got_bad = _calls_in(body, raw)
+        calls += got
+        bad += got_bad
+    pieces.append(text[last:])
+    content = "".join(pieces).strip()
+    if not calls and not bad and (bare := _bare_calls(content)) is not None:
+        return ParsedOutput("", bare, [])
+    return ParsedOutput(content, calls, bad)
+
+
+class ToolCallStream:
+    """Streams the content of an answer that may hold tool calls, then parses them.
+
+    `push` returns the text that is certainly content: it holds back everything from a
+    ``<tool_call>`` tag (or a trailing piece of one), trailing whitespace, and all of an
+    answer that starts like bare JSON. `finish` parses the whole text and returns the rest
+    of the content with the calls. The pushed-out text plus the rest equals
+    ``parse_tool_calls(whole text).content``.
+    """
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._sent = ""
+
+    def push(self, delta: str) -> str:
+        """Add streamed text; return the part that can be shown now."""
+        self._text += delta
+        text = self._text.lstrip()
+        if text[:1] in ("{", "[", "`") or not text:
+            return ""  # may be a bare JSON call: only the end tells
+        end = text.find(_TAG_OPEN)
+        if end < 0:
+            end = len(text)
+            for k in range(min(len(_TAG_OPEN) - 1, len(text)), 0, -1):
+                if text.endswith(_TAG_OPEN[:k]):
+                    end = len(text) - k
+                    break
+        safe = text[:end].rstrip()
+        if len(safe) <= len(self._sent):
+            return ""
+        delta_out = safe[len(self._sent) :]
+        self._sent = safe
+        return delta_out
+
+    def finish(self) -> tuple[str, ParsedOutput]:
+        """Parse everything; return (content not yet pushed out, the parsed output)."""
+        parsed = parse_tool_calls(self._text)
+        rest = parsed.content[len(self._sent) :] if parsed.content.startswith(self._sent) else ""
+        return rest, parsed
+
+
+# ------------------------------------------------------------------ as a tool for agents
+
+
+def parallel_reasoner_tool(
+    llm: BaseChatModel,
+    name: str = "parallel_reasoner",
+    description: str = (
+        "Think a question through in several independent steps and return a reasoned "
+        "answer. Input: one self-contained question."
+    ),
+) -> BaseTool:
+    """A LangChain tool that asks `llm` (e.g. a `ChatParallelReason`) one question.
+
+    Give it to another agent (`create_agent(model, tools=[parallel_reasoner_tool(llm)])`):
+    the tool takes ``question: str`` and returns the answer text. Sync and async calls both
+    work; the async one does not block the event loop.
+
+    Args:
+        llm: The chat model that answers (any LangChain chat model works).
+        name: The tool name the calling agent sees.
+        description: What the calling agent is told the tool does.
+    """
+    from langchain_core.tools import StructuredTool
+    from pydantic import BaseModel, Field
+
+    class ParallelReasonerInput(BaseModel):
+        question: str = Field(description="The question to reason about, self-contained.")
+
+    def _text(message: Any) -> str:
+        return message.text if hasattr(message, "text") else str(message.content)
+
+    def ask(question: str) -> str:
+        return _text(llm.invoke(question))
+
+    async def aask(question: str) -> str:
+        return _text(await llm.ainvoke(question))
+
+    return StructuredTool.from_function(
+        func=ask,
+        coroutine=aask,
+        name=name,
+        description=description,
+        args_schema=ParallelReasonerInput,
+    )
+
+
+def tool_names(tools: Iterable[dict[str, Any]]) -> list[str]:
+    """Names of OpenAI-format tools, in order."""
+    return [tool["function"]["name"] for tool in tools]
