@@ -17,6 +17,8 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from operator import itemgetter
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -31,14 +33,26 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
+from . import tools as _tools
 from .schemas import Plan
 
 if TYPE_CHECKING:
     from types import ModuleType
+
+    from langchain_core.language_models import LanguageModelInput
+    from langchain_core.tools import BaseTool
 
     from .pipeline import AnswerResult, PipelineConfig
 
@@ -70,6 +84,8 @@ _CALL_OPTIONS = (
     "constrain_plan",
     "timeout",
 )
+# Call kwargs that shape the answer's form (set by bind_tools / with_structured_output).
+_OUTPUT_KWARGS = frozenset({"tools", "tool_choice", "response_format", "parallel_tool_calls"})
 # Call kwargs LangChain itself may pass down; they carry nothing for this model.
 _IGNORED_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
 # Content blocks an assistant message may carry besides text; the text is what the template
@@ -175,6 +191,125 @@ def _convert_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     return [_convert_message(message) for message in messages]
 
 
+# ---------------------------------------------------------- tools and structured output
+
+_TOOLS_SEQUENTIAL = "tools bound: decoded sequentially so a tool call is not split across steps"
+
+
+@dataclass(frozen=True)
+class _Output:
+    """The form one call's answer takes: free text, maybe tool calls, or forced JSON.
+
+    Built from the call's kwargs (`bind_tools`, `with_structured_output`) on the caller's
+    thread; `prepare` adapts messages and config to the tokenizer once the model is loaded.
+    """
+
+    tools: tuple[dict[str, Any], ...] = ()
+    """Bound tools, OpenAI format."""
+    tool_choice: str | None = None
+    """None/"auto" (the model may call), "none", "any" (forced) or a tool name (forced)."""
+    json_schema: dict[str, Any] | None = None
+    """Structured output: the answer is JSON for this schema."""
+    json_mode: bool = False
+    """Structured output without a schema: any JSON object."""
+    max_string_chars: int | None = None
+    """Cap on unbounded JSON strings in forced output (the chat model's field)."""
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any], max_string_chars: int | None) -> _Output:
+        tools = tuple(convert_to_openai_tool(tool) for tool in kwargs.get("tools") or ())
+        choice = _tools.normalize_tool_choice(kwargs.get("tool_choice"), _tools.tool_names(tools))
+        if choice not in (None, "auto", "none") and not tools:
+            msg = f"tool_choice={choice!r} needs tools: use llm.bind_tools(tools, tool_choice=...)"
+            raise ValueError(msg)
+        schema, json_mode = _response_schema(kwargs.get("response_format"))
+        if (schema is not None or json_mode) and tools and choice != "none":
+            msg = (
+                "response_format and tools cannot be combined: the answer is either JSON or "
+                "tool calls; use with_structured_output(method='function_calling') instead"
+            )
+            raise ValueError(msg)
+        return cls(tools, choice, schema, json_mode, max_string_chars)
+
+    @property
+    def parses_calls(self) -> bool:
+        """True when the answer may hold tool calls to parse."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_tool(self) -> bool:
+        return self.parses_calls and self.tool_choice not in (None, "auto")
+
+    def prepare(
+        self, tokenizer: Any, messages: list[dict[str, Any]], config: PipelineConfig
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, PipelineConfig]:
+        """(messages, tools for the template, config) for this tokenizer's chat template."""
+        pl = _pipeline()
+        template = getattr(tokenizer, "chat_template", None)
+        offered = list(self.tools) if self.parses_calls else None
+        template_tools = None
+        if _tools.template_renders_tools(template):
+            template_tools = offered
+        else:  # e.g. SmolLM2: tools, calls and results written as text
+            messages = _tools.render_tool_messages(messages, offered)
+        grammar = reason = None
+        if self.forced_tool:
+            fmt = _tools.tool_call_format(template)
+            name = None if self.tool_choice == "any" else self.tool_choice
+            schema = _tools.forced_call_schema(self.tools, name, self.max_string_chars)
+            grammar = pl.OutputGrammar(
+                json_schema=json.dumps(schema), prefix=fmt.prefix, suffix=fmt.suffix
+            )
+            reason = (
+                f"tool_choice={self.tool_choice!r}: the call is forced by a grammar, "
+                "decoded sequentially"
+            )
+        elif self.json_schema is not None or self.json_mode:
+            messages = _tools.with_system_text(
+                messages, _tools.structured_output_instruction(self.json_schema)
+            )
+            schema = (
+                {"type": "object"}
+                if self.json_schema is None
+                else _tools.grammar_safe_schema(self.json_schema, self.max_string_chars)
+            )
+            grammar = pl.OutputGrammar(json_schema=json.dumps(schema))
+            reason = "structured output: the JSON is forced by a grammar, decoded sequentially"
+        elif offered and config.mode == "auto":
+            reason = _TOOLS_SEQUENTIAL
+        if grammar is not None or reason is not None:
+            config = replace(config, grammar=grammar, sequential_reason=reason)
+        return messages, template_tools, config
+
+
+def _response_schema(response_format: Any) -> tuple[dict[str, Any] | None, bool]:
+    """(JSON schema, json mode) of a ``response_format`` call kwarg.
+
+    Accepted: None; ``{"type": "json_object"}`` (any JSON object); ``{"type": "json_schema",
+    "json_schema": {"schema": ...}}`` (OpenAI) or ``{"type": "json_schema", "schema": ...}``;
+    or a schema itself (a Pydantic class, TypedDict or JSON schema dict).
+    """
+    if response_format is None:
+        return None, False
+    if isinstance(response_format, dict) and response_format.get("type") == "json_object":
+        return None, True
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        inner = response_format.get("json_schema", response_format)
+        schema = inner.get("schema") if isinstance(inner, dict) else None
+        if not isinstance(schema, dict):
+            msg = "response_format {'type': 'json_schema'} needs a 'schema' dict"
+            raise ValueError(msg)
+        return schema, False
+    try:
+        return convert_to_json_schema(response_format), False
+    except (TypeError, ValueError) as e:
+        msg = (
+            f"response_format={response_format!r} is not a schema; pass a Pydantic class, "
+            "a TypedDict, a JSON schema dict or {'type': 'json_object'}"
+        )
+        raise ValueError(msg) from e
+
+
 # ---------------------------------------------------------------------------- the engine
 
 
@@ -257,8 +392,10 @@ class _PipelineRun:
         max_retries: int,
         num_threads: int | None,
         sink: Callable[[_Item], None],
+        prepare: _Output | None = None,
     ) -> None:
         self.cancel = threading.Event()
+        self._prepare = prepare
         self._get_engine = get_engine
         self._messages = messages
         self._config = config
@@ -296,6 +433,11 @@ class _PipelineRun:
     def _run(self) -> AnswerResult:
         pl = _pipeline()
         engine = self._get_engine()
+        if self._prepare is not None:  # tools and output form, now that the template is known
+            self._messages, tools, self._config = self._prepare.prepare(
+                engine.tokenizer, self._messages, self._config
+            )
+            self._tools = tools
         timer = None
         deadline = None
         if self._timeout is not None:
@@ -544,6 +686,12 @@ class ChatParallelReason(BaseChatModel):
     progress: bool = True
     """Show progress while the model loads or is converted the first time."""
 
+    json_string_max_chars: int | None = Field(default=160, ge=1)
+    """Longest string a forced tool call or structured output may hold where its schema sets
+    no bound (no ``maxLength``, ``pattern`` or ``enum``); None = unbounded. Small models tend
+    to loop inside a string until the token budget runs out; capped strings cannot hold
+    quotes, backslashes or newlines."""
+
     _engine: _Engine | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -653,7 +801,7 @@ class ChatParallelReason(BaseChatModel):
     ) -> tuple[PipelineConfig, float | None, list[dict[str, Any]] | None]:
         """Fields with this call's overrides, as (pipeline config, timeout, tools)."""
         overrides: dict[str, Any] = {}
-        tools = None
+        tools = None  # tools reach the template through _Output.prepare
         for name, value in kwargs.items():
             if name in _IGNORED_KWARGS:
                 continue
@@ -664,8 +812,8 @@ class ChatParallelReason(BaseChatModel):
                         "runs one local model; create another ChatParallelReason for it"
                     )
                     raise ValueError(msg)
-            elif name == "tools":
-                tools = [convert_to_openai_tool(tool) for tool in value] if value else None
+            elif name in _OUTPUT_KWARGS:
+                continue  # see _Output
             elif name in _CALL_OPTIONS:
                 try:
                     overrides[name] = _field_adapter(type(self), name).validate_python(value)
@@ -713,6 +861,7 @@ class ChatParallelReason(BaseChatModel):
             self._get_engine,
             template_messages,
             config,
+            prepare=self._output(kwargs),
             tools=tools,
             timeout=timeout,
             max_retries=self.max_retries,
@@ -776,10 +925,16 @@ class ChatParallelReason(BaseChatModel):
 
     # -- events to LangChain objects -------------------------------------------------------
 
-    def _event_chunk(self, event: Any) -> ChatGenerationChunk | None:
+    def _event_chunk(
+        self, event: Any, calls: _tools.ToolCallStream | None = None
+    ) -> ChatGenerationChunk | None:
         pl = _pipeline()
         if isinstance(event, pl.ContentDelta):
-            return ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+            # With tools bound, text that may be part of a call waits for the final chunk.
+            text = calls.push(event.text) if calls is not None else event.text
+            if not text:
+                return None
+            return ChatGenerationChunk(message=AIMessageChunk(content=text))
         if isinstance(event, pl.StepDelta):
             part = {"step": event.step, "title": event.title, "text": event.text}
             return ChatGenerationChunk(
@@ -802,21 +957,38 @@ class ChatParallelReason(BaseChatModel):
         }
         return usage, response_metadata
 
-    def _final_chunk(self, result: AnswerResult, config: PipelineConfig) -> ChatGenerationChunk:
+    def _final_chunk(
+        self,
+        result: AnswerResult,
+        config: PipelineConfig,
+        calls: _tools.ToolCallStream | None = None,
+    ) -> ChatGenerationChunk:
         usage, response_metadata = self._metadata(result, config)
+        content, call_chunks = "", []
+        if calls is not None:  # the rest of the content, and every tool call, in one chunk
+            content, parsed = calls.finish()
+            call_chunks = parsed.tool_call_chunks()
         return ChatGenerationChunk(
             message=AIMessageChunk(
-                content="",
+                content=content,
+                tool_call_chunks=call_chunks,
                 usage_metadata=usage,
                 response_metadata=response_metadata,
                 chunk_position="last",
             )
         )
 
-    def _chat_result(self, result: AnswerResult, config: PipelineConfig) -> ChatResult:
+    def _chat_result(
+        self, result: AnswerResult, config: PipelineConfig, output: _Output | None = None
+    ) -> ChatResult:
         usage, response_metadata = self._metadata(result, config)
+        parsed = _tools.ParsedOutput(result.content)
+        if output is not None and output.parses_calls:
+            parsed = _tools.parse_tool_calls(result.content)
         message = AIMessage(
-            content=result.content,
+            content=parsed.content,
+            tool_calls=parsed.tool_calls,
+            invalid_tool_calls=parsed.invalid_tool_calls,
             usage_metadata=usage,
             response_metadata=response_metadata,
         )
@@ -834,9 +1006,10 @@ class ChatParallelReason(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        output = self._output(kwargs)
         for kind, value in self._iter_items(messages, stop, kwargs):
             if kind == "done":
-                return self._chat_result(*value)
+                return self._chat_result(*value, output)
         msg = "the pipeline ended without an answer"  # unreachable: _iter_items ends on one
         raise RuntimeError(msg)
 
@@ -847,9 +1020,10 @@ class ChatParallelReason(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        output = self._output(kwargs)
         async for kind, value in self._aiter_items(messages, stop, kwargs):
             if kind == "done":
-                return self._chat_result(*value)
+                return self._chat_result(*value, output)
         msg = "the pipeline ended without an answer"
         raise RuntimeError(msg)
 
@@ -863,10 +1037,11 @@ class ChatParallelReason(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        calls = _tools.ToolCallStream() if self._output(kwargs).parses_calls else None
         for kind, value in self._iter_items(messages, stop, kwargs):
             if kind == "done":
-                yield self._final_chunk(*value)
-            elif chunk := self._event_chunk(value):
+                yield self._final_chunk(*value, calls)
+            elif chunk := self._event_chunk(value, calls):
                 yield chunk
 
     async def _astream(
@@ -876,11 +1051,125 @@ class ChatParallelReason(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        calls = _tools.ToolCallStream() if self._output(kwargs).parses_calls else None
         async for kind, value in self._aiter_items(messages, stop, kwargs):
             if kind == "done":
-                yield self._final_chunk(*value)
-            elif chunk := self._event_chunk(value):
+                yield self._final_chunk(*value, calls)
+            elif chunk := self._event_chunk(value, calls):
                 yield chunk
+
+    # -- tools and structured output -------------------------------------------------------
+
+    def _output(self, kwargs: dict[str, Any]) -> _Output:
+        return _Output.from_kwargs(kwargs, self.json_string_max_chars)
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: dict[str, Any] | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Offer tools to the model; calls come back in `AIMessage.tool_calls`.
+
+        Tools are rendered by the tokenizer's chat template (``tools=``) when it supports
+        them, else written into the system prompt in SmolLM2's format. With tools bound the
+        answer is decoded sequentially (pass ``mode="parallel"`` to plan anyway), and tool
+        calls are parsed from it: unparsable ones land in `invalid_tool_calls`.
+
+        Args:
+            tools: LangChain tools, functions, Pydantic classes, TypedDicts or OpenAI tool
+                dicts (anything `convert_to_openai_tool` accepts).
+            tool_choice: None or "auto" (the model decides), "none" (no calls), "any" /
+                "required" / True (force one call of any tool) or a tool name (or
+                ``{"type": "function", "function": {"name": ...}}``) to force that tool. A
+                forced call is decoded under a grammar, so its arguments are valid JSON for
+                the tool's schema even on a very small model.
+            **kwargs: Other per-call options to bind (e.g. ``max_tokens``).
+
+        Raises:
+            ValueError: ``tool_choice`` names no bound tool.
+        """
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        choice = _tools.normalize_tool_choice(tool_choice, _tools.tool_names(formatted))
+        if choice is not None:
+            kwargs["tool_choice"] = choice
+        return super().bind(tools=formatted, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """A runnable that answers with an instance of ``schema``.
+
+        The answer is decoded under a grammar built from the schema (xgrammar), so it is
+        always well-formed JSON with the schema's fields and types; a system instruction
+        that shows the schema helps a small model choose sensible values.
+
+        Args:
+            schema: A Pydantic class (returns instances), a TypedDict or a JSON schema dict
+                (returns dicts). May be None with ``method="json_mode"`` (any JSON object).
+            method: "json_schema" (default): the whole answer is the JSON. "function_calling":
+                a forced call of a tool made from the schema (`bind_tools`). "json_mode":
+                JSON output; the schema, when given, is enforced as well.
+            include_raw: Return ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}``
+                instead of raising on a parsing error.
+            strict: Accepted for compatibility; the grammar always enforces the schema.
+
+        Raises:
+            ValueError: An unknown method, unexpected keyword arguments, or no schema where
+                one is needed.
+        """
+        if kwargs:
+            msg = f"unexpected keyword arguments {sorted(kwargs)} for with_structured_output"
+            raise ValueError(msg)
+        if schema is None and method != "json_mode":
+            msg = f"method={method!r} needs a schema; pass one or use method='json_mode'"
+            raise ValueError(msg)
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        if schema is None:
+            ls_format = {}
+        parser: Runnable
+        if method == "function_calling":
+            tool_name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools(
+                [schema], tool_choice=tool_name, ls_structured_output_format=ls_format
+            )
+            parser = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            response_format: dict[str, Any] = (
+                {"type": "json_object"}
+                if schema is None
+                else {"type": "json_schema", "schema": convert_to_json_schema(schema)}
+            )
+            llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
+            parser = (
+                PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+            )
+        else:
+            msg = (
+                f"method={method!r} is not supported; use 'json_schema', 'function_calling' "
+                "or 'json_mode'"
+            )
+            raise ValueError(msg)
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        )
+        no_parse = RunnablePassthrough.assign(parsed=lambda _: None)
+        with_fallback = parse.with_fallbacks([no_parse], exception_key="parsing_error")
+        return RunnableMap(raw=llm) | with_fallback
 
 
 def _validate_steps(steps: list[str], max_branches: int) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "template_renders_tools",
     "tool_call_format",
     "tool_names",
+    "with_system_text",
 ]
 
 
@@ -157,6 +158,17 @@ def render_tool_messages(
     return out
 
 
+def with_system_text(messages: Sequence[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """Messages with ``text`` appended to the first system message (or one added first)."""
+    out = list(messages)
+    if out and out[0].get("role") == "system":
+        own = out[0].get("content") or ""
+        out[0] = {**out[0], "content": f"{own}\n\n{text}" if own else text}
+    else:
+        out.insert(0, {"role": "system", "content": text})
+    return out
+
+
 def structured_output_instruction(schema: dict[str, Any] | None) -> str:
     """The system-prompt line that tells the model what JSON to write."""
     if schema is None:
@@ -209,51 +221,63 @@ def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
 _LENGTH_KEYS = ("minLength", "maxLength")
 
 
-def grammar_safe_schema(schema: Any) -> Any:
-    """A copy of a JSON schema that xgrammar turns into a correct grammar.
+def grammar_safe_schema(schema: Any, max_string_chars: int | None = None) -> Any:
+    """A copy of a JSON schema that xgrammar turns into a correct, bounded grammar.
 
     ``$ref``s are resolved, and string length bounds become an equivalent ``pattern``
-    (``^.{min,max}$``, which admits no escapes or control characters) unless the string
-    already has a pattern, in which case the bounds are dropped.
+    (``^.{min,max}$``, which admits no escapes, quotes or control characters) unless the
+    string already has a pattern, in which case the bounds are dropped. With
+    ``max_string_chars``, plain strings without bounds get ``^.{0,max_string_chars}$``: a
+    small model that loops inside a string then closes it instead of spending the whole
+    token budget (the output still matches the original schema).
     """
     if isinstance(schema, dict) and ("$defs" in schema or "definitions" in schema):
         schema = dereference_refs(schema)
         schema = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
-    return _safe(schema)
+    return _safe(schema, max_string_chars)
 
 
-def _safe(node: Any) -> Any:
+# A string with any of these is already bounded or shaped; the default cap leaves it alone.
+_SHAPED_STRING_KEYS = frozenset({"pattern", "enum", "const", "format", *_LENGTH_KEYS})
+
+
+def _safe(node: Any, cap: int | None) -> Any:
     if isinstance(node, list):
-        return [_safe(item) for item in node]
+        return [_safe(item, cap) for item in node]
     if not isinstance(node, dict):
         return node
-    out = {key: _safe(value) for key, value in node.items() if key not in _LENGTH_KEYS}
+    out = {key: _safe(value, cap) for key, value in node.items() if key not in _LENGTH_KEYS}
     low, high = node.get("minLength"), node.get("maxLength")
     if (low is not None or high is not None) and "pattern" not in node:
         low = int(low or 0)
         out["pattern"] = f"^.{{{low},{'' if high is None else int(high)}}}$"
+    elif cap is not None and node.get("type") == "string" and not _SHAPED_STRING_KEYS & node.keys():
+        out["pattern"] = f"^.{{0,{int(cap)}}}$"
     return out
 
 
-def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+def _call_schema(tool: dict[str, Any], max_string_chars: int | None) -> dict[str, Any]:
     function = tool["function"]
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
     return {
         "type": "object",
         "properties": {
             "name": {"const": function["name"]},
-            "arguments": grammar_safe_schema(parameters),
+            "arguments": grammar_safe_schema(parameters, max_string_chars),
         },
         "required": ["name", "arguments"],
     }
 
 
-def forced_call_schema(tools: Sequence[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
+def forced_call_schema(
+    tools: Sequence[dict[str, Any]], name: str | None = None, max_string_chars: int | None = None
+) -> dict[str, Any]:
     """The JSON schema of one call ``{"name": <tool>, "arguments": <its parameters>}``.
 
     Args:
         tools: OpenAI-format tools (`convert_to_openai_tool` output).
         name: Force this tool; None allows any of them (``anyOf`` over the tools).
+        max_string_chars: Cap on unbounded string arguments (see `grammar_safe_schema`).
 
     Raises:
         ValueError: No tools, or ``name`` is not among them.
@@ -266,7 +290,7 @@ def forced_call_schema(tools: Sequence[dict[str, Any]], name: str | None = None)
     if not chosen:
         msg = f"no tool named {name!r} is bound" if name else "no tools are bound"
         raise ValueError(msg)
-    cases = [_call_schema(tool) for tool in chosen.values()]
+    cases = [_call_schema(tool, max_string_chars) for tool in chosen.values()]
     return cases[0] if len(cases) == 1 else {"anyOf": cases}
 
 
