@@ -171,6 +171,8 @@ class AnswerResult:
     report: ParallelReport
     input_tokens: int
     output_tokens: int
+    finish_reason: Literal["stop", "length"] = "stop"
+    """Why the answer ended: EOS or a stop string ("stop"), or its token budget ("length")."""
 
 
 Event = ContentDelta | StepDelta | StageEvent
@@ -231,9 +233,26 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], **template_kw:
     if not getattr(tokenizer, "chat_template", None):
         msg = "the tokenizer has no chat_template; pass a tokenizer that defines one (tokenizer.chat_template = ...)"
         raise ValueError(msg)
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **template_kw
-    )
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **template_kw
+        )
+    except TemplateError as e:
+        msg = (
+            f"the tokenizer's chat template rejected these messages ({e}); check the roles and "
+            "their order (some templates need a user message, or no system message)"
+        )
+        raise ValueError(msg) from e
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: tokenizers raise a bare TypeError
+        msg = (
+            f"the messages hold {text[e.start : e.end]!r}, which is not valid Unicode text "
+            "(a lone surrogate); decode the input with errors='replace' or remove it"
+        )
+        raise ValueError(msg) from None
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -281,6 +300,33 @@ def _output_constraint(run: _Run, grammar: OutputGrammar) -> Any:
     return GrammarConstraint.from_ebnf(run.tok, grammar.ebnf, **kw)
 
 
+_MARKER_IDS: dict[int, tuple[Any, list[int]]] = {}
+_MARKER_LOCK = threading.Lock()
+
+
+def _marker_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of tokens a step must not open with (cached per tokenizer object).
+
+    Those holding '#' or a newline (the next step marker) and those made of dots only (the
+    plan's "......" placeholder, which small models copy right after the title list).
+    """
+    with _MARKER_LOCK:
+        hit = _MARKER_IDS.get(id(tokenizer))
+        if hit is not None and hit[0] is tokenizer:
+            return hit[1]
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ids = [
+        i
+        for i, text in enumerate(texts)
+        if "#" in text or "\n" in text or (text.strip() and not text.strip(". \u2026"))
+    ]
+    with _MARKER_LOCK:
+        if len(_MARKER_IDS) > 16:  # a handful of tokenizers per process at most
+            _MARKER_IDS.clear()
+        _MARKER_IDS[id(tokenizer)] = (tokenizer, ids)
+    return ids
+
+
 def _drive(gen: Generator, sink: list) -> Any:
     """Run a sub-generator to its return value, collecting yielded items into ``sink``."""
     while True:
@@ -326,7 +372,9 @@ class _Run:
         """Decode and validate the plan; returns (plan, plan token ids, attempts)."""
         cfg = self.cfg
         self.plan_attempts = 0
-        budget = min(cfg.plan_max_tokens, self.cfg.max_tokens)
+        # Never past the context window: a prompt near it leaves the plan few tokens, and a
+        # plan cut off there fails to validate and falls back.
+        budget = min(cfg.plan_max_tokens, self.cfg.max_tokens, self.ctx - len(prompt))
         grammar = (
             plan_grammar_ebnf(cfg.max_branches, PLAN_TITLE_CHARS) if cfg.constrain_plan else None
         )
@@ -478,7 +526,9 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         timings=run.timings,
         notes=run.notes,
     )
-    return AnswerResult(text, report, run.input_tokens, run.output_tokens)
+    return AnswerResult(
+        text, report, run.input_tokens, run.output_tokens, result.finish_reason
+    )
 
 
 def _parallel(run: _Run, t0: float) -> Generator:
@@ -487,7 +537,14 @@ def _parallel(run: _Run, t0: float) -> Generator:
     messages = _with_system(run.messages, stage1_system_prompt(cfg.max_branches))
     template_kw = {"tools": run.tools} if run.tools else {}
     prompt = render_prompt(tok, messages, **template_kw)
-    run.check_prompt(prompt)
+    if len(prompt) + MIN_STEP_TOKENS > run.ctx:
+        # The Stage-1 instructions make the prompt longer than the caller's messages alone:
+        # answer those sequentially (which raises if even they do not fit).
+        reason = (
+            f"the planning prompt ({len(prompt)} tokens) leaves no room in the context window "
+            f"({run.ctx} tokens)"
+        )
+        return (yield from _sequential(run, reason, 0, t0))
     run.input_tokens = len(prompt)
     cache = DynamicCache()
 
@@ -556,10 +613,9 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     branch_prefixes = [run.encode(h) for h in headers]
     step_stops = (STEP_MARKER, *cfg.stop)
     streams = [TextStream(tok, step_stops, lstrip=True) for _ in range(n)]
-    # The preamble is final once the plan is: it opens the content.
+    # The preamble opens the content, but is sent with the steps: a failure in Stage 2 falls
+    # back to sequential decoding, and content already sent could not be taken back.
     preamble = plan.preamble.strip()
-    if preamble:
-        yield ContentDelta(preamble + "\n\n")
     out = yield from _decode_steps(
         run, plan.titles, prefix, branch_prefixes, per_step, cache, prefix_logits, streams
     )
@@ -581,34 +637,47 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     steps_md = "".join(
         f"**{title}**: {body}\n\n" for title, body in zip(plan.titles, bodies, strict=True)
     )
-    yield ContentDelta(steps_md)
+    yield ContentDelta((preamble + "\n\n" if preamble else "") + steps_md)
     stage3 = run.encode(merged + conclusion_cue())
-    budget = max(1, min(cfg.max_tokens - run.output_tokens, run.ctx - len(prefix) - len(stage3)))
+    # The steps are content now, so nothing below falls back: when the context is full (the
+    # merged steps can re-tokenize longer than decoded) or the conclusion fails, the answer
+    # ends after the steps, finish_reason "length", with a note.
+    room = run.ctx - len(prefix) - len(stage3)
+    budget = min(cfg.max_tokens - run.output_tokens, room)
     stream = TextStream(tok, (*cfg.stop, STEP_MARKER), lstrip=True)
-    gen3 = iter_decode(
-        run.model,
-        stage3,
-        cache,
-        start=len(prefix),
-        max_new_tokens=budget,
-        params=run.params,
-        seed=cfg.seed,
-        stop_token_ids=run.stop_ids,
-        stop_strings=(*cfg.stop, STEP_MARKER),
-        tokenizer=tok,
-        cancel=run.cancel,
-    )
-    while True:
+    finish_reason = "length"
+    if room < 1:
+        run.notes.append(f"context window ({run.ctx} tokens) full after the steps: no conclusion")
+    elif budget >= 1:
+        gen3 = iter_decode(
+            run.model,
+            stage3,
+            cache,
+            start=len(prefix),
+            max_new_tokens=budget,
+            params=run.params,
+            seed=cfg.seed,
+            stop_token_ids=run.stop_ids,
+            stop_strings=(*cfg.stop, STEP_MARKER),
+            tokenizer=tok,
+            cancel=run.cancel,
+        )
         try:
-            token = next(gen3)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        if delta := stream.push(token):
-            yield ContentDelta(delta)
-    if tail := stream.finish():
-        yield ContentDelta(tail)
-    run.output_tokens += len(result.token_ids)
+            while True:
+                try:
+                    token = next(gen3)
+                except StopIteration as stop:
+                    finish_reason = stop.value.finish_reason
+                    break
+                if delta := stream.push(token):
+                    yield ContentDelta(delta)
+        except Cancelled:
+            raise
+        except Exception as e:
+            run.notes.append(f"conclusion failed ({type(e).__name__}: {e}); answer ends there")
+        if tail := stream.finish():
+            yield ContentDelta(tail)
+    run.output_tokens += len(stream.tokens)
     run.timings["conclusion"] = time.perf_counter() - t
     run.timings["total"] = time.perf_counter() - t0
     content = (preamble + "\n\n" if preamble else "") + steps_md + stream.text
@@ -624,7 +693,7 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
         attention=out.attention,
         notes=run.notes,
     )
-    return AnswerResult(content, report, run.input_tokens, run.output_tokens)
+    return AnswerResult(content, report, run.input_tokens, run.output_tokens, finish_reason)
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -677,6 +746,10 @@ def _decode_steps(run, titles, prefix, branch_prefixes, per_step, cache, prefix_
             prefix_logits=prefix_logits,
             attention=cfg.attention,
             cancel=run.cancel,
+            # Right after the plan's title list a small model tends to start the next title at
+            # once ("\n####...") or copy the placeholder: a step may not open with those.
+            min_new_tokens=min(MIN_STEP_TOKENS, per_step // 2),
+            suppress_token_ids=_marker_token_ids(run.tok),
         )
         try:
             while True:

@@ -192,6 +192,8 @@ def iter_decode_branches(
     prefix_logits: torch.Tensor | None = None,
     attention: Attention = "auto",
     cancel: threading.Event | None = None,
+    min_new_tokens: int = 0,
+    suppress_token_ids: Sequence[int] = (),
 ) -> Generator[StepEvent, None, BranchesOutput]:
     """Decode every branch at once; yield one ``StepEvent`` per forward; return the results.
 
@@ -213,6 +215,10 @@ def iter_decode_branches(
         attention: "auto", "split" or "mask" (see the module docstring).
         cancel: checked before every forward; ``decoding.sequential.Cancelled`` is raised when
             it is set (the prefix cache is restored first).
+        min_new_tokens: a branch cannot produce a stop id or one of ``suppress_token_ids``
+            before it has this many tokens (e.g. keeps a small model from ending a step at
+            once with the next step marker).
+        suppress_token_ids: tokens banned until ``min_new_tokens`` (see above).
     """
     params = SamplingParams(temperature, top_p, top_k)
     device = model_device(model)
@@ -232,6 +238,9 @@ def iter_decode_branches(
     backend = choose_attention(model, attention)
     stops = StopStrings(tokenizer, stop_strings)
     stop_ids = frozenset(int(t) for t in stop_token_ids)
+    # Tokens a branch may not produce before min_new_tokens: the stop ids and the caller's.
+    banned = sorted(stop_ids | {int(t) for t in suppress_token_ids}) if min_new_tokens > 0 else []
+    suppress = torch.tensor(banned, device=device) if banned else None
     plen = prefix.shape[0]
 
     # Phase 1: the prefix KV (reused when given) and, if some branch has no forced token, the
@@ -336,6 +345,11 @@ def iter_decode_branches(
             step = 0
             while live:
                 logits = torch.stack([pending[b] for b in live])  # [L, V]
+                if suppress is not None:
+                    young = [i for i, b in enumerate(live) if len(generated[b]) < min_new_tokens]
+                    if young:
+                        rows = torch.tensor(young, device=device)
+                        logits[rows[:, None], suppress[None, :]] = float("-inf")
                 if params.greedy:
                     new = sample_next(logits, params).tolist()
                 else:

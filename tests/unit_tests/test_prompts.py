@@ -57,7 +57,7 @@ def test_stage1_prompt_formats_and_shows_the_format() -> None:
     # The example in the prompt is itself a plan that the parser accepts.
     example = text[text.index("Answer:\n") + len("Answer:\n") :]
     plan = parse_plan(example, max_branches=5)
-    assert plan.titles == ["Taste", "Caffeine", "Price"]
+    assert plan.titles == ["Time", "Cost", "Health"]
     # ... and its detailed steps use the same headers Stage 2 forces.
     for title in plan.titles:
         assert f"\n{step_header(title)} " in example
