@@ -270,3 +270,27 @@ def test_exact_on_cuda(backend) -> None:
     out = decode_branches(model, PREFIX, BRANCHES, max_new_tokens=NEW, attention=backend)
     for forced, result in zip(BRANCHES, out.branches, strict=True):
         assert result.token_ids == _alone(model, PREFIX, forced, NEW)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_min_new_tokens_bans_stops_and_suppressed_ids_early(tiny_model, backend) -> None:
+    model = tiny_model("llama")
+    free = decode_branches(model, PREFIX, BRANCHES, max_new_tokens=NEW, attention=backend)
+    first = [r.token_ids[0] for r in free.branches]
+    # Each branch's own first greedy token is a stop id: without min_new_tokens they stop at once.
+    out = decode_branches(
+        model, PREFIX, BRANCHES, max_new_tokens=NEW, stop_token_ids=first, attention=backend
+    )
+    assert all(len(r.token_ids) == 1 for r in out.branches)
+    out = decode_branches(
+        model,
+        PREFIX,
+        BRANCHES,
+        max_new_tokens=NEW,
+        stop_token_ids=first[:1],
+        suppress_token_ids=first[1:],
+        min_new_tokens=3,
+        attention=backend,
+    )
+    for r in out.branches:
+        assert not set(r.token_ids[:3]) & set(first)
