@@ -1,8 +1,9 @@
 """LangChain's standard integration tests against the embedded SmolLM2-135M-Instruct.
 
 The first run converts the embedded GGUF once (about 20-35 s); later loads take about 1 s.
-Budgets are small so the module stays quick on a CPU. Tool calling and structured output
-come with another change, so their tests are switched off by the capability flags.
+Budgets are small so the module stays quick on a CPU. Tool calls forced by `tool_choice` and
+structured output are decoded under a grammar, so they pass even on this 135M model; what the
+model must decide by itself (to call a tool unforced) is marked xfail with the reason.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_parallel_reason import ChatParallelReason
@@ -25,20 +27,46 @@ class TestChatParallelReasonIntegration(ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         # One plan attempt of at most 32 tokens, then the answer: a few seconds per call.
-        return {"max_tokens": 48, "plan_max_tokens": 32, "plan_retries": 0, "seed": 0}
+        # Strings in forced JSON stay short, so a joke's two fields fit in the 48 tokens.
+        return {
+            "max_tokens": 48,
+            "plan_max_tokens": 32,
+            "plan_retries": 0,
+            "seed": 0,
+            "json_string_max_chars": 32,
+        }
 
     @property
     def has_tool_calling(self) -> bool:
-        return False
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
 
     @property
     def has_structured_output(self) -> bool:
-        return False
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        # json_mode is grammar-constrained JSON too (and follows the schema when given).
+        return True
 
     @property
     def supports_model_override(self) -> bool:
         # One local model per instance: a per-call `model=` is refused with a ValueError.
         return False
+
+    @pytest.mark.xfail(
+        reason=(
+            "tool_choice=None leaves the decision to the model, and SmolLM2-135M answers "
+            "'What is the weather in San Francisco?' in prose instead of calling get_weather; "
+            "forced calls (tool_choice='any' or a name) pass, see test_tool_calling"
+        )
+    )
+    def test_agent_loop(self, model: BaseChatModel) -> None:
+        super().test_agent_loop(model)
 
 
 def test_given_steps_decode_in_parallel_on_the_embedded_model() -> None:
