@@ -499,6 +499,7 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         tokenizer=run.tok,
         constraint=constraint,
         cancel=run.cancel,
+        jump_forward=constraint is not None,  # JSON keys and tool names: one pass each
     )
     while True:
         try:
@@ -526,9 +527,7 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         timings=run.timings,
         notes=run.notes,
     )
-    return AnswerResult(
-        text, report, run.input_tokens, run.output_tokens, result.finish_reason
-    )
+    return AnswerResult(text, report, run.input_tokens, run.output_tokens, result.finish_reason)
 
 
 def _parallel(run: _Run, t0: float) -> Generator:

@@ -71,6 +71,25 @@ def forward_tokens(
     return out.logits[0, -1]
 
 
+def _forced_ids(constraint: LogitsConstraint, tokenizer, limit: int) -> list[int]:
+    """Tokens of the text the grammar forces next, accepted into ``constraint`` (at most
+    ``limit``); stops early at a token the grammar rejects (an odd tokenization)."""
+    forced_text = getattr(constraint, "forced_text", None)
+    text = forced_text() if callable(forced_text) and limit > 0 else ""
+    if not text:
+        return []
+    accepted: list[int] = []
+    for token in tokenizer.encode(text, add_special_tokens=False)[:limit]:
+        try:
+            constraint.advance(token)
+        except ValueError:
+            break
+        accepted.append(token)
+        if constraint.is_terminated():
+            break
+    return accepted
+
+
 def iter_decode(
     model: torch.nn.Module,
     input_ids: Sequence[int] | torch.Tensor,
@@ -85,6 +104,7 @@ def iter_decode(
     tokenizer=None,
     constraint: LogitsConstraint | None = None,
     cancel: threading.Event | None = None,
+    jump_forward: bool = False,
 ) -> Generator[int, None, SequentialResult]:
     """Decode after ``input_ids``; yield each new token; return the result.
 
@@ -97,6 +117,11 @@ def iter_decode(
         constraint: optional grammar; its mask applies before sampling, and decoding stops as
             soon as it terminates.
         cancel: checked before every forward; raises ``Cancelled`` when set.
+        jump_forward: with a constraint that has ``forced_text()`` (and a tokenizer), text the
+            grammar forces next (e.g. a JSON key) is tokenized and fed in the next forward
+            pass with the sampled token, instead of one pass per token. Those tokens are
+            yielded and count as new tokens; when decoding ends right after them, the cache
+            lacks them as well as the last sampled token.
     """
     device = model.get_input_embeddings().weight.device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
@@ -128,4 +153,12 @@ def iter_decode(
                 return SequentialResult(tokens, "stop", tok, passes)
             if stops and (hit := stops.find(tokens)) is not None:
                 return SequentialResult(tokens, "stop", hit, passes)
-            ids = torch.tensor([tok], device=device)
+            forced: list[int] = []
+            if jump_forward and constraint is not None and tokenizer is not None:
+                for f in _forced_ids(constraint, tokenizer, max_new_tokens - len(tokens)):
+                    forced.append(f)
+                    tokens.append(f)
+                    yield f
+                if forced and constraint.is_terminated():
+                    return SequentialResult(tokens, "stop", None, passes)
+            ids = torch.tensor([tok, *forced], device=device)
