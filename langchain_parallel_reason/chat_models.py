@@ -600,6 +600,17 @@ class ChatParallelReason(BaseChatModel):
         await llm.ainvoke("...")
         await llm.abatch(["...", "..."])
         ```
+
+    Tool calling (a forced call is decoded under a grammar from the tool's schema):
+        ```python
+        msg = llm.bind_tools([multiply], tool_choice="any").invoke("What is 6 times 7?")
+        msg.tool_calls  # [{"name": "multiply", "args": {"a": 6, "b": 7}, "id": ...}]
+        ```
+
+    Structured output (grammar-constrained JSON; Pydantic, TypedDict or JSON schema):
+        ```python
+        llm.with_structured_output(Joke).invoke("Tell me a joke about cats.")  # a Joke
+        ```
     """
 
     model: str | None = None
@@ -738,6 +749,7 @@ class ChatParallelReason(BaseChatModel):
             "dtype": self.dtype,
             **{name: getattr(self, name) for name in _CALL_OPTIONS if name != "timeout"},
             "stop": self.stop,
+            "json_string_max_chars": self.json_string_max_chars,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
