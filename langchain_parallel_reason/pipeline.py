@@ -573,8 +573,13 @@ def _parallel(run: _Run, t0: float) -> Generator:
     # since Stage 3 lays the steps out one after another.
     n = len(plan.titles)
     prefix = [*prompt, *plan_ids, *run.encode("\n")]
+    # Stage 2 puts each step after its header, and Stage 3 lays all headers and steps out in a
+    # row before the cue: count their tokens (a long or non-Latin title takes hundreds), plus
+    # a margin, as the steps' text can re-tokenize a little longer than it was decoded.
+    layout = sum(len(run.encode(f"{step_header(title)} \n")) for title in plan.titles)
+    layout += len(run.encode(conclusion_cue())) + 8 * (n + 1)
     left_tokens = cfg.max_tokens - run.output_tokens
-    left_ctx = run.ctx - len(prefix) - 16 * (n + 1)
+    left_ctx = run.ctx - len(prefix) - layout
     per_step = min(cfg.step_max_tokens, left_tokens // (n + 1), left_ctx // (n + 1))
     if per_step < MIN_STEP_TOKENS:
         reason = (
