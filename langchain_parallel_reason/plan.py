@@ -111,7 +111,12 @@ def parse_plan(
     try:
         return Plan.model_validate({"preamble": preamble, "titles": titles}, context=context)
     except ValidationError as exc:
-        raise PlanFormatError(_reason(exc)) from None
+        reason = _reason(exc)
+    # Raised outside the except block: an error raised inside would keep the ValidationError
+    # as its __context__, and pydantic-core hides from the garbage collector that it holds the
+    # validator's exception, whose frames reach the caller's (e.g. the decoder's KV cache):
+    # a reference cycle the collector cannot free.
+    raise PlanFormatError(reason)
 
 
 def _snippet(line: str, limit: int = 40) -> str:

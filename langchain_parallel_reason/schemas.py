@@ -33,6 +33,8 @@ _STEP_MARKER = "####"
 # Characters a title cannot hold: the marker would start a new step, a newline would end the
 # title line and a colon separates the title from the placeholder and from the branch text.
 _FORBIDDEN_IN_TITLE = (_STEP_MARKER, "\n", ":")
+# The end marker is the step marker and this: a title line "####%%%%..." would end the plan.
+_END_TAIL = "%%%%"
 
 
 def _context_int(info: ValidationInfo, key: str, default: int) -> int:
@@ -51,7 +53,8 @@ class Plan(BaseModel):
 
     Validation strips whitespace and enforces the format's rules: 2..``max_branches`` titles,
     each non-empty, at most ``max_title_chars`` long, free of ``"####"``, newlines and colons,
-    and distinct ignoring case; a preamble of at most 400 characters without ``"####"``.
+    not starting with ``"%%%%"`` and distinct ignoring case; a preamble of at most 400
+    characters without ``"####"``.
     The limits come from the validation context, e.g.
     ``Plan.model_validate(data, context={"max_branches": 4, "max_title_chars": 60})``;
     they default to 8 and 80. Error messages are short and meant for humans (they end up
@@ -104,6 +107,9 @@ class Plan(BaseModel):
                 if forbidden in title:
                     msg = f"step {number} title contains {forbidden!r}"
                     raise ValueError(msg)
+            if title.startswith(_END_TAIL):
+                msg = f"step {number} title starts with {_END_TAIL!r} (the end marker)"
+                raise ValueError(msg)
             if len(title) > max_chars:
                 msg = f"step {number} title too long ({len(title)} > {max_chars} chars)"
                 raise ValueError(msg)
