@@ -13,6 +13,7 @@ import functools
 import itertools
 import json
 import queue
+import reprlib
 import threading
 import time
 import weakref
@@ -661,7 +662,7 @@ class ChatParallelReason(BaseChatModel):
     constrain_plan: bool = True
     """Force the plan's format with a grammar (small models rarely write it unaided)."""
 
-    temperature: float = Field(default=0.0, ge=0.0)
+    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     """Sampling temperature; 0 is greedy (argmax)."""
 
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -670,8 +671,8 @@ class ChatParallelReason(BaseChatModel):
     top_k: int = Field(default=0, ge=0)
     """Keep only the `top_k` most likely tokens; 0 keeps all."""
 
-    seed: int | None = None
-    """Seed of the sampling generator: the same seed gives the same answer."""
+    seed: int | None = Field(default=None, ge=-(2**62), le=2**62)
+    """Seed of the sampling generator: the same seed gives the same answer (|seed| <= 2**62)."""
 
     stop: list[str] | None = None
     """Stop strings: one ends the answer (inside a parallel step it ends that step only)."""
@@ -1192,5 +1193,12 @@ def _validate_steps(steps: list[str], max_branches: int) -> None:
             context={"max_branches": max_branches, "max_title_chars": _STEP_TITLE_CHARS},
         )
     except ValidationError as e:
-        msg = f"steps={steps!r} cannot be decoded in parallel: {e.errors()[0]['msg']}"
-        raise ValueError(msg) from None
+        reason = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+        if reason.startswith("too many steps"):
+            reason += f": pass at most max_branches={max_branches} titles or raise max_branches"
+        elif "too long" in reason:
+            reason += f": shorten it to {_STEP_TITLE_CHARS} characters at most"
+        msg = f"steps={reprlib.repr(steps)} cannot be decoded in parallel: {reason}"
+    else:
+        return
+    raise ValueError(msg)  # outside the except block: see plan.parse_plan

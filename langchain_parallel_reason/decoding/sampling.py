@@ -7,6 +7,7 @@ multinomial draw from the caller's ``torch.Generator``, so a seed reproduces the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,8 @@ class SamplingParams:
     top_k: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            msg = f"temperature must be >= 0 (0 = greedy), got {self.temperature}"
+        if not 0 <= self.temperature < math.inf:  # NaN fails too
+            msg = f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}"
             raise ValueError(msg)
         if not 0.0 < self.top_p <= 1.0:
             msg = f"top_p must be in (0, 1], got {self.top_p}; use 1.0 to disable nucleus sampling"
