@@ -30,8 +30,10 @@ _PLACEHOLDER_RE = re.compile(r"[.\u2026\s]*")
 # both ends of a title, so the title the model writes is the title `Plan` keeps after strip().
 _SPACE_CLASS = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # C0 and C1 control characters: never useful in a title or preamble, and \r, \x0b, \x1c..
-# would otherwise split lines for tools that use str.splitlines().
-_CONTROL_CLASS = r"\x00-\x1f\x7f-\x9f"
+# would otherwise split lines for tools that use str.splitlines(). Surrogates too: xgrammar's
+# negated classes otherwise accept their UTF-8 form (ED A0 80..), which is not valid UTF-8 and
+# decodes to three U+FFFD each, so a title or preamble would outgrow its limit.
+_CONTROL_CLASS = r"\x00-\x1f\x7f-\x9f\ud800-\udfff"
 
 
 def _check_limit(name: str, value: int, minimum: int) -> None:
@@ -150,12 +152,12 @@ def plan_grammar_ebnf(
     """Return an xgrammar EBNF grammar that forces the exact Stage-1 plan shape.
 
     The shape: a preamble of 1..``max_preamble_chars`` characters (no ``#``, no control
-    characters), a newline, 2..``max_branches`` lines ``####<title>:......`` each ending
-    with a newline, then ``####%%%%``. A title has 1..``max_title_chars`` characters, none
-    of them ``#``, ``:`` or a control character, starts and ends with a non-space character
-    and does not start with ``%`` (so it cannot be mistaken for the closing marker). Every
-    repetition is bounded, so constrained decoding always terminates. Duplicate titles are
-    the one rule left to `parse_plan`.
+    characters or surrogates), a newline, 2..``max_branches`` lines ``####<title>:......``
+    each ending with a newline, then ``####%%%%``. A title has 1..``max_title_chars``
+    characters, none of them ``#``, ``:``, a control character or a surrogate, starts and
+    ends with a non-space character and does not start with ``%`` (so it cannot be mistaken
+    for the closing marker). Every repetition is bounded, so constrained decoding always
+    terminates. Duplicate titles are the one rule left to `parse_plan`.
 
     Args:
         max_branches: Most step lines; at least 2.

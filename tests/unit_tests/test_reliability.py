@@ -265,6 +265,39 @@ def test_stage1_parses_only_the_models_own_text(
         assert report["fallback_reason"]
 
 
+@pytest.mark.parametrize(
+    ("utf8", "accepted"),
+    [
+        (b"\xe4\xbb\xb7", True),  # 价, valid
+        (b"\xf0\x9f\x8d\xb5", True),  # 🍵, valid
+        (b"\xed\xa0\x80", False),  # the UTF-8 form of a surrogate: not valid UTF-8
+        (b"\xed\xbf\xbf", False),
+    ],
+)
+@pytest.mark.parametrize("where", ["preamble", "title"])
+def test_a_constrained_plan_holds_only_valid_text(
+    tiny_tokenizer: Any, utf8: bytes, accepted: bool, where: str
+) -> None:
+    # Bytes that do not decode would come back as U+FFFD runs, longer than the grammar counted.
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from langchain_parallel_reason.decoding.constraints import GrammarConstraint
+    from langchain_parallel_reason.plan import plan_grammar_ebnf
+
+    byte_token = {b: tiny_tokenizer.convert_tokens_to_ids(c) for b, c in bytes_to_unicode().items()}
+    constraint = GrammarConstraint.from_ebnf(tiny_tokenizer, plan_grammar_ebnf(3))
+    for token in tiny_tokenizer.encode("Intro\n####A" if where == "title" else "Intro"):
+        constraint.advance(token)
+    taken = True
+    for byte in utf8:
+        token = byte_token[byte]
+        if token not in set(constraint.allowed_token_ids()):
+            taken = False
+            break
+        constraint.advance(token)
+    assert taken == accepted
+
+
 def test_unicode_emoji_and_rtl_text_and_titles(chat: ChatParallelReason) -> None:
     steps = ["מחיר 🍵", "\u202eTaste", "价格 ☕", "👨\u200d👩\u200d👧 family"]
     question = "قارن بين الشاي والقهوة 🍵☕ — סכם בקצרה. 比较一下。"
