@@ -134,7 +134,7 @@ def _content_text(content: str | list[Any], role: str) -> str:
             continue
         else:
             msg = (
-                f"ChatParallelReason is text-only: a {role} message holds a {kind!r} content "
+                f"ChatParallelReason is text-only: the {role} message holds a {kind!r} content "
                 "block; pass text only (a string or {'type': 'text', 'text': ...} blocks)"
             )
             raise ValueError(msg)

@@ -115,7 +115,7 @@ def _wait_for_workers(limit_s: float = 5.0) -> list[threading.Thread]:
         (
             [SystemMessage(content=[{"type": "image", "url": "https://example.com/a.png"}])],
             {},
-            "text-only: a system message holds a 'image'",
+            "text-only: the system message holds a 'image'",
         ),
         (
             [HumanMessage(content=[{"type": "image_url", "image_url": {"url": "data:,"}}])],
