@@ -256,7 +256,8 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], **template_kw:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _with_system(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
+def with_system(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
+    """``messages`` with ``system`` first in one leading system message."""
     # The Stage-1 instruction goes first; a caller's system prompt follows it in the same block
     # (several templates accept only one system message, at the start).
     if messages and messages[0].get("role") == "system":
@@ -265,7 +266,8 @@ def _with_system(messages: list[dict[str, Any]], system: str) -> list[dict[str, 
     return [{"role": "system", "content": system}, *messages]
 
 
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every EOS id the model's generation config and the tokenizer declare."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
         eos = getattr(source, "eos_token_id", None)
@@ -327,13 +329,15 @@ def _marker_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def _drive(gen: Generator, sink: list) -> Any:
-    """Run a sub-generator to its return value, collecting yielded items into ``sink``."""
+def drive(gen: Generator, sink: list | None = None) -> Any:
+    """Run a generator to its return value, collecting yielded items into ``sink`` if given."""
     while True:
         try:
-            sink.append(next(gen))
+            item = next(gen)
         except StopIteration as stop:
             return stop.value
+        if sink is not None:
+            sink.append(item)
 
 
 class _Run:
@@ -347,7 +351,7 @@ class _Run:
         self.cancel = cancel
         self.tools = tools
         self.params = SamplingParams(config.temperature, config.top_p, config.top_k)
-        self.stop_ids = _stop_ids(model, tokenizer)
+        self.stop_ids = stop_token_ids(model, tokenizer)
         self.ctx = _context_window(model)
         self.device = model_device(model)
         self.timings: dict[str, float] = {}
@@ -406,7 +410,7 @@ class _Run:
                 constraint=constraint,
                 cancel=self.cancel,
             )
-            result = _drive(gen, [])
+            result = drive(gen, [])
             self.output_tokens += len(result.token_ids)
             text = self.tok.decode(result.token_ids, skip_special_tokens=True)
             plan = parse_plan(text, max_branches=cfg.max_branches, max_title_chars=PLAN_TITLE_CHARS)
@@ -533,7 +537,7 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
 def _parallel(run: _Run, t0: float) -> Generator:
     cfg = run.cfg
     tok = run.tok
-    messages = _with_system(run.messages, stage1_system_prompt(cfg.max_branches))
+    messages = with_system(run.messages, stage1_system_prompt(cfg.max_branches))
     template_kw = {"tools": run.tools} if run.tools else {}
     prompt = render_prompt(tok, messages, **template_kw)
     if len(prompt) + MIN_STEP_TOKENS > run.ctx:
@@ -793,4 +797,4 @@ def answer(
     **kwargs: Any,
 ) -> AnswerResult:
     """Run ``iter_answer`` to the end and return the merged answer."""
-    return _drive(iter_answer(model, tokenizer, messages, config or PipelineConfig(), **kwargs), [])
+    return drive(iter_answer(model, tokenizer, messages, config or PipelineConfig(), **kwargs), [])

@@ -136,35 +136,6 @@ class TaskBenchConfig:
 # ----------------------------------------------------------------------------- the baseline
 
 
-def _with_system(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
-    # The same merge as the pipeline's Stage 1: one system message, the format instruction first.
-    if messages and messages[0].get("role") == "system":
-        return [
-            {**messages[0], "content": f"{system}\n\n{messages[0]['content']}"},
-            *messages[1:],
-        ]
-    return [{"role": "system", "content": system}, *messages]
-
-
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, list | tuple):
-            ids.update(int(e) for e in eos)
-    return sorted(ids)
-
-
-def _drive(gen: Any) -> Any:
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
-
-
 def _clean_prefix(tokenizer: Any, tokens: list[int], kept_text: str) -> int:
     """How many leading `tokens` spell a prefix of `kept_text` (the step cut at its marker).
 
@@ -219,7 +190,12 @@ def decode_steps_sequentially(
     from langchain_parallel_reason.decoding.sampling import SamplingParams
     from langchain_parallel_reason.decoding.sequential import iter_decode
     from langchain_parallel_reason.decoding.stops import cut_at_stop
-    from langchain_parallel_reason.pipeline import render_prompt
+    from langchain_parallel_reason.pipeline import (
+        drive,
+        render_prompt,
+        stop_token_ids,
+        with_system,
+    )
     from langchain_parallel_reason.plan import format_plan
     from langchain_parallel_reason.prompts import (
         STEP_MARKER,
@@ -235,7 +211,7 @@ def decode_steps_sequentially(
         return tokenizer.encode(text, add_special_tokens=False)
 
     prompt = render_prompt(
-        tokenizer, _with_system(messages, stage1_system_prompt(config.max_branches))
+        tokenizer, with_system(messages, stage1_system_prompt(config.max_branches))
     )
     plan = Plan.model_validate(
         {"preamble": preamble, "titles": list(titles)},
@@ -253,7 +229,7 @@ def decode_steps_sequentially(
         1, min(config.step_max_tokens, left_tokens // (n + 1), (ctx - len(prefix)) // (n + 1))
     )
     params = SamplingParams(config.temperature, config.top_p, config.top_k)
-    stop_ids = _stop_ids(model, tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
     stops = (STEP_MARKER, *config.stop)
 
     cache = DynamicCache()
@@ -262,7 +238,7 @@ def decode_steps_sequentially(
     bodies: list[str] = []
     generated = 0
     for k in range(n):
-        result = _drive(
+        result = drive(
             iter_decode(
                 model,
                 feed,
@@ -290,7 +266,7 @@ def decode_steps_sequentially(
         feed = encode(glue + nxt)
 
     budget = max(1, min(config.max_tokens - plan_tokens - generated, ctx - pos - len(feed)))
-    result = _drive(
+    result = drive(
         iter_decode(
             model,
             feed,

@@ -30,7 +30,7 @@ from .attention import SplitLayout, use_split_attention
 from .cache import BranchCache, crop_to, kv_bytes
 from .masks import ColumnLayout, model_mask_kind
 from .sampling import SamplingParams, make_generator, sample_next
-from .sequential import Cancelled
+from .sequential import Cancelled, forward_tokens
 from .stops import StopStrings
 
 __all__ = [
@@ -113,16 +113,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def prefill(
     model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache, start: int = 0
 ) -> torch.Tensor:
-    """Run ``ids`` ``[S]`` at positions ``start..start+S-1`` into ``cache``; return last logits [V]."""
-    pos = torch.arange(start, start + ids.shape[0], device=ids.device)
-    out = model(
-        input_ids=ids[None],
-        position_ids=pos[None],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return out.logits[0, -1]
+    """Run ``ids`` ``[S]`` at positions ``start..`` into ``cache``; return last logits ``[V]``."""
+    return forward_tokens(model, ids, cache, start)
 
 
 def choose_attention(model: torch.nn.Module, attention: Attention = "auto") -> str:
