@@ -183,21 +183,35 @@ def _forward(
     start: int,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    *,
+    every_token: bool = False,
 ) -> torch.Tensor:
-    """One forward over `input_ids` [B, q] at positions start..start+q-1; last logits [B, V]."""
+    """One forward over `input_ids` [B, q] at positions start..start+q-1.
+
+    Returns the last position's logits [B, V], or with `every_token` all of them [B, q, V].
+    """
     batch, q_len = input_ids.shape
     if position_ids is None:
         # Explicit positions: the defaults are only right for a plain causal continuation.
         position_ids = torch.arange(start, start + q_len, device=input_ids.device).expand(batch, -1)
+    if every_token:
+        keep: int | torch.Tensor = 0
+    elif q_len == 1:
+        keep = 1
+    else:
+        # An index tensor, not logits_to_keep=1: the int slices the hidden states to a strided
+        # [B, 1, H] view, and a bfloat16 Linear with frozen weights takes a slow path on such a
+        # view on CPU (torch 2.13: SmolLM2's lm_head 85 ms instead of 2 ms). Indexing copies.
+        keep = torch.tensor([q_len - 1], device=input_ids.device)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=keep,
     )
-    return out.logits[:, -1]
+    return out.logits if every_token else out.logits[:, -1]
 
 
 def prefill(model: Any, prefix_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
@@ -412,8 +426,8 @@ def measure_steps(
     )
     mask, positions = _belt_step_inputs(model, prefix_len, n, device)
     row = torch.full((1, n), token_id, device=device)
-    tn = _median_step(
-        lambda: _forward(model, row, cache, prefix_len, mask, positions),
+    tn = _median_step(  # N logits, as a decode step of N branches needs
+        lambda: _forward(model, row, cache, prefix_len, mask, positions, every_token=True),
         lambda: _crop(cache, prefix_len),
         device,
         samples,
