@@ -509,7 +509,8 @@ def run_decode_bench(
 
     Keys: `sequential_s`, `parallel_s`, `batch_s` (medians, seconds), `speedup` (sequential /
     parallel), `speedup_vs_batch` (batch / parallel), `ideal_speedup`, `kv_bytes_*` (peak KV
-    bytes held per mode), `dtype` (per mode), `step_ms` (per dtype tried), `parallel_by_attention`
+    bytes held per mode), `kv_tokens` (the same counted in cached tokens, comparable across
+    dtypes), `dtype` (per mode), `step_ms` (per dtype tried), `parallel_by_attention`
     (one entry per layout timed), `branches_match_sequential` (fraction of parallel branches equal
     to their sequential decode, when both ran in one dtype), run metadata, and the raw `runs_s`.
     """
@@ -540,12 +541,14 @@ def run_decode_bench(
     )
     runs: dict[str, list[_Run]] = {m: [] for m in modes}
     steps: dict[str, dict[str, float]] = {}
+    token_bytes: dict[str, float] = {}  # KV bytes per cached token, per dtype
     with torch.inference_mode(), bar:
         # 1. one-step timings per candidate dtype (also the warm-up)
         for name, dtype in by_name.items():
             bar.set_description(f"step timings {name}")
             with _as_dtype(model, dtype):
                 cache, _ = prefill(model, prefix_t)
+                token_bytes[name] = _kv_bytes(cache) / p
                 steps[name] = measure_steps(model, cache, n, config.step_samples, prefix_ids[-1])
         chosen = _pick_dtypes(config, steps)
 
@@ -571,9 +574,8 @@ def run_decode_bench(
                             )
                         )
                 del cache, last_logits
-    return _summarize(
-        config, runs, steps, chosen, model_name, device, load_start, len(branch_prefixes[0])
-    )
+    meta = {"model": model_name, "device": device, "load_start": load_start}
+    return _summarize(config, runs, steps, chosen, token_bytes, len(branch_prefixes[0]), meta)
 
 
 def _run_mode(
@@ -627,12 +629,15 @@ def _summarize(
     runs: dict[str, list[_Run]],
     steps: dict[str, dict[str, float]],
     chosen: dict[str, str],
-    model_name: str,
-    device: torch.device,
-    load_start: float | None,
+    token_bytes: dict[str, float],
     branch_prefix_tokens: int,
+    meta: dict[str, Any],
 ) -> dict[str, Any]:
     n, t = config.branches, config.new_tokens
+
+    def tokens_held(kv_bytes: int, mode: str) -> int:
+        # dtype-free memory figure: modes may run in different dtypes
+        return round(kv_bytes / token_bytes[chosen[mode]])
 
     def med(mode: str) -> float:
         return statistics.median(r.seconds for r in runs[mode])
@@ -653,6 +658,7 @@ def _summarize(
             "speedup": seq_s / par_s,
             "speedup_vs_batch": batch_s / par_s,
             "kv_bytes_parallel": last.kv_bytes,
+            "kv_tokens_parallel": tokens_held(last.kv_bytes, "parallel"),
             "forward_passes": last.forward_passes,
             "branches_match_sequential": match,
             "runs_s": [r.seconds for r in runs[mode]],
@@ -660,14 +666,14 @@ def _summarize(
     head = by_attention[config.attention[0]]
     ideal = n * steps[chosen["sequential"]]["t1"] / steps[chosen["parallel"]]["tn"]
     return {
-        "model": model_name,
-        "device": str(device),
+        "model": meta["model"],
+        "device": str(meta["device"]),
         "machine": machine_description(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_version": torch.__version__,
         "transformers_version": _version("transformers"),
-        "load_avg": [load_start, _load_avg()],
+        "load_avg": [meta["load_start"], _load_avg()],
         "branches": n,
         "new_tokens": t,
         "prefix_tokens": config.prefix_tokens,
@@ -687,6 +693,11 @@ def _summarize(
         "kv_bytes_sequential": runs["sequential"][-1].kv_bytes,
         "kv_bytes_parallel": head["kv_bytes_parallel"],
         "kv_bytes_batch": runs["batch"][-1].kv_bytes,
+        "kv_tokens": {
+            "sequential": tokens_held(runs["sequential"][-1].kv_bytes, "sequential"),
+            "parallel": head["kv_tokens_parallel"],
+            "batch": tokens_held(runs["batch"][-1].kv_bytes, "batch"),
+        },
         "forward_passes": {
             "sequential": runs["sequential"][-1].forward_passes,
             "parallel": head["forward_passes"],
@@ -719,38 +730,43 @@ def render_table(result: dict[str, Any], console: Any = None) -> None:
             f"(median of {result['repeats']})"
         )
     )
-    for column in ("mode", "dtype", "time s", "tokens/s", "speedup", "forwards", "KV MiB"):
-        table.add_column(column, justify="left" if column in ("mode", "dtype") else "right")
+    table.add_column("mode", no_wrap=True)
+    table.add_column("dtype", no_wrap=True)
+    for column in ("time s", "tok/s", "speedup", "fwd", "KV MiB", "KV tok"):
+        table.add_column(column, justify="right")
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # fits 80 columns
 
-    def row(label: str, dtype: str, seconds: float, passes: int, kv: int) -> None:
-        table.add_row(
-            label,
-            dtype,
-            f"{seconds:.3f}",
-            f"{n * t / seconds:.1f}",
-            f"{result['sequential_s'] / seconds:.2f}x",
-            str(passes),
-            f"{kv / 2**20:.1f}",
-        )
+    def row(label: str, dtype: str, seconds: float, passes: int, kv: int, kv_tokens: int) -> None:
+        speedup = result["sequential_s"] / seconds
+        cells = (f"{seconds:.3f}", f"{n * t / seconds:.1f}", f"{speedup:.2f}x", str(passes))
+        table.add_row(label, short.get(dtype, dtype), *cells, f"{kv / 2**20:.1f}", str(kv_tokens))
 
-    dtypes, passes = result["dtype"], result["forward_passes"]
+    dtypes, passes, held = result["dtype"], result["forward_passes"], result["kv_tokens"]
     row(
         "sequential",
         dtypes["sequential"],
         result["sequential_s"],
         passes["sequential"],
         result["kv_bytes_sequential"],
+        held["sequential"],
     )
     for requested, entry in result["parallel_by_attention"].items():
-        label = f"parallel/{entry['attention'] or requested}"
         row(
-            label,
+            f"parallel/{entry['attention'] or requested}",
             dtypes["parallel"],
             entry["parallel_s"],
             entry["forward_passes"],
             entry["kv_bytes_parallel"],
+            entry["kv_tokens_parallel"],
         )
-    row("batch fork", dtypes["batch"], result["batch_s"], passes["batch"], result["kv_bytes_batch"])
+    row(
+        "batch fork",
+        dtypes["batch"],
+        result["batch_s"],
+        passes["batch"],
+        result["kv_bytes_batch"],
+        held["batch"],
+    )
     console.print(table)
     steps = "; ".join(
         f"{name}: t(1) {s['t1']:.1f} ms, t({n}) {s['tn']:.1f} ms, batch {s['batch_n']:.1f} ms"

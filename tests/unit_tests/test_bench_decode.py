@@ -85,6 +85,11 @@ def test_bench_decode_json_float32(tiny_model_dir: Path, capsys: pytest.CaptureF
     # The batch holds N prefix copies; the one sequence holds the prefix once.
     assert result["kv_bytes_batch"] > result["kv_bytes_parallel"] > 0
     assert result["kv_bytes_parallel"] > result["kv_bytes_sequential"] > 0
+    # Tokens held at the peak: one branch alone, the prefix once plus N branches, N copies.
+    held = P + result["branch_prefix_tokens"] + T - 1
+    assert result["kv_tokens"]["sequential"] == held
+    assert result["kv_tokens"]["batch"] == N * held
+    assert P + N * (held - P) <= result["kv_tokens"]["parallel"] < N * held
     assert set(result["parallel_by_attention"]) == {"split", "mask"}
     for layout, entry in result["parallel_by_attention"].items():
         assert entry["attention"] == layout
