@@ -471,6 +471,27 @@ def _load_avg() -> float | None:
         return None
 
 
+def _cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall s, CPU s busy on the whole machine, CPU s of this process), from /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    own = os.times()
+    return time.monotonic(), busy, own.user + own.system
+
+
+def _other_cores(start: tuple[float, float, float] | None) -> float | None:
+    """Mean cores other processes kept busy since `start`: the contention behind the timings."""
+    end = _cpu_snapshot()
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return round(max(others, 0.0) / (end[0] - start[0]), 2)
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -512,7 +533,8 @@ def run_decode_bench(
     bytes held per mode), `kv_tokens` (the same counted in cached tokens, comparable across
     dtypes), `dtype` (per mode), `step_ms` (per dtype tried), `parallel_by_attention`
     (one entry per layout timed), `branches_match_sequential` (fraction of parallel branches equal
-    to their sequential decode, when both ran in one dtype), run metadata, and the raw `runs_s`.
+    to their sequential decode, when both ran in one dtype), `other_cpu_cores` (mean CPU cores
+    other processes used during the run: contention), run metadata, and the raw `runs_s`.
     """
     from tqdm.auto import tqdm
 
@@ -524,7 +546,7 @@ def run_decode_bench(
     branch_prefixes = build_branch_prefixes(tokenizer, n)
     _check_positions(model, p + len(branch_prefixes[0]) + t)
     prefix_t = torch.tensor([prefix_ids], device=device)  # [1, P]
-    load_start = _load_avg()
+    load_start, cpu_start = _load_avg(), _cpu_snapshot()
 
     candidates = list(_AUTO_DTYPES) if config.dtype == "auto" else [_DTYPES[config.dtype]]
     by_name = {_dtype_name(d): d for d in candidates}
@@ -574,7 +596,12 @@ def run_decode_bench(
                             )
                         )
                 del cache, last_logits
-    meta = {"model": model_name, "device": device, "load_start": load_start}
+    meta = {
+        "model": model_name,
+        "device": device,
+        "load_start": load_start,
+        "other_cores": _other_cores(cpu_start),
+    }
     return _summarize(config, runs, steps, chosen, token_bytes, len(branch_prefixes[0]), meta)
 
 
@@ -674,6 +701,7 @@ def _summarize(
         "torch_version": torch.__version__,
         "transformers_version": _version("transformers"),
         "load_avg": [meta["load_start"], _load_avg()],
+        "other_cpu_cores": meta["other_cores"],
         "branches": n,
         "new_tokens": t,
         "prefix_tokens": config.prefix_tokens,
@@ -777,5 +805,5 @@ def render_table(result: dict[str, Any], console: Any = None) -> None:
         f"parallel vs batch fork = {result['speedup_vs_batch']:.2f}x\n"
         f"one step: {steps}\n"
         f"{result['model']} on {result['device']}, {result['torch_threads']} threads, "
-        f"{result['machine']}; load {result['load_avg'][0]} -> {result['load_avg'][1]}"
+        f"{result['machine']}; other processes used {result['other_cpu_cores']} cores meanwhile"
     )

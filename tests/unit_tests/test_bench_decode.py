@@ -39,6 +39,7 @@ _KEYS = {
     "parallel_by_attention",
     "forward_passes",
     "runs_s",
+    "other_cpu_cores",
 }
 
 
