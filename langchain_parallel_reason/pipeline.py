@@ -306,7 +306,7 @@ _MARKER_IDS: dict[int, tuple[Any, list[int]]] = {}
 _MARKER_LOCK = threading.Lock()
 
 
-def _marker_token_ids(tokenizer: Any) -> list[int]:
+def step_opening_banned_ids(tokenizer: Any) -> list[int]:
     """Ids of tokens a step must not open with (cached per tokenizer object).
 
     Those holding '#' or a newline (the next step marker) and those made of dots only (the
@@ -757,7 +757,7 @@ def _decode_steps(run, titles, prefix, branch_prefixes, per_step, cache, prefix_
             # Right after the plan's title list a small model tends to start the next title at
             # once ("\n####...") or copy the placeholder: a step may not open with those.
             min_new_tokens=min(MIN_STEP_TOKENS, per_step // 2),
-            suppress_token_ids=_marker_token_ids(run.tok),
+            suppress_token_ids=step_opening_banned_ids(run.tok),
         )
         try:
             while True:

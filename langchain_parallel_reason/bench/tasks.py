@@ -188,11 +188,13 @@ def decode_steps_sequentially(
 
     from langchain_parallel_reason.decoding.cache import crop_to
     from langchain_parallel_reason.decoding.sampling import SamplingParams
-    from langchain_parallel_reason.decoding.sequential import iter_decode
+    from langchain_parallel_reason.decoding.sequential import SuppressFirst, iter_decode
     from langchain_parallel_reason.decoding.stops import cut_at_stop
     from langchain_parallel_reason.pipeline import (
+        MIN_STEP_TOKENS,
         drive,
         render_prompt,
+        step_opening_banned_ids,
         stop_token_ids,
         with_system,
     )
@@ -232,6 +234,10 @@ def decode_steps_sequentially(
     stop_ids = stop_token_ids(model, tokenizer)
     stops = (STEP_MARKER, *config.stop)
 
+    # Steps open under the same rule as the pipeline's parallel branches (no marker, newline,
+    # placeholder or EOS in their first tokens), so both ways write comparable steps.
+    banned = [*step_opening_banned_ids(tokenizer), *stop_ids]
+    opening = min(MIN_STEP_TOKENS, per_step // 2)
     cache = DynamicCache()
     pos = 0  # tokens in the cache
     feed = [*prefix, *encode(step_header(titles[0]))]
@@ -250,6 +256,7 @@ def decode_steps_sequentially(
                 stop_token_ids=stop_ids,
                 stop_strings=stops,
                 tokenizer=tokenizer,
+                constraint=SuppressFirst(banned, opening),
             )
         )
         tokens = result.token_ids

@@ -19,7 +19,14 @@ from transformers.cache_utils import DynamicCache
 from .sampling import SamplingParams, make_generator, sample_next
 from .stops import StopStrings
 
-__all__ = ["Cancelled", "LogitsConstraint", "SequentialResult", "forward_tokens", "iter_decode"]
+__all__ = [
+    "Cancelled",
+    "LogitsConstraint",
+    "SequentialResult",
+    "SuppressFirst",
+    "forward_tokens",
+    "iter_decode",
+]
 
 
 class Cancelled(RuntimeError):  # noqa: N818 - reads as an event, like asyncio.CancelledError
@@ -37,6 +44,35 @@ class LogitsConstraint(Protocol):
 
     def is_terminated(self) -> bool:
         """True once the grammar is complete."""
+
+
+class SuppressFirst:
+    """A ``LogitsConstraint`` that bans ``token_ids`` for the first ``count`` tokens.
+
+    The sequential twin of ``iter_decode_branches(min_new_tokens=..., suppress_token_ids=...)``:
+    a step written by ordinary decoding gets the same opening rule as a parallel branch.
+    """
+
+    def __init__(self, token_ids: Sequence[int], count: int) -> None:
+        self.banned = sorted({int(t) for t in token_ids})
+        self.count = count
+        self.seen = 0
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Return ``logits`` with the banned ids at -inf while fewer than ``count`` were seen."""
+        if self.seen >= self.count or not self.banned:
+            return logits
+        out = logits.clone()
+        out[..., self.banned] = float("-inf")
+        return out
+
+    def advance(self, token_id: int) -> None:
+        """Count one accepted token."""
+        self.seen += 1
+
+    def is_terminated(self) -> bool:
+        """Never ends decoding by itself."""
+        return False
 
 
 @dataclass(frozen=True)
