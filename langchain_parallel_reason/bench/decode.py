@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,7 +87,7 @@ class DecodeBenchConfig:
     new_tokens: int = 64
     prefix_tokens: int = 800
     dtype: str = "auto"
-    attention: tuple[str, ...] = field(default=("auto",))
+    attention: tuple[str, ...] = ("auto",)
     repeats: int = 3
     step_samples: int = 5
     threads: int | None = None
