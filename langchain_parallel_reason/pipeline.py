@@ -340,6 +340,18 @@ def drive(gen: Generator, sink: list | None = None) -> Any:
             sink.append(item)
 
 
+def _stream_content(gen: Generator[int, None, Any], stream: TextStream) -> Generator:
+    """Push each token of ``gen`` into ``stream``, yield its final text as ContentDelta, and
+    return ``gen``'s result (the held-back tail is the caller's to ``finish()``)."""
+    while True:
+        try:
+            token = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if delta := stream.push(token):
+            yield ContentDelta(delta)
+
+
 class _Run:
     """State of one ``iter_answer`` call (nothing survives the call)."""
 
@@ -505,14 +517,7 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         cancel=run.cancel,
         jump_forward=constraint is not None,  # JSON keys and tool names: one pass each
     )
-    while True:
-        try:
-            tok = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        if delta := stream.push(tok):
-            yield ContentDelta(delta)
+    result = yield from _stream_content(gen, stream)
     if tail := stream.finish():
         yield ContentDelta(tail)
     text = stream.text
@@ -671,14 +676,7 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
             cancel=run.cancel,
         )
         try:
-            while True:
-                try:
-                    token = next(gen3)
-                except StopIteration as stop:
-                    finish_reason = stop.value.finish_reason
-                    break
-                if delta := stream.push(token):
-                    yield ContentDelta(delta)
+            finish_reason = (yield from _stream_content(gen3, stream)).finish_reason
         except Cancelled:
             raise
         except Exception as e:
