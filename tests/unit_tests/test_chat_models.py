@@ -59,14 +59,6 @@ REPORT_KEYS = {
 }
 
 
-@pytest.fixture
-def chat(tiny_llama: Any, tiny_tokenizer: Any) -> ChatParallelReason:
-    """Small budgets keep each call to tens of milliseconds on the tiny model."""
-    return ChatParallelReason.from_model(
-        tiny_llama, tiny_tokenizer, max_tokens=40, step_max_tokens=12, plan_max_tokens=24
-    )
-
-
 def _join(chunks: list[AIMessageChunk]) -> AIMessageChunk:
     full = chunks[0]
     for chunk in chunks[1:]:

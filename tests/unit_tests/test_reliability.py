@@ -54,14 +54,6 @@ PLANNED = {"max_tokens": 400, "step_max_tokens": 8, "plan_max_tokens": 250, "max
 PLANNED_QUESTION = "Compare tea and coffee."
 
 
-@pytest.fixture
-def chat(tiny_llama: Any, tiny_tokenizer: Any) -> ChatParallelReason:
-    """Small budgets keep each call to tens of milliseconds on the tiny model."""
-    return ChatParallelReason.from_model(
-        tiny_llama, tiny_tokenizer, max_tokens=40, step_max_tokens=12, plan_max_tokens=24
-    )
-
-
 def _join(chunks: list[AIMessageChunk]) -> AIMessageChunk:
     full = chunks[0]
     for chunk in chunks[1:]:
