@@ -1,12 +1,19 @@
 """langchain-parallel-reason: parallel reasoning steps in one sequence, as a LangChain chat model.
 
 `ChatParallelReason` is imported on first access, so that importing the package (the CLI's
-`--help`, for one) does not pay for langchain-core, torch and transformers.
+`--help`, for one) does not pay for langchain-core, torch and transformers. Importing the
+package sets the CPU threading policy (``runtime.threads``): idle OpenMP threads sleep instead of
+spinning, unless ``OMP_WAIT_POLICY`` is set already.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from langchain_parallel_reason.runtime.threads import calm_openmp
+
+# Before torch loads (it is imported lazily below), so libgomp picks the policy up.
+calm_openmp()
 
 if TYPE_CHECKING:
     from langchain_parallel_reason.chat_models import ChatParallelReason

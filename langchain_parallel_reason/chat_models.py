@@ -47,6 +47,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 from . import tools as _tools
+from .runtime.threads import apply_threads
 from .schemas import Plan
 
 if TYPE_CHECKING:
@@ -487,8 +488,8 @@ class _PipelineRun:
         pl = _pipeline()
         self._acquire(engine.lock, deadline)
         try:
-            if self._num_threads is not None:
-                torch.set_num_threads(self._num_threads)
+            # Per thread with OpenMP: this worker runs the forwards, so it sets its own count.
+            apply_threads(self._num_threads)
             with torch.no_grad():
                 events = pl.iter_answer(
                     engine.model,
@@ -692,8 +693,10 @@ class ChatParallelReason(BaseChatModel):
     """Stage-2 attention backend: "split" (shared prefix + per-branch, merged), "mask" (one
     4D belt mask) or "auto"."""
 
-    num_threads: int | None = Field(default=None, ge=1)
-    """CPU threads for torch (`torch.set_num_threads`, process-wide) before each call."""
+    num_threads: int | None = Field(default=None, ge=1, le=4096)
+    """CPU threads for the model's forwards; None = the cores this process may use
+    (`os.sched_getaffinity`). Larger values are capped at that count: more threads than cores
+    only wait on each other."""
 
     progress: bool = True
     """Show progress while the model loads or is converted the first time."""

@@ -132,7 +132,7 @@ def _add_bench_decode(subparsers: _SubParsers) -> None:
         type=_positive_int,
         default=None,
         metavar="K",
-        help="torch threads (default: torch's)",
+        help="CPU threads (default: the cores this process may use)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -156,10 +156,9 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         threads=args.threads,
     )
-    if args.threads is not None:
-        import torch
+    from langchain_parallel_reason.runtime.threads import apply_threads
 
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)  # None: the cores this process may use
     from langchain_parallel_reason.loading import load_model_and_tokenizer
 
     progress = not args.no_progress

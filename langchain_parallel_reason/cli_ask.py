@@ -13,25 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-__all__ = ["AnswerView", "add_arguments", "calm_openmp", "format_report", "run"]
+__all__ = ["AnswerView", "add_arguments", "format_report", "run"]
 
 EMBEDDED_LABEL = "embedded SmolLM2-135M-Instruct"
-
-
-def calm_openmp() -> None:
-    """Make idle OpenMP threads sleep instead of spin, unless the user chose otherwise.
-
-    Must run before torch is first imported. Measured on the shared 2-core dev machine with other
-    jobs running: one `ask` on the embedded model took 88 s with the default (active) policy at 2
-    threads and 6-11 s with PASSIVE.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # ----------------------------------------------------------------------------- events -> parts
@@ -317,7 +305,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         metavar="K",
-        help="torch threads (default: torch's; 1 is often faster on a busy machine)",
+        help="CPU threads (default: the cores this process may use)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -358,15 +346,12 @@ def _config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Answer `args.question` and print it (see the module docstring); returns 0."""
-    calm_openmp()
     config = _config(args)  # validated before the slow model load
-    import torch
-
     from langchain_parallel_reason.loading import load_model_and_tokenizer
     from langchain_parallel_reason.pipeline import iter_answer
+    from langchain_parallel_reason.runtime.threads import apply_threads
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)  # None: the cores this process may use
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, progress=True)
     messages = [{"role": "user", "content": args.question}]
     gen = iter_answer(model, tokenizer, messages, config)

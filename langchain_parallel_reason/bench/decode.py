@@ -538,8 +538,9 @@ def run_decode_bench(
     """
     from tqdm.auto import tqdm
 
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    from langchain_parallel_reason.runtime.threads import apply_threads
+
+    apply_threads(config.threads)  # None: the cores this process may use
     n, t, p = config.branches, config.new_tokens, config.prefix_tokens
     device = next(model.parameters()).device
     prefix_ids = build_prefix_ids(tokenizer, p)

@@ -692,9 +692,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The `bench tasks` command: validate, load the model, run, print; returns 0."""
-    from langchain_parallel_reason.cli_ask import EMBEDDED_LABEL, calm_openmp
+    from langchain_parallel_reason.cli_ask import EMBEDDED_LABEL
 
-    calm_openmp()
     config = TaskBenchConfig(
         task=args.task,
         items=tuple(args.items),
@@ -710,12 +709,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(msg)
         if importlib.util.find_spec("matplotlib") is None:
             raise RuntimeError(_NO_MATPLOTLIB)
-    import torch
 
     from langchain_parallel_reason.loading import load_model_and_tokenizer
+    from langchain_parallel_reason.runtime.threads import apply_threads
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)  # None: the cores this process may use
     progress = not args.no_progress
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, progress=progress)
     result = run_task_bench(
