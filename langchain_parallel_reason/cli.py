@@ -20,6 +20,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from langchain_parallel_reason.cli_options import add_threads_option, positive_int
+
 __all__ = ["build_parser", "main"]
 
 PROG = "parallel-reason"
@@ -52,17 +54,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- bench decode
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"expected a positive integer, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 # Copies of bench.decode.ATTENTIONS / DTYPE_CHOICES (a test keeps them equal), so building the
 # parser does not import torch.
 _ATTENTIONS = ("auto", "split", "mask")
@@ -90,18 +81,18 @@ def _add_bench_decode(subparsers: _SubParsers) -> None:
         ),
     )
     parser.add_argument(
-        "--branches", type=_positive_int, default=8, metavar="N", help="branches (default 8)"
+        "--branches", type=positive_int, default=8, metavar="N", help="branches (default 8)"
     )
     parser.add_argument(
         "--new-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         metavar="T",
         help="T, tokens per branch (default 64)",
     )
     parser.add_argument(
         "--prefix-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=800,
         metavar="P",
         help="P, prefix tokens (default 800)",
@@ -122,18 +113,12 @@ def _add_bench_decode(subparsers: _SubParsers) -> None:
     )
     parser.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=3,
         metavar="R",
         help="timed runs per mode (default 3)",
     )
-    parser.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        metavar="K",
-        help="CPU threads (default: the cores this process may use)",
-    )
+    add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(handler=_run_bench_decode)
@@ -229,9 +214,48 @@ def _add_bench_tasks(subparsers: _SubParsers) -> None:
     parser.set_defaults(handler=tasks.run)
 
 
+def _add_bench_busy(subparsers: _SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "busy",
+        parents=[_common_options()],
+        help="one call idle vs with a core kept busy by another process (threading policy)",
+        description=(
+            "Time the same greedy sequential call through ChatParallelReason on an idle machine "
+            "and while child processes keep cores busy; report medians and the slowdown."
+        ),
+    )
+    _add_model_options(parser)
+    parser.add_argument("--max-tokens", type=positive_int, default=64, metavar="T")
+    parser.add_argument("--repeats", type=positive_int, default=3, metavar="R")
+    parser.add_argument("--busy-cores", type=positive_int, default=1, metavar="C")
+    add_threads_option(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.set_defaults(handler=_run_bench_busy)
+
+
+def _run_bench_busy(args: argparse.Namespace) -> int:
+    from langchain_parallel_reason.bench.busy import BusyBenchConfig, render_busy, run_busy_bench
+    from langchain_parallel_reason.chat_models import ChatParallelReason
+
+    config = BusyBenchConfig(args.max_tokens, args.repeats, args.busy_cores)
+    llm = ChatParallelReason(
+        model=args.model, device=args.device, num_threads=args.threads, progress=False
+    )
+    result = run_busy_bench(llm, config)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        render_busy(result)
+    return 0
+
+
 # Top-level commands and benchmarks under `bench`.
 _COMMANDS: list[Callable[[_SubParsers], None]] = [_add_ask, _add_bench]
-_BENCH_COMMANDS: list[Callable[[_SubParsers], None]] = [_add_bench_decode, _add_bench_tasks]
+_BENCH_COMMANDS: list[Callable[[_SubParsers], None]] = [
+    _add_bench_decode,
+    _add_bench_tasks,
+    _add_bench_busy,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

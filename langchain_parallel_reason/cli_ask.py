@@ -265,7 +265,7 @@ class _LiveRenderer:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare `ask`'s own options on `parser` (the registry adds --model, --device, --debug)."""
-    from langchain_parallel_reason.cli import _positive_int
+    from langchain_parallel_reason.cli_options import add_threads_option, positive_int
 
     parser.add_argument("question", help="the question to answer")
     parser.add_argument(
@@ -284,14 +284,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=512,
         metavar="N",
         help="new tokens for the whole answer (default 512)",
     )
     parser.add_argument(
         "--step-max-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=96,
         metavar="N",
         help="new tokens per parallel step (default 96)",
@@ -300,13 +300,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy"
     )
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
-    parser.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        metavar="K",
-        help="CPU threads (default: the cores this process may use)",
-    )
+    add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 

@@ -653,38 +653,36 @@ def plot_result(result: dict[str, Any], path: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare `bench tasks`' own options (the registry adds --model, --device, --debug)."""
-    from langchain_parallel_reason.cli import _positive_int
+    from langchain_parallel_reason.cli_options import add_threads_option, positive_int
 
     parser.add_argument("--task", choices=TASK_KINDS, default="retrieval", help="task kind")
     parser.add_argument(
         "--items",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=[4],
         metavar="N",
         help="records/documents/aspects per task; several values give one row each (default 4)",
     )
     parser.add_argument(
-        "--samples", type=_positive_int, default=3, metavar="K", help="tasks per N (default 3)"
+        "--samples", type=positive_int, default=3, metavar="K", help="tasks per N (default 3)"
     )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
     parser.add_argument(
         "--max-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="new tokens per answer, every way (default: plan + (N + 1) x step budget)",
     )
     parser.add_argument(
         "--step-max-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=32,
         metavar="N",
         help="new tokens per step (default 32)",
     )
-    parser.add_argument(
-        "--threads", type=_positive_int, default=None, metavar="K", help="torch threads"
-    )
+    add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="draw a PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
