@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import json
-import queue
 import reprlib
 import threading
-import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -47,7 +44,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 from . import tools as _tools
-from .runtime.threads import apply_threads
+from .runtime.base import EngineLimits, Request
 from .schemas import Plan
 
 if TYPE_CHECKING:
@@ -57,6 +54,7 @@ if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
 
     from .pipeline import AnswerResult, PipelineConfig
+    from .runtime.engine import Engine
 
 __all__ = ["ChatParallelReason"]
 
@@ -66,8 +64,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PROVIDER = "parallel-reason"
 # The pipeline accepts caller-given titles up to this length (longer than Stage 1's own).
 _STEP_TITLE_CHARS = 200
-# How often a call waiting for the model lock looks at its cancel flag and deadline.
-_LOCK_POLL_S = 0.05
 
 # Fields a call may override through `invoke(..., name=value)` or `.bind(name=value)`.
 _CALL_OPTIONS = (
@@ -315,31 +311,10 @@ def _response_schema(response_format: Any) -> tuple[dict[str, Any] | None, bool]
 # ---------------------------------------------------------------------------- the engine
 
 
-class _Engine:
-    """A loaded model, its tokenizer and the lock that serialises its use.
-
-    Instances are shared: every chat model over the same weights holds the same engine, so
-    one lock guards one model whichever chat model calls it. Copying returns the engine itself.
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, name: str, lock: threading.Lock) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.name = name
-        self.lock = lock
-
-    def __copy__(self) -> _Engine:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Engine:
-        return self
-
-
 # Engines loaded from fields, keyed by the loading arguments; an engine lives as long as a
-# chat model holds it. Locks per model object, for models passed in by the caller.
-_LOADED: weakref.WeakValueDictionary[str, _Engine] = weakref.WeakValueDictionary()
-_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_REGISTRY_LOCK = threading.RLock()  # guards the two tables above and serialises loading
+# chat model holds it. Models passed in by the caller get theirs from `runtime.engine_for`.
+_LOADED: weakref.WeakValueDictionary[str, Engine] = weakref.WeakValueDictionary()
+_REGISTRY_LOCK = threading.RLock()  # guards the table above and serialises loading
 
 
 def _check_chat_template(tokenizer: Any) -> None:
@@ -352,165 +327,11 @@ def _check_chat_template(tokenizer: Any) -> None:
         raise ValueError(msg)
 
 
-def _lock_for(model: Any) -> threading.Lock:
-    """The one lock of a model object (created on first request)."""
-    with _REGISTRY_LOCK:
-        try:
-            return _MODEL_LOCKS.setdefault(model, threading.Lock())
-        except TypeError:  # not weak-referenceable: a lock of its own
-            return threading.Lock()
-
-
 def _model_name_of(model: Any) -> str:
     name = getattr(model, "name_or_path", None) or getattr(
         getattr(model, "config", None), "_name_or_path", None
     )
     return str(name) if name else "custom"
-
-
-# ---------------------------------------------------------------------- the worker thread
-
-
-_Item = tuple[Literal["event", "done", "error"], Any]
-
-
-class _PipelineRun:
-    """One pipeline call on a worker thread; its items reach the caller through ``sink``.
-
-    The worker sends ``("event", event)`` for every pipeline event, then ``("done",
-    AnswerResult)`` or ``("error", exception)``. Setting ``cancel`` stops the pipeline at its
-    next forward pass (or while it waits for the model lock) and releases the model. The
-    deadline covers waiting for the lock and generating, not the one-time model load.
-    """
-
-    def __init__(
-        self,
-        get_engine: Callable[[], _Engine],
-        messages: list[dict[str, Any]],
-        config: PipelineConfig,
-        *,
-        tools: list[dict[str, Any]] | None,
-        timeout: float | None,
-        max_retries: int,
-        num_threads: int | None,
-        sink: Callable[[_Item], None],
-        prepare: _Output | None = None,
-    ) -> None:
-        self.cancel = threading.Event()
-        self._prepare = prepare
-        self._get_engine = get_engine
-        self._messages = messages
-        self._config = config
-        self._tools = tools
-        self._timeout = timeout
-        self._max_retries = max_retries
-        self._num_threads = num_threads
-        self._sink = sink
-        self._timed_out = False
-        self._sent_text = False
-        self._thread = threading.Thread(target=self._work, name="parallel-reason", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _send(self, item: _Item) -> None:
-        try:
-            self._sink(item)
-        except RuntimeError:
-            # The caller's event loop is closed: nobody listens any more.
-            self.cancel.set()
-
-    def _expire(self) -> None:
-        self._timed_out = True
-        self.cancel.set()
-
-    def _work(self) -> None:
-        try:
-            result = self._run()
-        except BaseException as e:  # handed to the caller, who re-raises it
-            self._send(("error", e))
-        else:
-            self._send(("done", result))
-
-    def _run(self) -> AnswerResult:
-        pl = _pipeline()
-        engine = self._get_engine()
-        if self._prepare is not None:  # tools and output form, now that the template is known
-            self._messages, tools, self._config = self._prepare.prepare(
-                engine.tokenizer, self._messages, self._config
-            )
-            self._tools = tools
-        timer = None
-        deadline = None
-        if self._timeout is not None:
-            deadline = time.monotonic() + self._timeout
-            timer = threading.Timer(self._timeout, self._expire)
-            timer.daemon = True
-            timer.start()
-        try:
-            for attempt in itertools.count():
-                try:
-                    return self._run_once(engine, deadline)
-                except (pl.PipelineCancelled, NotImplementedError):
-                    raise
-                except RuntimeError:
-                    # A runtime failure (e.g. out of memory) before the caller saw any text
-                    # is retried from scratch; after that the partial answer is already out.
-                    if self._sent_text or self.cancel.is_set() or attempt >= self._max_retries:
-                        raise
-            raise AssertionError  # unreachable: the loop returns or raises
-        except pl.PipelineCancelled as e:
-            if self._timed_out:
-                raise self._timeout_error() from e
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    def _timeout_error(self) -> TimeoutError:
-        msg = (
-            f"ChatParallelReason did not finish within timeout={self._timeout} s and was "
-            "cancelled; raise `timeout` or lower `max_tokens` (the model is free again)"
-        )
-        return TimeoutError(msg)
-
-    def _acquire(self, lock: threading.Lock, deadline: float | None) -> None:
-        while not lock.acquire(timeout=_LOCK_POLL_S):
-            if deadline is not None and time.monotonic() >= deadline:
-                self._timed_out = True
-            if self.cancel.is_set() or self._timed_out:
-                msg = "cancelled while waiting for the model"
-                raise _pipeline().PipelineCancelled(msg)
-
-    def _run_once(self, engine: _Engine, deadline: float | None) -> AnswerResult:
-        import torch  # loaded already by the pipeline; imported here, not at module level
-
-        pl = _pipeline()
-        self._acquire(engine.lock, deadline)
-        try:
-            # Per thread with OpenMP: this worker runs the forwards, so it sets its own count.
-            apply_threads(self._num_threads)
-            with torch.no_grad():
-                events = pl.iter_answer(
-                    engine.model,
-                    engine.tokenizer,
-                    self._messages,
-                    self._config,
-                    cancel=self.cancel,
-                    tools=self._tools,
-                )
-                try:
-                    while True:
-                        try:
-                            event = next(events)
-                        except StopIteration as stop:
-                            return stop.value
-                        self._send(("event", event))
-                        self._sent_text = self._sent_text or not isinstance(event, pl.StageEvent)
-                finally:
-                    events.close()
-        finally:
-            engine.lock.release()
 
 
 def _finish_reason(result: AnswerResult, config: PipelineConfig) -> str:
@@ -701,13 +522,26 @@ class ChatParallelReason(BaseChatModel):
     progress: bool = True
     """Show progress while the model loads or is converted the first time."""
 
+    max_concurrent_requests: int = Field(default=32, ge=1, le=1024)
+    """Calls one model serves at once (each holds its KV); more wait in a FIFO queue. Chat
+    models over the same model share its engine: the first one's limits apply."""
+
+    max_batch_rows: int = Field(default=512, ge=1, le=65536)
+    """Most tokens one forward pass takes over all live calls; longer prompts are prefilled
+    in chunks of this size between decode steps."""
+
+    kv_budget_bytes: int | None = Field(default=None, ge=1)
+    """KV-cache bytes the running calls may reserve together (each reserves an upper bound
+    at admission); calls beyond it wait. None = no budget."""
+
     json_string_max_chars: int | None = Field(default=160, ge=1)
     """Longest string a forced tool call or structured output may hold where its schema sets
     no bound (no ``maxLength``, ``pattern`` or ``enum``); None = unbounded. Small models tend
     to loop inside a string until the token budget runs out; capped strings cannot hold
     quotes, backslashes or newlines."""
 
-    _engine: _Engine | None = PrivateAttr(default=None)
+    _engine: Engine | None = PrivateAttr(default=None)
+    _tokenizer: Any = PrivateAttr(default=None)  # from_model's own (None: the engine's)
 
     @model_validator(mode="after")
     def _check_steps(self) -> Self:
@@ -720,7 +554,8 @@ class ChatParallelReason(BaseChatModel):
     def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> Self:
         """Build a chat model over an already loaded transformers model and tokenizer.
 
-        Nothing is loaded or copied; chat models over the same model object share one lock.
+        Nothing is loaded or copied; chat models over the same model object share one engine
+        (one batch, one queue).
         `kwargs` are the usual fields (`max_tokens`, `temperature`, ...); `model` (a name
         for metadata) defaults to the model's `name_or_path`.
 
@@ -730,7 +565,10 @@ class ChatParallelReason(BaseChatModel):
         _check_chat_template(tokenizer)
         name = kwargs.get("model") or _model_name_of(model)
         chat = cls(**kwargs)
-        chat._engine = _Engine(model, tokenizer, name, _lock_for(model))
+        from .runtime.engine import engine_for
+
+        chat._engine = engine_for(model, tokenizer, name, chat._limits())
+        chat._tokenizer = tokenizer
         return chat
 
     # -- LangChain identity -----------------------------------------------------------
@@ -741,9 +579,9 @@ class ChatParallelReason(BaseChatModel):
 
     @property
     def _model_name(self) -> str:
-        if self._engine is not None:
-            return self._engine.name
-        return self.model or DEFAULT_MODEL_NAME
+        if self.model:
+            return self.model
+        return self._engine.name if self._engine is not None else DEFAULT_MODEL_NAME
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -770,14 +608,17 @@ class ChatParallelReason(BaseChatModel):
 
     # -- loading and per-call settings -----------------------------------------------------
 
-    def _get_engine(self) -> _Engine:
+    def _limits(self) -> EngineLimits:
+        return EngineLimits(self.max_concurrent_requests, self.max_batch_rows, self.kv_budget_bytes)
+
+    def _get_engine(self) -> Engine:
         """The engine, loading the model on first use (once, thread-safe)."""
         if self._engine is None:
             # Racing first calls all get the one shared engine: loading holds the registry lock.
             self._engine = self._load_engine()
         return self._engine
 
-    def _load_engine(self) -> _Engine:
+    def _load_engine(self) -> Engine:
         key = json.dumps(
             [
                 self.model,
@@ -807,8 +648,10 @@ class ChatParallelReason(BaseChatModel):
                     progress=self.progress,
                 )
                 _check_chat_template(tokenizer)
-                lock = _MODEL_LOCKS.setdefault(model, threading.Lock())
-                engine = _Engine(model, tokenizer, self.model or DEFAULT_MODEL_NAME, lock)
+                from .runtime.engine import engine_for
+
+                name = self.model or DEFAULT_MODEL_NAME
+                engine = engine_for(model, tokenizer, name, self._limits())
                 _LOADED[key] = engine
         return engine
 
@@ -864,27 +707,29 @@ class ChatParallelReason(BaseChatModel):
         )
         return config, values["timeout"], tools
 
-    def _new_run(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        kwargs: dict[str, Any],
-        sink: Callable[[_Item], None],
-    ) -> tuple[_PipelineRun, PipelineConfig]:
+    def _request(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[Request, PipelineConfig]:
+        """This call as an engine request (validated before anything loads or runs)."""
         template_messages = _convert_messages(messages)
         config, timeout, tools = self._call_settings(stop, kwargs)
-        run = _PipelineRun(
-            self._get_engine,
+        output = self._output(kwargs)
+
+        def prepare(tokenizer: Any) -> tuple[list[dict[str, Any]], Any, PipelineConfig]:
+            # Tools and the output form, once the engine knows the model's chat template.
+            return output.prepare(tokenizer, template_messages, config)
+
+        request = Request(
             template_messages,
             config,
-            prepare=self._output(kwargs),
             tools=tools,
+            prepare=prepare,
             timeout=timeout,
             max_retries=self.max_retries,
             num_threads=self.num_threads,
-            sink=sink,
+            tokenizer=self._tokenizer,
         )
-        return run, config
+        return request, config
 
     # -- the pipeline as a stream of items -------------------------------------------------
 
@@ -892,52 +737,20 @@ class ChatParallelReason(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> Iterator[tuple[str, Any]]:
         """``("event", event)`` per pipeline event, then ``("done", (AnswerResult, config))``."""
-        items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        run, config = self._new_run(messages, stop, kwargs, items.put)
-        run.start()
-        finished = False
-        try:
-            while True:
-                kind, value = items.get()
-                if kind == "error":
-                    finished = True
-                    raise value
-                if kind == "done":
-                    finished = True
-                    yield kind, (value, config)
-                    return
-                yield kind, value
-        finally:
-            if not finished:  # the caller stopped early: free the model
-                run.cancel.set()
+        request, config = self._request(messages, stop, kwargs)
+        for kind, value in self._get_engine().stream(request):
+            yield kind, ((value, config) if kind == "done" else value)
 
     async def _aiter_items(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> AsyncIterator[tuple[str, Any]]:
-        """Async `_iter_items`: the worker thread feeds an asyncio queue."""
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[_Item] = asyncio.Queue()
-
-        def sink(item: _Item) -> None:
-            loop.call_soon_threadsafe(items.put_nowait, item)
-
-        run, config = self._new_run(messages, stop, kwargs, sink)
-        run.start()
-        finished = False
-        try:
-            while True:
-                kind, value = await items.get()
-                if kind == "error":
-                    finished = True
-                    raise value
-                if kind == "done":
-                    finished = True
-                    yield kind, (value, config)
-                    return
-                yield kind, value
-        finally:
-            if not finished:  # cancelled or closed early: free the model
-                run.cancel.set()
+        """Async `_iter_items`: the engine feeds an asyncio queue (no thread per call)."""
+        request, config = self._request(messages, stop, kwargs)
+        engine = self._engine
+        if engine is None:  # the one-time load must not block the event loop
+            engine = await asyncio.to_thread(self._get_engine)
+        async for kind, value in engine.astream(request):
+            yield kind, ((value, config) if kind == "done" else value)
 
     # -- events to LangChain objects -------------------------------------------------------
 

@@ -165,6 +165,11 @@ class ParallelReport(BaseModel):
     notes: list[str] = Field(default_factory=list)
     """Other things worth knowing, e.g. steps decoded in smaller groups after out-of-memory."""
 
+    engine: dict[str, float | int] = Field(default_factory=dict)
+    """How the engine served the call: ``queue_wait_s`` (seconds queued before it ran),
+    ``queued_ahead`` (requests queued before it), ``forwards`` (forward passes it took part
+    in) and ``mean_batch_rows`` (tokens per such forward, all requests together)."""
+
     @field_validator("timings")
     @classmethod
     def _check_timings(cls, timings: dict[str, float]) -> dict[str, float]:

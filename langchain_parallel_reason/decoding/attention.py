@@ -19,7 +19,13 @@ from transformers import AttentionInterface
 
 from .cache import BranchCache, prefix_kv
 
-__all__ = ["SPLIT_ATTENTION", "SplitLayout", "split_attention", "use_split_attention"]
+__all__ = [
+    "SPLIT_ATTENTION",
+    "SplitLayout",
+    "attention_configs",
+    "split_attention",
+    "use_split_attention",
+]
 
 SPLIT_ATTENTION = "parallel_reason_split"
 
@@ -111,8 +117,8 @@ def split_attention(
 AttentionInterface.register(SPLIT_ATTENTION, split_attention)
 
 
-def _attention_configs(model: torch.nn.Module) -> list:
-    # Every distinct config object an attention module may read `_attn_implementation` from.
+def attention_configs(model: torch.nn.Module) -> list:
+    """Every distinct config object an attention module may read `_attn_implementation` from."""
     seen: dict[int, object] = {id(model.config): model.config}
     for mod in model.modules():
         cfg = getattr(mod, "config", None)
@@ -125,10 +131,15 @@ def _attention_configs(model: torch.nn.Module) -> list:
 def use_split_attention(model: torch.nn.Module) -> Iterator[None]:
     """Route the model's attention through ``split_attention`` inside the block, then restore.
 
-    Callers must not run other forwards on the same model concurrently (the chat model holds a
-    per-model lock around every stage).
+    Callers must not run other forwards on the same model concurrently. A model that batches
+    its forwards (an engine's view, ``batches_forwards``) is left alone: its scheduler selects
+    the attention of each call.
     """
-    configs = _attention_configs(model)
+    if getattr(model, "batches_forwards", False):
+        # An engine's view of the model: its scheduler picks the attention per call.
+        yield
+        return
+    configs = attention_configs(model)
     saved = [cfg._attn_implementation for cfg in configs]
     try:
         for cfg in configs:

@@ -121,7 +121,12 @@ def choose_attention(model: torch.nn.Module, attention: Attention = "auto") -> s
     """Resolve the Stage-2 backend for ``model``, or raise a ValueError saying how to fix it."""
     config = model.config
     model_type = getattr(config, "model_type", "")
-    impl = getattr(config, "_attn_implementation", None) or "eager"
+    # An engine's view of the model reports the implementation the model was loaded with.
+    impl = (
+        getattr(model, "base_attn_implementation", None)
+        or getattr(config, "_attn_implementation", None)
+        or "eager"
+    )
     if attention not in ("auto", "split", "mask"):
         msg = f"attention must be 'auto', 'split' or 'mask', got {attention!r}"
         raise ValueError(msg)

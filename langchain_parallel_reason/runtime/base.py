@@ -10,11 +10,12 @@ request: its rows leave the batch at the next step and its KV is freed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-__all__ = ["Engine", "Item", "Prepare", "Request"]
+__all__ = ["Engine", "EngineLimits", "Item", "Prepare", "Request"]
 
 Item = tuple[Literal["event", "done"], Any]
 
@@ -36,6 +37,8 @@ class Request:
         timeout: seconds the call may take, waiting in the queue included; None = no limit.
         max_retries: re-runs of a call that failed with a runtime error before any text.
         num_threads: CPU threads for the model's forwards (None = the engine's choice).
+        tokenizer: the tokenizer this call renders and reads text with (None = the engine's);
+            callers sharing one model may bring their own (e.g. another chat template).
     """
 
     messages: list[dict[str, Any]]
@@ -45,6 +48,7 @@ class Request:
     timeout: float | None = None
     max_retries: int = 0
     num_threads: int | None = None
+    tokenizer: Any = None
 
 
 class Engine(Protocol):
@@ -64,3 +68,31 @@ class Engine(Protocol):
     def stats(self) -> dict[str, Any]:
         """Live counters: requests running and queued, steps, rows per step, KV bytes..."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLimits:
+    """How much one engine takes on at once.
+
+    Attributes:
+        max_concurrent_requests: requests running at once (each holds a worker and its KV);
+            the rest wait in a FIFO queue.
+        max_batch_rows: most tokens in one forward; prefills beyond it are chunked.
+        kv_budget_bytes: KV bytes the running requests may reserve together (each reserves
+            an upper bound of its own at admission); None = no budget.
+    """
+
+    max_concurrent_requests: int = 32
+    max_batch_rows: int = 512
+    kv_budget_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_requests < 1:
+            msg = f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}"
+            raise ValueError(msg)
+        if self.max_batch_rows < 1:
+            msg = f"max_batch_rows must be >= 1, got {self.max_batch_rows}"
+            raise ValueError(msg)
+        if self.kv_budget_bytes is not None and self.kv_budget_bytes < 1:
+            msg = f"kv_budget_bytes must be >= 1 or None, got {self.kv_budget_bytes}"
+            raise ValueError(msg)

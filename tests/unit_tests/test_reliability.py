@@ -86,15 +86,19 @@ def _live_caches() -> int:
     return sum(1 for o in gc.get_objects() if issubclass(type(o), DynamicCache))
 
 
-def _worker_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "parallel-reason" and t.is_alive()]
+def _busy_engines() -> list[dict[str, Any]]:
+    """Stats of every engine that still runs or queues a request."""
+    from langchain_parallel_reason.runtime import engine
+
+    stats = [core.stats() for core in list(engine._CORES)]
+    return [s for s in stats if s["running"] or s["queued"]]
 
 
-def _wait_for_workers(limit_s: float = 5.0) -> list[threading.Thread]:
+def _wait_for_workers(limit_s: float = 5.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + limit_s
-    while _worker_threads() and time.monotonic() < deadline:
+    while _busy_engines() and time.monotonic() < deadline:
         time.sleep(0.01)
-    return _worker_threads()
+    return _busy_engines()
 
 
 # ------------------------------------------------------------------- 1. input validation
@@ -401,15 +405,20 @@ def test_messages_longer_than_the_context_are_a_clear_error(tiny_tokenizer: Any)
 # -------------------------------------------------------------------- 4. resource faults
 
 
+def _split_layouts(kwargs: dict[str, Any]) -> list[Any]:
+    """The Stage-2 (split attention) layouts among the calls of one engine forward."""
+    layout = kwargs.get("ragged_layout")
+    return [] if layout is None else [s.split for s in layout.segments if s.split is not None]
+
+
 def _oom_when_wide(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-    # Stage-2 forwards carry belt_layout; fail whenever more than 2 branches share one.
-    layout = kwargs.get("belt_layout")
-    if layout is not None and len(set(layout.q_slot.tolist())) > 2:
+    # Fail whenever more than 2 branches of one call share a forward.
+    if any(len(set(split.q_slot.tolist())) > 2 for split in _split_layouts(kwargs)):
         raise torch.OutOfMemoryError("simulated: out of memory")
 
 
 def _oom_in_stage2(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-    if kwargs.get("belt_layout") is not None:
+    if _split_layouts(kwargs):
         raise torch.OutOfMemoryError("simulated: out of memory")
 
 
@@ -458,7 +467,7 @@ def test_a_failed_conclusion_ends_the_answer_after_the_steps(tiny_tokenizer: Any
     stage2_seen = [False]
 
     def oom_in_stage3(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-        if kwargs.get("belt_layout") is not None:
+        if _split_layouts(kwargs):
             stage2_seen[0] = True
         elif stage2_seen[0]:
             raise torch.OutOfMemoryError("simulated: out of memory")
@@ -510,7 +519,7 @@ def test_no_memory_growth_over_50_calls(chat: ChatParallelReason) -> None:
     for i in range(50):
         call(i)
         if i % 25 == 24:
-            # The KV cache of a finished call is gone (the worker thread ends with the call).
+            # The KV cache of a finished call is gone (it lives only as long as the call).
             assert not _wait_for_workers()
             assert _live_caches() == 0
     assert _live_tensors() <= tensors
@@ -567,12 +576,15 @@ def slow_chat(tiny_tokenizer: Any) -> Iterator[tuple[ChatParallelReason, list[fl
         yield chat, starts
 
 
+def _running(chat: ChatParallelReason) -> int:
+    return chat._get_engine().stats()["running"]
+
+
 @pytest.mark.parametrize("how", ["astream", "ainvoke"])
 async def test_cancelling_mid_decode_frees_the_model_within_a_few_steps(
     slow_chat: tuple[ChatParallelReason, list[float]], how: str
 ) -> None:
     chat, starts = slow_chat
-    lock = chat._get_engine().lock
     tensors = _live_tensors()
     started = asyncio.Event()
 
@@ -580,61 +592,71 @@ async def test_cancelling_mid_decode_frees_the_model_within_a_few_steps(
         async for _ in chat.astream(QUESTION):
             started.set()
 
-    async def held() -> None:
-        while not lock.locked():
+    async def running() -> None:
+        while not (_running(chat) and starts):
             await asyncio.sleep(0.005)
         started.set()
 
     task = asyncio.create_task(consume() if how == "astream" else chat.ainvoke(QUESTION))
     if how == "ainvoke":
-        watcher = asyncio.create_task(held())
+        watcher = asyncio.create_task(running())
     await asyncio.wait_for(started.wait(), timeout=30)
     await asyncio.sleep(0.05)  # well inside the decode (300 steps)
-    assert lock.locked()
+    assert _running(chat) == 1
     cancelled_at = time.monotonic()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    # The worker stops before its next forward pass and releases the model.
-    freed = await asyncio.to_thread(lock.acquire, True, 10)
+    # The request leaves the batch before its next forward pass and its KV is freed.
+    assert not await asyncio.to_thread(_wait_for_workers, 10)
     released_after = time.monotonic() - cancelled_at
-    assert freed
-    lock.release()
     # At most the forward pass under way when the task was cancelled: none starts after it.
     assert sum(t > cancelled_at for t in starts) <= 1
     # About one step plus thread scheduling on a busy machine; the rest of the call would
     # have held the model for about 3 s.
-    assert released_after < 0.5
+    assert released_after < 1.0
     if how == "ainvoke":
         await watcher
-    assert not await asyncio.to_thread(_wait_for_workers)
+    # Freed within a moment (the scheduler lets go of the step's calls after the step).
+    deadline = time.monotonic() + 2
+    while _live_caches() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
     assert _live_caches() == 0
     assert _live_tensors() <= tensors
     second = await chat.ainvoke(QUESTION, max_tokens=5)
     assert second.usage_metadata["output_tokens"] == 5
 
 
-def test_timeout_covers_waiting_for_a_busy_model(
-    slow_chat: tuple[ChatParallelReason, list[float]],
-) -> None:
-    chat, _ = slow_chat
-    first: list[Any] = []
-    holder = threading.Thread(
-        target=lambda: first.append(chat.invoke(QUESTION, max_tokens=150)), daemon=True
+def test_timeout_covers_waiting_in_the_queue(tiny_tokenizer: Any) -> None:
+    # One request at a time: the second call waits in the engine's queue and times out there.
+    model = build_tiny_model("llama", seed=0)
+    chat = ChatParallelReason.from_model(
+        model, tiny_tokenizer, mode="sequential", max_tokens=300, max_concurrent_requests=1
     )
-    holder.start()
-    lock = chat._get_engine().lock
-    deadline = time.monotonic() + 10
-    while not lock.locked() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    t0 = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"timeout=0\.2"):
-        chat.invoke(QUESTION, timeout=0.2)
-    assert time.monotonic() - t0 < 1.0
-    assert lock.locked()  # it did not wait for the first call (>= 1.5 s), which runs on
-    holder.join(60)
+    starts: list[float] = []
+
+    def slow(_module: Any, _args: Any, _kwargs: Any) -> None:
+        starts.append(time.monotonic())
+        time.sleep(0.01)
+
+    with _pre_hook(model, slow):
+        first: list[Any] = []
+        holder = threading.Thread(
+            target=lambda: first.append(chat.invoke(QUESTION, max_tokens=150)), daemon=True
+        )
+        holder.start()
+        deadline = time.monotonic() + 10
+        while not starts and time.monotonic() < deadline:
+            time.sleep(0.005)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"timeout=0\.2"):
+            chat.invoke(QUESTION, timeout=0.2)
+        assert time.monotonic() - t0 < 1.0
+        assert _running(chat) == 1  # it did not wait for the first call (>= 1.5 s), which runs on
+        holder.join(60)
     assert not holder.is_alive()
     assert first[0].usage_metadata["output_tokens"] == 150
+    assert chat._get_engine().stats()["cancelled"] == 1
 
 
 # ---------------------------------------------------------------------------- 7. security

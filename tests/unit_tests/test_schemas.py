@@ -105,6 +105,7 @@ def test_sequential_report_defaults() -> None:
         "timings": {},
         "attention": None,
         "notes": [],
+        "engine": {},
     }
 
 

@@ -67,7 +67,9 @@ def test_busy_bench_reports_the_slowdown(chat) -> None:
     from langchain_parallel_reason.bench.busy import BusyBenchConfig, run_busy_bench
 
     result = run_busy_bench(chat, BusyBenchConfig(max_tokens=4, repeats=1))
-    assert result["slowdown"] == pytest.approx(result["busy_s"] / result["idle_s"], rel=0.05)
+    assert result["slowdown"] == pytest.approx(
+        result["busy_s"] / result["idle_s"], rel=0.1, abs=0.1
+    )
     assert result["omp_wait_policy"] == "PASSIVE"
     assert result["threads"] <= result["usable_cores"]
     with pytest.raises(ValueError, match="repeats must be at least 1"):

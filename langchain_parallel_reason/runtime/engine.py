@@ -1,0 +1,770 @@
+"""The local engine: one scheduler thread owns a model and batches the forwards of every request.
+
+Contract: ``Engine(model, tokenizer)`` serves ``Request`` objects (runtime/base.py) with
+continuous batching. Each admitted request runs the three-stage pipeline on a worker of the
+engine's pool, against a *view* of the model: every forward the pipeline asks for (a prefill, a
+plan token, a step of N branches, a conclusion token) becomes a call handed to the scheduler,
+and the worker waits for its logits. The scheduler runs ONE forward per step over the calls of
+every live request, whatever stage each is at (runtime/ragged.py keeps each call to its own
+cache), so a request joins at the next step and leaves when it is done; long prefills are cut
+into chunks interleaved with decode steps. Each request's output is the one it gets alone
+(tested token for token): batching changes speed, not text.
+
+Limits: ``max_concurrent_requests`` running at once, ``max_batch_rows`` tokens per forward and
+an optional ``kv_budget_bytes`` reserved per request at admission; beyond them requests wait in
+a FIFO queue. Cancellation and timeouts take a request's calls out at the next step and free its
+KV; an out-of-memory (or any) error in a batched forward is retried in halves, so only the call
+that fails alone sees the error, and the batch cap shrinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import inspect
+import itertools
+import queue
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..decoding.attention import attention_configs
+from ..decoding.cache import crop_to, kv_bytes
+from ..decoding.masks import model_mask_kind
+from ..decoding.sequential import Cancelled
+from .base import EngineLimits, Item, Request
+from .ragged import RAGGED_ATTENTION, RaggedCache, RaggedLayout, Segment
+from .threads import apply_threads
+
+__all__ = ["Engine", "EngineLimits", "engine_for"]
+
+_POLL_S = 0.05  # how often waiting threads look at cancel flags, deadlines and engine health
+# A step waits for the live requests' next calls: until none arrived for _GATHER_S, at most
+# _GATHER_MAX_S (a request busy in Python, e.g. compiling a grammar, joins the next step).
+_GATHER_S = 0.002
+_GATHER_MAX_S = 0.02
+_REGROW_STEPS = 32  # good steps after an out-of-memory before the row cap doubles again
+
+
+class _Call:
+    """One forward a request asked for; the worker waits on ``done``.
+
+    ``ids``/``positions`` are ``[S]``; ``keep`` indexes the rows whose logits come back (None =
+    all). A plain prefill (no mask, no branch layout, last row kept) may run in chunks: ``ran``
+    counts the tokens already in its cache.
+    """
+
+    __slots__ = (
+        "cache",
+        "done",
+        "error",
+        "ids",
+        "keep",
+        "logits",
+        "mask",
+        "positions",
+        "ran",
+        "req",
+        "split",
+    )
+
+    def __init__(self, req, ids, positions, cache, mask, split, keep) -> None:
+        self.req = req
+        self.ids = ids
+        self.positions = positions
+        self.cache = cache
+        self.mask = mask
+        self.split = split
+        self.keep = keep
+        self.ran = 0
+        self.done = threading.Event()
+        self.logits: torch.Tensor | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def chunkable(self) -> bool:
+        return (
+            self.split is None
+            and self.mask is None
+            and self.keep is not None
+            and self.keep.numel() == 1
+            and int(self.keep[0]) == self.ids.shape[0] - 1
+        )
+
+    @property
+    def left(self) -> int:
+        return self.ids.shape[0] - self.ran
+
+    def finish(self, logits: torch.Tensor | None = None, error: BaseException | None = None):
+        # Let go of the request's cache first: the scheduler may still hold this call a
+        # moment after the worker (and the caller) moved on.
+        self.cache = self.mask = self.split = None
+        self.logits, self.error = logits, error
+        self.done.set()
+
+
+class _Req:
+    """A submitted request: its sink, flags, timings and the call it waits on."""
+
+    def __init__(self, request: Request, sink: Callable[[Item | tuple[str, Any]], None], seq: int):
+        self.request = request
+        self.sink = sink
+        self.seq = seq
+        self.cancel = threading.Event()
+        self.submitted = time.monotonic()
+        self.deadline = None if request.timeout is None else self.submitted + request.timeout
+        self.timed_out = False
+        self.admitted: float | None = None
+        self.queued_ahead = 0
+        self.reserved = 0
+        self.call: _Call | None = None
+        self.cache_ref: Callable[[], Any] = lambda: None  # the last cache it ran on (weak)
+        self.forwards = 0
+        self.batch_rows = 0
+
+    def expired(self, now: float) -> bool:
+        if self.deadline is not None and now >= self.deadline:
+            self.timed_out = True
+        return self.timed_out or self.cancel.is_set()
+
+    def send(self, item: tuple[str, Any]) -> None:
+        try:
+            self.sink(item)
+        except RuntimeError:  # the caller's event loop is closed: nobody listens any more
+            self.cancel.set()
+
+
+class _ModelView:
+    """What a request's pipeline sees as the model: attributes are the model's, forwards are
+    handed to the scheduler (``decoding`` checks ``batches_forwards`` to leave attention alone)."""
+
+    batches_forwards = True
+
+    def __init__(self, core: _Core, req: _Req) -> None:
+        self._core = core
+        self._req = req
+        self.base_attn_implementation = core.base_impl
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core.model, name)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Any = None,
+        past_key_values: Any = None,
+        cache: Any = None,
+        use_cache: bool = True,
+        logits_to_keep: Any = None,
+        belt_layout: Any = None,
+        **kwargs: Any,
+    ) -> SimpleNamespace:
+        store = cache if cache is not None else past_key_values
+        if store is None:
+            raise ValueError("the engine needs the caller's cache (past_key_values)")
+        if isinstance(logits_to_keep, int):
+            n = input_ids.shape[-1]
+            logits_to_keep = None if logits_to_keep == 0 else torch.arange(n - logits_to_keep, n)
+        call = _Call(
+            self._req,
+            input_ids.reshape(-1),
+            position_ids.reshape(-1),
+            store,
+            None if belt_layout is not None else attention_mask,
+            belt_layout,
+            None if logits_to_keep is None else torch.as_tensor(logits_to_keep).reshape(-1),
+        )
+        return SimpleNamespace(logits=self._core.run_call(call)[None])
+
+
+class _Core:
+    """The engine's state, shared by its scheduler thread and workers (not by the caller's
+    handle, so an engine nobody holds can be collected and its thread stopped)."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, limits: EngineLimits) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.limits = limits
+        self.configs = attention_configs(model)  # walked once, not per forward
+        self.base_impl = model.config._attn_implementation or "eager"
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        kind, _ = model_mask_kind(model)
+        dummy = torch.zeros(1, 1, 1, 1, device=model.get_input_embeddings().weight.device)
+        # A 4D mask makes transformers skip its own mask building; the segments bring theirs.
+        self.dummy_mask = (
+            {"full_attention": dummy, "sliding_attention": dummy} if kind == "dict" else dummy
+        )
+        self.kv_per_token = _kv_bytes_per_token(model)
+        self.cond = threading.Condition()
+        self.queue: collections.deque[_Req] = collections.deque()
+        self.running: dict[int, _Req] = {}
+        self.pending: list[_Call] = []
+        self.reserved = 0
+        self.row_cap = limits.max_batch_rows
+        self.good_steps = 0
+        self.closed = False
+        self.seq = itertools.count()
+        self.counters = collections.Counter()
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=limits.max_concurrent_requests, thread_name_prefix="parallel-reason-req"
+        )
+        self.thread = threading.Thread(
+            target=self._loop, name="parallel-reason-engine", daemon=True
+        )
+        self.thread.start()
+
+    # -- the caller's side ------------------------------------------------------------------
+
+    def submit(self, request: Request, sink: Callable[[tuple[str, Any]], None]) -> _Req:
+        req = _Req(request, sink, next(self.seq))
+        req.reserved = self._reservation(request)
+        budget = self.limits.kv_budget_bytes
+        if budget is not None and req.reserved > budget:
+            msg = (
+                f"this request may need {req.reserved} bytes of KV cache, more than "
+                f"kv_budget_bytes={budget}; raise kv_budget_bytes or lower max_tokens"
+            )
+            raise ValueError(msg)
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the engine is closed; create a new chat model")
+            req.queued_ahead = len(self.queue)
+            self.queue.append(req)
+            self.counters["submitted"] += 1
+            self.cond.notify_all()
+        return req
+
+    def cancel(self, req: _Req) -> None:
+        req.cancel.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        with self.cond:
+            c = self.counters
+            return {
+                "running": len(self.running),
+                "queued": len(self.queue),
+                "steps": c["steps"],
+                "rows": c["rows"],
+                "mean_rows_per_step": round(c["rows"] / c["steps"], 2) if c["steps"] else 0.0,
+                "max_rows_per_step": c["max_rows"],
+                "row_cap": self.row_cap,
+                "kv_reserved_bytes": self.reserved,
+                "kv_budget_bytes": self.limits.kv_budget_bytes,
+                "kv_bytes_live": sum(kv_bytes(r.cache_ref()) for r in self.running.values()),
+                "submitted": c["submitted"],
+                "completed": c["completed"],
+                "failed": c["failed"],
+                "cancelled": c["cancelled"],
+                "split_retries": c["split_retries"],
+                "max_concurrent_requests": self.limits.max_concurrent_requests,
+                "max_batch_rows": self.limits.max_batch_rows,
+            }
+
+    def close(self, join_s: float = 0.0) -> None:
+        with self.cond:
+            self.closed = True
+            for req in list(self.queue) + list(self.running.values()):
+                req.cancel.set()
+            self.cond.notify_all()
+        self.pool.shutdown(wait=False)
+        if join_s and threading.current_thread() is not self.thread:
+            self.thread.join(join_s)
+
+    # -- a worker's side --------------------------------------------------------------------
+
+    def run_call(self, call: _Call) -> torch.Tensor:
+        """Hand ``call`` to the scheduler and wait for its logits ``[K, V]``."""
+        req = call.req
+        if req.expired(time.monotonic()):
+            raise Cancelled("decoding cancelled")
+        with contextlib.suppress(TypeError):  # caches are weak-referenceable; be lenient
+            req.cache_ref = weakref.ref(call.cache)
+        with self.cond:
+            if self.closed:
+                raise Cancelled("the engine was closed")
+            req.call = call
+            self.pending.append(call)
+            self.cond.notify_all()
+        try:
+            while not call.done.wait(_POLL_S):
+                if not self.alive():
+                    raise RuntimeError("the engine's scheduler thread died; see the log above")
+        finally:
+            req.call = None  # the call holds the request's cache
+        error, logits = call.error, call.logits
+        call.error = call.logits = None
+        if error is not None:
+            raise error
+        return logits
+
+    def _serve(self, req: _Req) -> None:
+        from .. import pipeline as pl
+
+        apply_threads(1)  # a worker only samples and detokenizes; the forwards are batched
+        request = req.request
+        try:
+            if req.expired(time.monotonic()):
+                raise pl.PipelineCancelled("cancelled while queued")
+            tokenizer = request.tokenizer or self.tokenizer
+            messages, tools, config = request.messages, request.tools, request.config
+            if request.prepare is not None:
+                messages, tools, config = request.prepare(tokenizer)
+            result = self._answer(req, tokenizer, messages, tools, config)
+        except pl.PipelineCancelled as e:
+            error: BaseException = e
+            if req.timed_out:
+                error = _timeout_error(request.timeout)
+            # Nobody needs the frames of a cancelled pipeline; they hold its KV cache.
+            _drop_tracebacks(e)
+            outcome, item = "cancelled", ("error", error)
+        except BaseException as e:  # handed to the caller, who re-raises it
+            outcome, item = "failed", ("error", e)
+        else:
+            outcome, item = "completed", ("done", result)
+        self._end(req, outcome)
+        req.send(item)
+
+    def _answer(self, req: _Req, tokenizer, messages, tools, config) -> Any:
+        from .. import pipeline as pl
+
+        view = _ModelView(self, req)
+        sent_text = False
+        for attempt in itertools.count():
+            try:
+                with torch.no_grad():
+                    events = pl.iter_answer(
+                        view, tokenizer, messages, config, cancel=req.cancel, tools=tools
+                    )
+                    try:
+                        while True:
+                            try:
+                                event = next(events)
+                            except StopIteration as stop:
+                                return self._with_engine_report(req, stop.value)
+                            req.send(("event", event))
+                            sent_text = sent_text or not isinstance(event, pl.StageEvent)
+                    finally:
+                        events.close()
+            except (pl.PipelineCancelled, NotImplementedError, ValueError):
+                raise
+            except RuntimeError:
+                # A runtime failure (e.g. out of memory) before the caller saw any text is
+                # retried from scratch; after that the partial answer is already out.
+                if sent_text or req.expired(time.monotonic()) or attempt >= req.request.max_retries:
+                    raise
+        raise AssertionError  # unreachable: the loop returns or raises
+
+    def _with_engine_report(self, req: _Req, result: Any) -> Any:
+        info = {
+            "queue_wait_s": round((req.admitted or req.submitted) - req.submitted, 4),
+            "queued_ahead": req.queued_ahead,
+            "forwards": req.forwards,
+            "mean_batch_rows": round(req.batch_rows / req.forwards, 2) if req.forwards else 0.0,
+        }
+        report = result.report.model_copy(update={"engine": info})  # validated on creation
+        return dataclasses.replace(result, report=report)
+
+    def _end(self, req: _Req, outcome: str) -> None:
+        with self.cond:
+            self.running.pop(req.seq, None)
+            self.reserved -= req.reserved
+            self.counters[outcome] += 1
+            self.cond.notify_all()
+
+    def _reservation(self, request: Request) -> int:
+        """Upper bound of the KV bytes a request holds: its messages, the planning prompt and
+        step layout (a generous 512 tokens), and everything it may write."""
+        if self.limits.kv_budget_bytes is None:
+            return 0
+        text = " ".join(str(m.get("content") or "") for m in request.messages)
+        tokenizer = request.tokenizer or self.tokenizer
+        tokens = len(tokenizer.encode(text, add_special_tokens=False)) + 512
+        tokens += int(getattr(request.config, "max_tokens", 512))
+        return tokens * self.kv_per_token
+
+    # -- the scheduler ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+            if batch:
+                self._run(batch)
+            # Drop the last step's calls before waiting: they hold their requests' caches.
+            batch = None
+
+    def _next_batch(self) -> list[tuple[_Call, int]] | None:
+        """Under the lock: admit, expire, wait for calls; None when closed."""
+        while True:
+            if self.closed and not self.running:
+                return None
+            now = time.monotonic()
+            self._expire(now)
+            self._admit(now)
+            if self.pending:
+                break
+            self.cond.wait(_POLL_S if (self.running or self.queue) else None)
+        # Give the live requests a moment to hand in their next call (one step's worth of
+        # Python after the last forward), so they share this forward instead of the next.
+        # The wait ends _GATHER_S after the last arrival, or at _GATHER_MAX_S in all.
+        start = time.monotonic()
+        deadline, seen = start + _GATHER_S, len(self.pending)
+        while len(self.pending) < len(self.running):
+            left = min(deadline, start + _GATHER_MAX_S) - time.monotonic()
+            if left <= 0:
+                break
+            self.cond.wait(left)
+            if len(self.pending) > seen:
+                deadline, seen = time.monotonic() + _GATHER_S, len(self.pending)
+        self._expire(time.monotonic())
+        return self._compose()
+
+    def _expire(self, now: float) -> None:
+        from .. import pipeline as pl
+
+        for req in [r for r in self.queue if r.expired(now)]:
+            self.queue.remove(req)
+            self.counters["cancelled"] += 1
+            error: BaseException = pl.PipelineCancelled("cancelled while queued")
+            if req.timed_out:
+                error = _timeout_error(req.request.timeout)
+            req.send(("error", error))
+        for call in [c for c in self.pending if c.req.expired(now)]:
+            self.pending.remove(call)
+            call.finish(error=Cancelled("decoding cancelled"))
+
+    def _admit(self, now: float) -> None:
+        budget = self.limits.kv_budget_bytes
+        while self.queue and len(self.running) < self.limits.max_concurrent_requests:
+            req = self.queue[0]
+            if budget is not None and self.running and self.reserved + req.reserved > budget:
+                break  # FIFO: the head waits for room, and so does everyone behind it
+            self.queue.popleft()
+            req.admitted = now
+            self.running[req.seq] = req
+            self.reserved += req.reserved
+            self.pool.submit(self._serve, req)
+
+    def _compose(self) -> list[tuple[_Call, int]]:
+        """Take calls for one forward, oldest request first, up to ``row_cap`` tokens."""
+        batch, rows = [], 0
+        self.pending.sort(key=lambda c: (c.chunkable, c.req.seq))  # decode steps before prefills
+        for call in list(self.pending):
+            room = self.row_cap - rows
+            if room <= 0:
+                break
+            take = call.left
+            if take > room:
+                if call.chunkable:
+                    take = room
+                elif batch:
+                    continue  # whole next step, alone if need be
+            batch.append((call, take))
+            rows += take
+            if take == call.left:
+                self.pending.remove(call)
+        return batch
+
+    def _run(self, batch: list[tuple[_Call, int]]) -> None:
+        """One forward over ``batch``; on failure, retry in halves so one bad call fails alone."""
+        marks = [_cache_mark(call) for call, _ in batch]
+        try:
+            outs = self._forward(batch)
+        except Exception as e:
+            for (call, _), mark in zip(batch, marks, strict=True):
+                _cache_restore(call, mark)
+            if _is_oom(e):
+                with self.cond:
+                    rows = sum(take for _, take in batch)
+                    self.row_cap = max(1, min(self.row_cap, rows // 2))
+                    self.good_steps = 0
+            if len(batch) > 1:
+                with self.cond:
+                    self.counters["split_retries"] += 1
+                half = len(batch) // 2
+                self._run(batch[:half])
+                self._run(batch[half:])
+                return
+            call, take = batch[0]
+            if _is_oom(e) and call.chunkable and take > 1:
+                self._run([(call, take // 2)])  # a smaller chunk of the same prefill
+                self._requeue(call)
+                return
+            with self.cond, contextlib.suppress(ValueError):
+                self.pending.remove(call)
+            call.finish(error=e)
+            return
+        rows = sum(take for _, take in batch)
+        with self.cond:
+            # After an out-of-memory the cap halves; it grows back after a run of good steps.
+            self.good_steps += 1
+            if self.row_cap < self.limits.max_batch_rows and self.good_steps >= _REGROW_STEPS:
+                self.row_cap = min(self.limits.max_batch_rows, self.row_cap * 2)
+                self.good_steps = 0
+            self.counters["steps"] += 1
+            self.counters["rows"] += rows
+            self.counters["max_rows"] = max(self.counters["max_rows"], rows)
+        for (call, take), logits in zip(batch, outs, strict=True):
+            call.req.forwards += 1
+            call.req.batch_rows += rows
+            call.ran += take
+            if call.left == 0:
+                call.finish(logits)
+
+    def _requeue(self, call: _Call) -> None:
+        with self.cond:
+            if call.left and call not in self.pending and not call.done.is_set():
+                self.pending.append(call)
+            self.cond.notify_all()
+
+    def _forward(self, batch: list[tuple[_Call, int]]) -> list[torch.Tensor | None]:
+        """The step's single forward: returns each call's kept logits (None for a chunk that
+        does not end its prefill)."""
+        apply_threads(batch[0][0].req.request.num_threads)
+        segments, ids, pos, keep, spans = [], [], [], [], []
+        at = 0
+        for call, take in batch:
+            a, b = call.ran, call.ran + take
+            ids.append(call.ids[a:b])
+            pos.append(call.positions[a:b])
+            segments.append(
+                Segment(at, at + take, call.cache, call.positions[a:b], call.mask, call.split)
+            )
+            if b == call.ids.shape[0]:  # the call ends here: its kept rows come back
+                rows = torch.arange(take) if call.keep is None else call.keep - a
+                spans.append((len(keep), len(keep) + rows.numel()))
+                keep.extend((rows + at).tolist())
+            else:
+                spans.append(None)
+            at += take
+        device = ids[0].device
+        layout = RaggedLayout(segments, self.base_impl)
+        with torch.inference_mode():
+            for cfg in self.configs:
+                cfg._attn_implementation = RAGGED_ATTENTION
+            try:
+                out = self.model(
+                    input_ids=torch.cat(ids)[None],
+                    position_ids=torch.cat(pos)[None],
+                    attention_mask=self.dummy_mask,
+                    use_cache=True,
+                    logits_to_keep=torch.tensor(keep or [0], device=device),
+                    ragged_layout=layout,
+                    **{self.cache_kw: RaggedCache()},
+                )
+            finally:
+                for cfg in self.configs:
+                    cfg._attn_implementation = self.base_impl
+        logits = out.logits[0]  # [len(keep), V]
+        return [None if s is None else logits[s[0] : s[1]] for s in spans]
+
+
+def _kv_bytes_per_token(model: Any) -> int:
+    config = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    layers = int(getattr(config, "num_hidden_layers", 1))
+    heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    size = next(model.parameters()).element_size()
+    return 2 * layers * heads * dim * size
+
+
+def _cache_mark(call: _Call) -> int | None:
+    """What to roll a call's cache back to if the forward fails (None: nothing to undo)."""
+    if call.split is not None:
+        return None  # branch slots are written in place: a retry writes the same slots again
+    return call.cache.get_seq_length()
+
+
+def _cache_restore(call: _Call, mark: int | None) -> None:
+    if mark is not None:
+        crop_to(call.cache, mark)
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def _drop_tracebacks(error: BaseException | None) -> None:
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
+
+
+def _timeout_error(timeout: float | None) -> TimeoutError:
+    msg = (
+        f"ChatParallelReason did not finish within timeout={timeout} s and was cancelled; "
+        "raise `timeout` or lower `max_tokens` (the model is free again)"
+    )
+    return TimeoutError(msg)
+
+
+class Engine:
+    """A model served to many callers at once (see the module docstring).
+
+    Args:
+        model: a transformers causal LM in eval mode; the engine owns its forwards while it
+            lives (don't run other forwards on it from other threads at the same time).
+        tokenizer: its tokenizer (with a chat template).
+        name: model name for metadata.
+        limits: ``EngineLimits``.
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: Any, name: str = "custom", limits: EngineLimits | None = None
+    ) -> None:
+        self._core = _Core(model, tokenizer, name, limits or EngineLimits())
+        self.name = name
+        weakref.finalize(self, _Core.close, self._core)
+
+    @property
+    def model(self) -> Any:
+        """The served model."""
+        return self._core.model
+
+    @property
+    def tokenizer(self) -> Any:
+        """Its tokenizer."""
+        return self._core.tokenizer
+
+    @property
+    def limits(self) -> EngineLimits:
+        """The engine's limits."""
+        return self._core.limits
+
+    def stats(self) -> dict[str, Any]:
+        """Requests running and queued, forwards, rows per forward, KV reserved and live."""
+        return self._core.stats()
+
+    def __copy__(self) -> Engine:
+        return self  # shared: copies of a chat model keep serving through the same engine
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Engine:
+        return self
+
+    def close(self) -> None:
+        """Cancel everything and stop the scheduler (also done when the engine is collected)."""
+        self._core.close()
+
+    def stream(self, request: Request) -> Iterator[Item]:
+        """Run ``request``; yield ``("event", e)`` items then ``("done", AnswerResult)``."""
+        core = self._core
+        items: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        req = core.submit(request, items.put)
+        finished = False
+        try:
+            while True:
+                try:
+                    kind, value = items.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if not core.alive():
+                        raise RuntimeError("the engine's scheduler thread died") from None
+                    continue
+                if kind == "error":
+                    finished = True
+                    raise value
+                if kind == "done":
+                    finished = True
+                yield kind, value
+                if finished:
+                    return
+        finally:
+            if not finished:  # the caller stopped early: free the request's rows and KV
+                core.cancel(req)
+
+    async def astream(self, request: Request) -> AsyncIterator[Item]:
+        """Async ``stream``: the scheduler feeds an asyncio queue; no thread per call."""
+        core = self._core
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def sink(item: tuple[str, Any]) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+        req = core.submit(request, sink)
+        finished = False
+        getter: asyncio.Future | None = None
+        try:
+            while True:
+                # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that races with the item arriving.
+                if getter is None:
+                    getter = asyncio.ensure_future(items.get())
+                done, _ = await asyncio.wait({getter}, timeout=1.0)
+                if not done:
+                    if not core.alive():
+                        raise RuntimeError("the engine's scheduler thread died")
+                    continue
+                kind, value = getter.result()
+                getter = None
+                if kind == "error":
+                    finished = True
+                    raise value
+                if kind == "done":
+                    finished = True
+                yield kind, value
+                if finished:
+                    return
+        finally:
+            if getter is not None:
+                getter.cancel()
+            if not finished:  # cancelled or closed early
+                core.cancel(req)
+
+
+_ENGINES: weakref.WeakValueDictionary[int, Engine] = weakref.WeakValueDictionary()
+_CORES: weakref.WeakSet[_Core] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Stop the schedulers before the interpreter tears down: a daemon thread inside a torch op
+    # at exit aborts the process ("terminate called without an active exception").
+    for core in list(_CORES):
+        core.close(join_s=2.0)
+
+
+_ENGINES_LOCK = threading.Lock()
+
+
+def engine_for(
+    model: Any, tokenizer: Any, name: str = "custom", limits: EngineLimits | None = None
+) -> Engine:
+    """The one engine of ``model`` (created on first request): callers that share a model
+    share its engine, its batch and its limits (the first caller's limits win)."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(id(model))
+        if engine is None or engine.model is not model:
+            engine = Engine(model, tokenizer, name, limits)
+            _ENGINES[id(model)] = engine
+        return engine

@@ -1,0 +1,156 @@
+"""Ragged attention: one forward pass over the tokens of many requests, each with its own cache.
+
+Contract: the engine concatenates the query tokens of every call in a step into one sequence
+``[1, T]`` and passes ``ragged_layout=RaggedLayout(...)`` to the model's forward while the model's
+attention implementation is ``"parallel_reason_ragged"``. ``ragged_attention`` then, per layer,
+cuts queries/keys/values into the calls' segments and runs each segment exactly as that call would
+run alone: the segment's own cache is updated with its keys, and attention is computed over that
+cache only (a stock ``DynamicCache`` with a causal, sliding or belt mask, or a ``BranchCache``
+with split attention). No token ever sees another call's keys. The linear layers (most of the
+work) run once for all T tokens: that is where batching pays.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..decoding.attention import SplitLayout, split_attention
+from ..decoding.masks import to_additive
+
+__all__ = ["RAGGED_ATTENTION", "RaggedCache", "RaggedLayout", "Segment", "ragged_attention"]
+
+RAGGED_ATTENTION = "parallel_reason_ragged"
+
+
+@dataclass
+class Segment:
+    """One call's slice of the step.
+
+    Attributes:
+        start, stop: token range ``[start, stop)`` in the step's sequence.
+        cache: the call's own cache (``DynamicCache`` or ``BranchCache``).
+        positions: ``[S]`` position ids of the segment's tokens.
+        mask: the call's own 4D additive mask (tensor, or dict per layer type), or None for
+            plain causal attention over its cache.
+        split: the call's ``SplitLayout`` when it decodes branches with split attention.
+    """
+
+    start: int
+    stop: int
+    cache: Any
+    positions: torch.Tensor
+    mask: torch.Tensor | dict[str, torch.Tensor] | None = None
+    split: SplitLayout | None = None
+
+
+@dataclass
+class RaggedLayout:
+    """Every segment of the step, and the attention function the model was loaded with."""
+
+    segments: list[Segment]
+    base: str
+
+
+class RaggedCache(Cache):
+    """The cache object handed to the model: keys stay with their segments' own caches.
+
+    ``update`` returns the new keys unchanged; ``ragged_attention`` writes each segment's slice to
+    its own cache (it must cut them anyway).
+    """
+
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__(layers=[])
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Pass ``[1, kv_heads, T, d]`` keys/values through (see the class docstring)."""
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """0: positions come from ``position_ids``, masks from the segments."""
+        return 0
+
+
+def _base_function(module: torch.nn.Module, base: str) -> Callable[..., Any]:
+    # Eager attention is defined per model file (Gemma2's applies its softcap there); the others
+    # are registered by name.
+    if base == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _causal_mask(
+    q_pos: torch.Tensor, kv_len: int, window: int | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """``[1, 1, S, K]`` additive mask for a plain sequence (key j at position j), or None when
+    every key is visible (one query token, no window in reach)."""
+    if q_pos.shape[0] == 1 and (window is None or kv_len <= window):
+        return None
+    k_pos = torch.arange(kv_len, device=q_pos.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= (q_pos[:, None] - k_pos[None, :]) < window
+    return to_additive(allowed, dtype)
+
+
+def _segment_mask(seg: Segment, sliding_window: int | None) -> torch.Tensor | None:
+    mask = seg.mask
+    if isinstance(mask, dict):
+        key = "sliding_attention" if sliding_window is not None else "full_attention"
+        return mask.get(key, mask.get("full_attention"))
+    return mask
+
+
+def ragged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    ragged_layout: RaggedLayout | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of ``[1, H, T, d]`` queries, segment by segment. Returns ``[1, T, H, d]``."""
+    if ragged_layout is None:
+        msg = "parallel_reason_ragged attention needs ragged_layout; only the engine calls it"
+        raise RuntimeError(msg)
+    layer = module.layer_idx
+    base = _base_function(module, ragged_layout.base)
+    extra = {"softcap": softcap} if softcap is not None else {}
+    if sliding_window is not None:
+        extra["sliding_window"] = sliding_window
+    outs = []
+    for seg in ragged_layout.segments:
+        a, b = seg.start, seg.stop
+        q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
+        if seg.split is not None:
+            seg.cache.update(k, v, layer)  # scatter into the branch slots set by the decoder
+            out, _ = split_attention(
+                module, q, k, v, None, scaling, dropout, softcap, sliding_window, seg.split
+            )
+        else:
+            keys, values = seg.cache.update(k, v, layer)  # [1, kvh, K, d], this call's only
+            if seg.mask is not None:
+                mask = _segment_mask(seg, sliding_window)
+                mask = None if mask is None else mask[..., : keys.shape[-2]]
+            else:
+                mask = _causal_mask(seg.positions, keys.shape[-2], sliding_window, query.dtype)
+            out, _ = base(module, q, keys, values, mask, scaling=scaling, dropout=dropout, **extra)
+        outs.append(out)  # [1, S, H, d]
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], None
+
+
+AttentionInterface.register(RAGGED_ATTENTION, ragged_attention)
