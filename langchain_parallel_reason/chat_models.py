@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import json
 import queue
 import reprlib
@@ -47,6 +46,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 from . import tools as _tools
+from .runtime.retry import run_with_retries
 from .runtime.threads import apply_threads
 from .schemas import Plan
 
@@ -448,17 +448,15 @@ class _PipelineRun:
             timer.daemon = True
             timer.start()
         try:
-            for attempt in itertools.count():
-                try:
-                    return self._run_once(engine, deadline)
-                except (pl.PipelineCancelled, NotImplementedError):
-                    raise
-                except RuntimeError:
-                    # A runtime failure (e.g. out of memory) before the caller saw any text
-                    # is retried from scratch; after that the partial answer is already out.
-                    if self._sent_text or self.cancel.is_set() or attempt >= self._max_retries:
-                        raise
-            raise AssertionError  # unreachable: the loop returns or raises
+            # An error that can pass (e.g. out of memory) before the caller saw any text is
+            # retried from scratch, with backoff; after that the partial answer is already out.
+            return run_with_retries(
+                lambda: self._run_once(engine, deadline),
+                max_retries=self._max_retries,
+                deadline=deadline,
+                may_retry=lambda: not (self._sent_text or self.cancel.is_set()),
+                sleep=self.cancel.wait,
+            )
         except pl.PipelineCancelled as e:
             if self._timed_out:
                 raise self._timeout_error() from e
@@ -683,8 +681,10 @@ class ChatParallelReason(BaseChatModel):
     call that runs over is cancelled and raises `TimeoutError`."""
 
     max_retries: int = Field(default=0, ge=0)
-    """Retries of a call that fails with a runtime error (e.g. out of memory) before any
-    text was produced."""
+    """Retries of a call that fails with an error that can pass (out of memory, a dropped
+    connection) before any text was produced, with exponential backoff (0.1 s doubling, at
+    most 2 s) and never past `timeout`. Other errors recur on the same input and are raised
+    at once."""
 
     streaming: bool = False
     """Stream by default: `invoke` then runs through `_stream` (callbacks get each token)."""
