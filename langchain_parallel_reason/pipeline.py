@@ -40,6 +40,7 @@ __all__ = [
     "StepDelta",
     "TextStream",
     "answer",
+    "check_question",
     "iter_answer",
     "render_prompt",
 ]
@@ -256,6 +257,41 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], **template_kw:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def check_question(messages: Sequence[dict[str, Any]]) -> None:
+    """Raise ValueError unless ``messages`` ask something the answer can respond to.
+
+    The last user or tool message is the question: a user message must hold text (a tool
+    result may be empty), and a tool message must follow an assistant message with tool
+    calls. Without this, a model answers the planning prompt's example instead.
+    """
+    if not messages:
+        raise ValueError("messages is empty: pass at least one user message")
+    called = False
+    last = None
+    for message in messages:
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            called = True
+        elif role == "tool" and not called:
+            msg = (
+                f"a tool message (tool_call_id={message.get('tool_call_id')!r}) answers no "
+                "earlier tool call: put the AIMessage with that tool call before it, or pass "
+                "the text as a user message"
+            )
+            raise ValueError(msg)
+        if role in ("user", "tool"):
+            last = message
+    if last is None:
+        msg = (
+            "no question: the messages hold no user message (only system or assistant text); "
+            "add a HumanMessage with the question"
+        )
+        raise ValueError(msg)
+    if last["role"] == "user" and not str(last.get("content") or "").strip():
+        msg = "the question is empty: the last user message holds no text; ask something"
+        raise ValueError(msg)
+
+
 def with_system(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
     """``messages`` with ``system`` first in one leading system message."""
     # The Stage-1 instruction goes first; a caller's system prompt follows it in the same block
@@ -457,12 +493,11 @@ def iter_answer(
     """Answer ``messages``; yield events as text is produced; return the merged answer.
 
     Raises:
-        ValueError: bad messages, a tokenizer without chat template, or a prompt longer than
-            the model's context window.
+        ValueError: bad messages (no question, see ``check_question``), a tokenizer without
+            chat template, or a prompt longer than the model's context window.
         PipelineCancelled: ``cancel`` was set (checked before every forward pass).
     """
-    if not messages:
-        raise ValueError("messages is empty: pass at least one user message")
+    check_question(messages)
     run = _Run(model, tokenizer, messages, config, cancel, tools)
     t0 = time.perf_counter()
     try:
