@@ -735,6 +735,13 @@ class ChatParallelReason(BaseChatModel):
     to loop inside a string until the token budget runs out; capped strings cannot hold
     quotes, backslashes or newlines."""
 
+    parse_special_tokens: bool = False
+    """Read text that spells one of the tokenizer's special tokens (e.g. ``<|im_end|>``) in
+    message content, tool output and step titles as that control token, as transformers' chat
+    pipelines do. False (the default): such text is tokenized as plain text, so untrusted
+    input cannot end a turn or forge a role; only the chat template's own control tokens are
+    special. Set True only for input you trust that relies on writing control tokens."""
+
     _engine: _Engine | None = PrivateAttr(default=None)
 
     @field_validator("model", "gguf_file")
@@ -901,6 +908,7 @@ class ChatParallelReason(BaseChatModel):
             stop=tuple(s for s in stops or () if s),
             attention=values["attention"],
             constrain_plan=values["constrain_plan"],
+            parse_special_tokens=self.parse_special_tokens,
         )
         return config, values["timeout"], tools
 

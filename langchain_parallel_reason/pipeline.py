@@ -97,6 +97,8 @@ class PipelineConfig:
         grammar: the whole answer must match this grammar (decoded sequentially).
         sequential_reason: decode sequentially for this reason, recorded in the report as
             ``fallback_reason`` (e.g. tools are bound); ignored when mode is "sequential".
+        parse_special_tokens: read text in messages, tool output and step titles that spells
+            a special token (e.g. ``<|im_end|>``) as that token; by default it is plain text.
     """
 
     mode: Mode = "auto"
@@ -115,6 +117,7 @@ class PipelineConfig:
     constrain_plan: bool = True
     grammar: OutputGrammar | None = None
     sequential_reason: str | None = None
+    parse_special_tokens: bool = False
 
     def __post_init__(self) -> None:
         SamplingParams(self.temperature, self.top_p, self.top_k)  # validates
@@ -229,32 +232,65 @@ class TextStream:
         return cut_at_stop(self._text(), self.stops)[0]
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], **template_kw: Any) -> list[int]:
-    """Token ids of ``messages`` through the tokenizer's chat template, ready for generation."""
+def render_prompt(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    *,
+    parse_special_tokens: bool = False,
+    **template_kw: Any,
+) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, ready for generation.
+
+    Text in the messages (and tools) that spells a control token, e.g. ``<|im_end|>`` typed
+    by a user or returned by a tool, is tokenized as plain text, so it cannot end a turn or
+    forge a role; only the template's own control tokens are tokens (transformers'
+    ``sanitize_control_tokens``). ``parse_special_tokens=True`` reads such text as the
+    tokens instead, as transformers' chat pipelines do by default.
+    """
     if not getattr(tokenizer, "chat_template", None):
         msg = "the tokenizer has no chat_template; pass a tokenizer that defines one (tokenizer.chat_template = ...)"
         raise ValueError(msg)
     from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
+    def render(**kw: Any) -> Any:
+        try:
+            return tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, **template_kw, **kw
+            )
+        except TemplateError as e:
+            msg = (
+                f"the tokenizer's chat template rejected these messages ({e}); check the roles "
+                "and their order (some templates need a user message, or no system message)"
+            )
+            raise ValueError(msg) from e
+
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template_kw
+        return list(
+            render(
+                tokenize=True,
+                return_dict=False,
+                sanitize_control_tokens=not parse_special_tokens,
+            )
         )
-    except TemplateError as e:
+    except (TypeError, UnicodeError):
+        text = render(tokenize=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: tokenizers raise a bare TypeError
+            msg = (
+                f"the messages hold {text[e.start : e.end]!r}, which is not valid Unicode text "
+                "(a lone surrogate); decode the input with errors='replace' or remove it"
+            )
+            raise ValueError(msg) from None
+        raise
+    except ValueError as e:
+        if "sanitize" not in str(e):
+            raise
         msg = (
-            f"the tokenizer's chat template rejected these messages ({e}); check the roles and "
-            "their order (some templates need a user message, or no system message)"
+            f"{e}: this tokenizer cannot keep that text apart from the control token; remove "
+            "it from the messages, or pass parse_special_tokens=True to read it as the token"
         )
         raise ValueError(msg) from e
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate: tokenizers raise a bare TypeError
-        msg = (
-            f"the messages hold {text[e.start : e.end]!r}, which is not valid Unicode text "
-            "(a lone surrogate); decode the input with errors='replace' or remove it"
-        )
-        raise ValueError(msg) from None
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def check_question(messages: Sequence[dict[str, Any]]) -> None:
@@ -409,7 +445,9 @@ class _Run:
         self.notes: list[str] = []
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
+        # Step titles and texts are data: text spelling a special token stays text.
+        split = not self.cfg.parse_special_tokens
+        return self.tok.encode(text, add_special_tokens=False, split_special_tokens=split)
 
     def check_prompt(self, ids: list[int]) -> None:
         if len(ids) >= self.ctx:
@@ -519,11 +557,15 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         yield StageEvent("fallback", {"reason": reason})
     cfg = run.cfg
     template_kw = {"tools": run.tools} if run.tools else {}
-    prompt = render_prompt(run.tok, run.messages, **template_kw)
+    prompt = render_prompt(
+        run.tok, run.messages, parse_special_tokens=cfg.parse_special_tokens, **template_kw
+    )
     # An output grammar: its forced prefix is prefilled with the prompt, the rest decoded
     # under the grammar, with no stop strings (one inside a JSON string would cut it).
     grammar = cfg.grammar
-    forced = run.encode(grammar.prefix) if grammar is not None and grammar.prefix else []
+    # The prefix is the template's tool-call opener: its control tokens stay tokens.
+    forced = grammar.prefix if grammar is not None else ""
+    forced = run.tok.encode(forced, add_special_tokens=False) if forced else []
     constraint = _output_constraint(run, grammar) if grammar is not None else None
     stops = () if grammar is not None else cfg.stop
     prompt = [*prompt, *forced]
@@ -579,7 +621,9 @@ def _parallel(run: _Run, t0: float) -> Generator:
     tok = run.tok
     messages = with_system(run.messages, stage1_system_prompt(cfg.max_branches))
     template_kw = {"tools": run.tools} if run.tools else {}
-    prompt = render_prompt(tok, messages, **template_kw)
+    prompt = render_prompt(
+        tok, messages, parse_special_tokens=cfg.parse_special_tokens, **template_kw
+    )
     if len(prompt) + MIN_STEP_TOKENS > run.ctx:
         # The Stage-1 instructions make the prompt longer than the caller's messages alone:
         # answer those sequentially (which raises if even they do not fit).
