@@ -284,7 +284,7 @@ def render_prompt(
             raise ValueError(msg) from None
         raise
     except ValueError as e:
-        if "sanitize" not in str(e):
+        if not str(e).startswith("Can't sanitize"):  # transformers' own wording
             raise
         msg = (
             f"{e}: this tokenizer cannot keep that text apart from the control token; remove "
