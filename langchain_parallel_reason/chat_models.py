@@ -1244,8 +1244,9 @@ def _validate_steps(steps: list[str], max_branches: int) -> None:
                 title.encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate: tokenizers raise a bare TypeError
                 msg = (
-                    f"steps={reprlib.repr(steps)}: the title {title!r} is not valid Unicode "
-                    "text (a lone surrogate); decode it with errors='replace' or remove it"
+                    f"steps={reprlib.repr(steps)} cannot be decoded in parallel: the title "
+                    f"{title!r} is not valid Unicode text (a lone surrogate); decode it with "
+                    "errors='replace' or remove it"
                 )
                 raise ValueError(msg) from None
     try:
