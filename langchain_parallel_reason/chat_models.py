@@ -41,7 +41,17 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from . import tools as _tools
 from .runtime.base import EngineLimits, Request
@@ -186,7 +196,10 @@ def _convert_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     if not messages:
         msg = "no messages: pass at least one message (e.g. a HumanMessage)"
         raise ValueError(msg)
-    return [_convert_message(message) for message in messages]
+    converted = [_convert_message(message) for message in messages]
+    # Here, before tools are written as text (which turns tool results into user turns).
+    _pipeline().check_question(converted)
+    return converted
 
 
 # ---------------------------------------------------------- tools and structured output
@@ -345,6 +358,20 @@ def _finish_reason(result: AnswerResult, config: PipelineConfig) -> str:
     return "length" if result.output_tokens >= config.max_tokens else "stop"
 
 
+_TIMEOUT_MAX_S = 86400.0
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    """A finite `timeout` of at most a day (a deadline past the clock's range cannot be set)."""
+    if timeout is not None and not timeout <= _TIMEOUT_MAX_S:
+        msg = (
+            f"timeout={timeout!r} is not a usable number of seconds: pass a finite number up "
+            f"to {_TIMEOUT_MAX_S:.0f} (one day), or None for no time limit"
+        )
+        raise ValueError(msg)
+    return timeout
+
+
 @functools.cache
 def _field_adapter(cls: type[BaseChatModel], name: str) -> TypeAdapter[Any]:
     """A validator for one field of ``cls``, constraints included, for per-call overrides."""
@@ -499,13 +526,16 @@ class ChatParallelReason(BaseChatModel):
     stop: list[str] | None = None
     """Stop strings: one ends the answer (inside a parallel step it ends that step only)."""
 
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: Annotated[float | None, AfterValidator(_check_timeout)] = Field(default=None, gt=0)
     """Seconds one call may take (waiting for the model included, first load excluded); a
-    call that runs over is cancelled and raises `TimeoutError`."""
+    call that runs over is cancelled and raises `TimeoutError`. At most one day (86400);
+    None = no limit."""
 
     max_retries: int = Field(default=0, ge=0)
-    """Retries of a call that fails with a runtime error (e.g. out of memory) before any
-    text was produced."""
+    """Retries of a call that fails with an error that can pass (out of memory, a dropped
+    connection) before any text was produced, with exponential backoff (0.1 s doubling, at
+    most 2 s) and never past `timeout`. Other errors recur on the same input and are raised
+    at once."""
 
     streaming: bool = False
     """Stream by default: `invoke` then runs through `_stream` (callbacks get each token)."""
@@ -540,8 +570,27 @@ class ChatParallelReason(BaseChatModel):
     to loop inside a string until the token budget runs out; capped strings cannot hold
     quotes, backslashes or newlines."""
 
+    parse_special_tokens: bool = False
+    """Read text that spells one of the tokenizer's special tokens (e.g. ``<|im_end|>``) in
+    message content, tool output and step titles as that control token, as transformers' chat
+    pipelines do. False (the default): such text is tokenized as plain text, so untrusted
+    input cannot end a turn or forge a role; only the chat template's own control tokens are
+    special. Set True only for input you trust that relies on writing control tokens."""
+
     _engine: Engine | None = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)  # from_model's own (None: the engine's)
+
+    @field_validator("model", "gguf_file")
+    @classmethod
+    def _check_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Refuse an empty name: as a path it would be the current directory."""
+        if value is not None and not value.strip():
+            msg = (
+                f"{info.field_name}={value!r} is empty: pass a local folder, a .gguf file or a "
+                "hub id, or None for the embedded SmolLM2-135M-Instruct"
+            )
+            raise ValueError(msg)
+        return value
 
     @model_validator(mode="after")
     def _check_steps(self) -> Self:
@@ -704,6 +753,7 @@ class ChatParallelReason(BaseChatModel):
             stop=tuple(s for s in stops or () if s),
             attention=values["attention"],
             constrain_plan=values["constrain_plan"],
+            parse_special_tokens=self.parse_special_tokens,
         )
         return config, values["timeout"], tools
 
@@ -1003,6 +1053,17 @@ class ChatParallelReason(BaseChatModel):
 
 def _validate_steps(steps: list[str], max_branches: int) -> None:
     """Raise ValueError unless ``steps`` form a valid plan for ``max_branches``."""
+    for title in steps:
+        if isinstance(title, str) and not title.isascii():
+            try:
+                title.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: tokenizers raise a bare TypeError
+                msg = (
+                    f"steps={reprlib.repr(steps)} cannot be decoded in parallel: the title "
+                    f"{title!r} is not valid Unicode text (a lone surrogate); decode it with "
+                    "errors='replace' or remove it"
+                )
+                raise ValueError(msg) from None
     try:
         Plan.model_validate(
             {"titles": list(steps)},

@@ -403,6 +403,14 @@ def _resolve_source(
     model: str | os.PathLike[str] | None, gguf_file: str | None, progress: bool
 ) -> tuple[str, str | None, bool]:
     """(what to pass to from_pretrained, gguf file name or None, is it the embedded model)."""
+    for name, value in (("model", model), ("gguf_file", gguf_file)):
+        if value is not None and not os.fspath(value).strip():
+            # Path("") is the current directory: an empty name would load whatever is there.
+            msg = (
+                f"{name}={os.fspath(value)!r} is empty: pass a local folder, a .gguf file or a "
+                "hub id, or None for the embedded SmolLM2-135M-Instruct"
+            )
+            raise ValueError(msg)
     if model is None and gguf_file is None:
         return str(ensure_embedded_model_folder(progress=progress)), None, True
     if model is None:

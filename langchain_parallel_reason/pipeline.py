@@ -40,6 +40,7 @@ __all__ = [
     "StepDelta",
     "TextStream",
     "answer",
+    "check_question",
     "iter_answer",
     "render_prompt",
 ]
@@ -96,6 +97,8 @@ class PipelineConfig:
         grammar: the whole answer must match this grammar (decoded sequentially).
         sequential_reason: decode sequentially for this reason, recorded in the report as
             ``fallback_reason`` (e.g. tools are bound); ignored when mode is "sequential".
+        parse_special_tokens: read text in messages, tool output and step titles that spells
+            a special token (e.g. ``<|im_end|>``) as that token; by default it is plain text.
     """
 
     mode: Mode = "auto"
@@ -114,6 +117,7 @@ class PipelineConfig:
     constrain_plan: bool = True
     grammar: OutputGrammar | None = None
     sequential_reason: str | None = None
+    parse_special_tokens: bool = False
 
     def __post_init__(self) -> None:
         SamplingParams(self.temperature, self.top_p, self.top_k)  # validates
@@ -228,32 +232,100 @@ class TextStream:
         return cut_at_stop(self._text(), self.stops)[0]
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], **template_kw: Any) -> list[int]:
-    """Token ids of ``messages`` through the tokenizer's chat template, ready for generation."""
+def render_prompt(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    *,
+    parse_special_tokens: bool = False,
+    **template_kw: Any,
+) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, ready for generation.
+
+    Text in the messages (and tools) that spells a control token, e.g. ``<|im_end|>`` typed
+    by a user or returned by a tool, is tokenized as plain text, so it cannot end a turn or
+    forge a role; only the template's own control tokens are tokens (transformers'
+    ``sanitize_control_tokens``). ``parse_special_tokens=True`` reads such text as the
+    tokens instead, as transformers' chat pipelines do by default.
+    """
     if not getattr(tokenizer, "chat_template", None):
         msg = "the tokenizer has no chat_template; pass a tokenizer that defines one (tokenizer.chat_template = ...)"
         raise ValueError(msg)
     from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
+    def render(**kw: Any) -> Any:
+        try:
+            return tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, **template_kw, **kw
+            )
+        except TemplateError as e:
+            msg = (
+                f"the tokenizer's chat template rejected these messages ({e}); check the roles "
+                "and their order (some templates need a user message, or no system message)"
+            )
+            raise ValueError(msg) from e
+
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template_kw
+        return list(
+            render(
+                tokenize=True,
+                return_dict=False,
+                sanitize_control_tokens=not parse_special_tokens,
+            )
         )
-    except TemplateError as e:
+    except (TypeError, UnicodeError):
+        text = render(tokenize=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: tokenizers raise a bare TypeError
+            msg = (
+                f"the messages hold {text[e.start : e.end]!r}, which is not valid Unicode text "
+                "(a lone surrogate); decode the input with errors='replace' or remove it"
+            )
+            raise ValueError(msg) from None
+        raise
+    except ValueError as e:
+        if not str(e).startswith("Can't sanitize"):  # transformers' own wording
+            raise
         msg = (
-            f"the tokenizer's chat template rejected these messages ({e}); check the roles and "
-            "their order (some templates need a user message, or no system message)"
+            f"{e}: this tokenizer cannot keep that text apart from the control token; remove "
+            "it from the messages, or pass parse_special_tokens=True to read it as the token"
         )
         raise ValueError(msg) from e
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate: tokenizers raise a bare TypeError
+
+
+def check_question(messages: Sequence[dict[str, Any]]) -> None:
+    """Raise ValueError unless ``messages`` ask something the answer can respond to.
+
+    The last user or tool message is the question: a user message must hold text (a tool
+    result may be empty), and a tool message must follow an assistant message with tool
+    calls. Without this, a model answers the planning prompt's example instead.
+    """
+    if not messages:
+        raise ValueError("messages is empty: pass at least one user message")
+    called = False
+    last = None
+    for message in messages:
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            called = True
+        elif role == "tool" and not called:
+            msg = (
+                f"a tool message (tool_call_id={message.get('tool_call_id')!r}) answers no "
+                "earlier tool call: put the AIMessage with that tool call before it, or pass "
+                "the text as a user message"
+            )
+            raise ValueError(msg)
+        if role in ("user", "tool"):
+            last = message
+    if last is None:
         msg = (
-            f"the messages hold {text[e.start : e.end]!r}, which is not valid Unicode text "
-            "(a lone surrogate); decode the input with errors='replace' or remove it"
+            "no question: the messages hold no user message (only system or assistant text); "
+            "add a HumanMessage with the question"
         )
-        raise ValueError(msg) from None
-    return tokenizer.encode(text, add_special_tokens=False)
+        raise ValueError(msg)
+    if last["role"] == "user" and not str(last.get("content") or "").strip():
+        msg = "the question is empty: the last user message holds no text; ask something"
+        raise ValueError(msg)
 
 
 def with_system(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
@@ -373,7 +445,9 @@ class _Run:
         self.notes: list[str] = []
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
+        # Step titles and texts are data: text spelling a special token stays text.
+        split = not self.cfg.parse_special_tokens
+        return self.tok.encode(text, add_special_tokens=False, split_special_tokens=split)
 
     def check_prompt(self, ids: list[int]) -> None:
         if len(ids) >= self.ctx:
@@ -457,12 +531,11 @@ def iter_answer(
     """Answer ``messages``; yield events as text is produced; return the merged answer.
 
     Raises:
-        ValueError: bad messages, a tokenizer without chat template, or a prompt longer than
-            the model's context window.
+        ValueError: bad messages (no question, see ``check_question``), a tokenizer without
+            chat template, or a prompt longer than the model's context window.
         PipelineCancelled: ``cancel`` was set (checked before every forward pass).
     """
-    if not messages:
-        raise ValueError("messages is empty: pass at least one user message")
+    check_question(messages)
     run = _Run(model, tokenizer, messages, config, cancel, tools)
     t0 = time.perf_counter()
     try:
@@ -484,11 +557,15 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         yield StageEvent("fallback", {"reason": reason})
     cfg = run.cfg
     template_kw = {"tools": run.tools} if run.tools else {}
-    prompt = render_prompt(run.tok, run.messages, **template_kw)
+    prompt = render_prompt(
+        run.tok, run.messages, parse_special_tokens=cfg.parse_special_tokens, **template_kw
+    )
     # An output grammar: its forced prefix is prefilled with the prompt, the rest decoded
     # under the grammar, with no stop strings (one inside a JSON string would cut it).
     grammar = cfg.grammar
-    forced = run.encode(grammar.prefix) if grammar is not None and grammar.prefix else []
+    # The prefix is the template's tool-call opener: its control tokens stay tokens.
+    forced = grammar.prefix if grammar is not None else ""
+    forced = run.tok.encode(forced, add_special_tokens=False) if forced else []
     constraint = _output_constraint(run, grammar) if grammar is not None else None
     stops = () if grammar is not None else cfg.stop
     prompt = [*prompt, *forced]
@@ -544,7 +621,9 @@ def _parallel(run: _Run, t0: float) -> Generator:
     tok = run.tok
     messages = with_system(run.messages, stage1_system_prompt(cfg.max_branches))
     template_kw = {"tools": run.tools} if run.tools else {}
-    prompt = render_prompt(tok, messages, **template_kw)
+    prompt = render_prompt(
+        tok, messages, parse_special_tokens=cfg.parse_special_tokens, **template_kw
+    )
     if len(prompt) + MIN_STEP_TOKENS > run.ctx:
         # The Stage-1 instructions make the prompt longer than the caller's messages alone:
         # answer those sequentially (which raises if even they do not fit).

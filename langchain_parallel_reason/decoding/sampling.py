@@ -3,6 +3,10 @@
 Contract: ``sample_next(logits, params, generator)`` maps logits ``[B, V]`` to token ids ``[B]``.
 Temperature 0 is argmax (no randomness consumed); otherwise top-k, then top-p (nucleus), then a
 multinomial draw from the caller's ``torch.Generator``, so a seed reproduces the draw exactly.
+Numerically safe for every finite temperature > 0 and top_p in (0, 1]: the math runs in float64
+on logits shifted so the best token scores 0, so a tiny temperature tends to argmax (ties share
+the draw) and a huge one to uniform, never to inf or NaN; the most likely token always survives
+top-p.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ def _filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     # Mass strictly before each token: a token is dropped when that mass already reaches p.
     drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    # Explicitly: a p below the dtype's smallest number (1e-300 in float32 is 0) would drop it.
+    drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -81,7 +87,7 @@ def sample_next(
     """Choose one token per row.
 
     Args:
-        logits: ``[B, V]`` raw logits (any float dtype; sampling math runs in float32).
+        logits: ``[B, V]`` raw logits (any float dtype; sampling math runs in float64).
         params: temperature / top-k / top-p settings.
         generator: source of randomness for sampling; ignored when greedy.
 
@@ -90,7 +96,12 @@ def sample_next(
     """
     if params.greedy:
         return logits.argmax(dim=-1)
-    scores = logits.float() / params.temperature
+    # float64, and the best logit moved to 0 before dividing: (x - max) / t is 0 for the best
+    # token and <= 0 (or -inf) for the rest for any finite t > 0, so the softmax below never
+    # sees inf - inf. In float32, t = 1e-300 made every score inf and t = 3.5e38 (above the
+    # float32 range) made -inf masks NaN: torch.multinomial then raised.
+    scores = logits.double()
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k:
         scores = _filter_top_k(scores, params.top_k)
     if params.top_p < 1.0:

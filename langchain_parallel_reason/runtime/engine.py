@@ -43,6 +43,7 @@ from ..decoding.masks import model_mask_kind
 from ..decoding.sequential import Cancelled
 from .base import EngineLimits, Item, Request
 from .ragged import RAGGED_ATTENTION, RaggedCache, RaggedLayout, Segment
+from .retry import is_transient, run_with_retries
 from .threads import apply_threads
 
 __all__ = ["Engine", "EngineLimits", "engine_for"]
@@ -208,6 +209,7 @@ class _Core:
         )
         self.kv_per_token = _kv_bytes_per_token(model)
         self.cond = threading.Condition()
+        self.turn = threading.Lock()  # held by the worker running pipeline code (see _serve)
         self.queue: collections.deque[_Req] = collections.deque()
         self.running: dict[int, _Req] = {}
         self.pending: list[_Call] = []
@@ -303,9 +305,10 @@ class _Core:
             self.pending.append(call)
             self.cond.notify_all()
         try:
-            while not call.done.wait(_POLL_S):
-                if not self.alive():
-                    raise RuntimeError("the engine's scheduler thread died; see the log above")
+            with self._released():
+                while not call.done.wait(_POLL_S):
+                    if not self.alive():
+                        raise RuntimeError("the engine's scheduler thread died; see the log")
         finally:
             req.call = None  # the call holds the request's cache
         error, logits = call.error, call.logits
@@ -319,6 +322,10 @@ class _Core:
 
         apply_threads(1)  # a worker only samples and detokenizes; the forwards are batched
         request = req.request
+        # Workers take turns on pipeline code (released while they wait for a forward): the
+        # tokenizer flips a flag on its shared backend per encode, and grammar and marker
+        # caches are shared, so two requests must not run that Python at once.
+        self.turn.acquire()
         try:
             if req.expired(time.monotonic()):
                 raise pl.PipelineCancelled("cancelled while queued")
@@ -338,6 +345,8 @@ class _Core:
             outcome, item = "failed", ("error", e)
         else:
             outcome, item = "completed", ("done", result)
+        finally:
+            self.turn.release()
         self._end(req, outcome)
         req.send(item)
 
@@ -346,30 +355,46 @@ class _Core:
 
         view = _ModelView(self, req)
         sent_text = False
-        for attempt in itertools.count():
-            try:
-                with torch.no_grad():
-                    events = pl.iter_answer(
-                        view, tokenizer, messages, config, cancel=req.cancel, tools=tools
-                    )
-                    try:
-                        while True:
-                            try:
-                                event = next(events)
-                            except StopIteration as stop:
-                                return self._with_engine_report(req, stop.value)
-                            req.send(("event", event))
-                            sent_text = sent_text or not isinstance(event, pl.StageEvent)
-                    finally:
-                        events.close()
-            except (pl.PipelineCancelled, NotImplementedError, ValueError):
-                raise
-            except RuntimeError:
-                # A runtime failure (e.g. out of memory) before the caller saw any text is
-                # retried from scratch; after that the partial answer is already out.
-                if sent_text or req.expired(time.monotonic()) or attempt >= req.request.max_retries:
-                    raise
-        raise AssertionError  # unreachable: the loop returns or raises
+
+        def attempt() -> Any:
+            nonlocal sent_text
+            with torch.no_grad():
+                events = pl.iter_answer(
+                    view, tokenizer, messages, config, cancel=req.cancel, tools=tools
+                )
+                try:
+                    while True:
+                        try:
+                            event = next(events)
+                        except StopIteration as stop:
+                            return self._with_engine_report(req, stop.value)
+                        req.send(("event", event))
+                        sent_text = sent_text or not isinstance(event, pl.StageEvent)
+                finally:
+                    events.close()
+
+        def backoff(seconds: float) -> None:
+            with self._released():  # other requests run their Python meanwhile
+                req.cancel.wait(seconds)
+
+        # A transient failure (e.g. out of memory) before the caller saw any text is retried
+        # from scratch; after that the partial answer is already out.
+        return run_with_retries(
+            attempt,
+            max_retries=req.request.max_retries,
+            deadline=req.deadline,
+            may_retry=lambda: not (sent_text or req.cancel.is_set()),
+            sleep=backoff,
+        )
+
+    @contextlib.contextmanager
+    def _released(self) -> Iterator[None]:
+        """Let other workers run their pipeline code while this one waits."""
+        self.turn.release()
+        try:
+            yield
+        finally:
+            self.turn.acquire()
 
     def _with_engine_report(self, req: _Req, result: Any) -> Any:
         info = {
@@ -492,7 +517,7 @@ class _Core:
         except Exception as e:
             for (call, _), mark in zip(batch, marks, strict=True):
                 _cache_restore(call, mark)
-            if _is_oom(e):
+            if is_transient(e):
                 with self.cond:
                     rows = sum(take for _, take in batch)
                     self.row_cap = max(1, min(self.row_cap, rows // 2))
@@ -504,11 +529,9 @@ class _Core:
                 self._run(batch[:half])
                 self._run(batch[half:])
                 return
-            call, take = batch[0]
-            if _is_oom(e) and call.chunkable and take > 1:
-                self._run([(call, take // 2)])  # a smaller chunk of the same prefill
-                self._requeue(call)
-                return
+            # Alone, the call fails as it would without batch-mates; its request decides
+            # (Stage 2 decodes fewer branches at a time, the call retries with backoff).
+            call, _ = batch[0]
             with self.cond, contextlib.suppress(ValueError):
                 self.pending.remove(call)
             call.finish(error=e)
@@ -529,12 +552,6 @@ class _Core:
             call.ran += take
             if call.left == 0:
                 call.finish(logits)
-
-    def _requeue(self, call: _Call) -> None:
-        with self.cond:
-            if call.left and call not in self.pending and not call.done.is_set():
-                self.pending.append(call)
-            self.cond.notify_all()
 
     def _forward(self, batch: list[tuple[_Call, int]]) -> list[torch.Tensor | None]:
         """The step's single forward: returns each call's kept logits (None for a chunk that
@@ -599,15 +616,6 @@ def _cache_mark(call: _Call) -> int | None:
 def _cache_restore(call: _Call, mark: int | None) -> None:
     if mark is not None:
         crop_to(call.cache, mark)
-
-
-def _is_oom(error: BaseException) -> bool:
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
 
 
 def _drop_tracebacks(error: BaseException | None) -> None:

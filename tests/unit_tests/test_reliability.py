@@ -174,15 +174,6 @@ def test_sampling_params_refuse_infinite_temperature() -> None:
         pipeline.PipelineConfig(temperature=math.inf)
 
 
-@pytest.mark.parametrize("mode", ["auto", "sequential"])
-def test_a_system_message_alone_is_allowed(chat: ChatParallelReason, mode: str) -> None:
-    # Documented: the template renders the system text and the assistant's turn follows.
-    message = chat.invoke([SystemMessage("You are terse. Say hello.")], mode=mode)
-    assert isinstance(message, AIMessage)
-    assert message.usage_metadata is not None
-    assert message.usage_metadata["output_tokens"] > 0
-
-
 def test_a_template_that_refuses_the_messages_is_a_value_error(
     tiny_llama: Any, tiny_tokenizer: Any
 ) -> None:
@@ -194,7 +185,7 @@ def test_a_template_that_refuses_the_messages_is_a_value_error(
     )
     chat = ChatParallelReason.from_model(tiny_llama, tokenizer, max_tokens=5, mode="sequential")
     with pytest.raises(ValueError, match=r"chat template rejected.*end with a user message"):
-        chat.invoke([SystemMessage("Only a system message.")])
+        chat.invoke([HumanMessage("Hi"), AIMessage("Hello! Ask me something.")])
     assert chat.invoke("Hi").usage_metadata
 
 
