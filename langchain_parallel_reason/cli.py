@@ -249,12 +249,67 @@ def _run_bench_busy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_serve(subparsers: _SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        parents=[_common_options()],
+        help="many requests on one engine: one at a time vs all at once (continuous batching)",
+        description=(
+            "Serve a mixed set (given steps, model plans, sequential answers, forced tool calls) "
+            "through ChatParallelReason one at a time, then concurrently; report throughput, "
+            "latency percentiles and whether every output equals its one-at-a-time run."
+        ),
+    )
+    _add_model_options(parser)
+    parser.add_argument("--requests", type=positive_int, default=16, metavar="N")
+    parser.add_argument("--concurrency", type=positive_int, default=16, metavar="C")
+    parser.add_argument("--max-tokens", type=positive_int, default=96, metavar="T")
+    parser.add_argument("--step-max-tokens", type=positive_int, default=24, metavar="T")
+    parser.add_argument(
+        "--dtype", default=None, help="weights dtype, e.g. float32 or bfloat16 (default: loader's)"
+    )
+    add_threads_option(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="also sweep concurrency 1..32, draw it"
+    )
+    parser.set_defaults(handler=_run_bench_serve)
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    from langchain_parallel_reason.bench import serve
+    from langchain_parallel_reason.chat_models import ChatParallelReason
+
+    config = serve.ServeBenchConfig(
+        args.requests, args.concurrency, args.max_tokens, args.step_max_tokens
+    )
+    llm = ChatParallelReason(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        num_threads=args.threads,
+        progress=False,
+        max_concurrent_requests=max(32, args.concurrency),
+    )
+    result = serve.run_serve_bench(llm, config)
+    if args.plot:
+        result["sweep"] = serve.sweep_concurrency(llm, config)
+        serve.plot_sweep(result["sweep"], args.plot, f"bench serve, {result['dtype']}")
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        serve.render_serve(result)
+    return 0
+
+
 # Top-level commands and benchmarks under `bench`.
 _COMMANDS: list[Callable[[_SubParsers], None]] = [_add_ask, _add_bench]
 _BENCH_COMMANDS: list[Callable[[_SubParsers], None]] = [
     _add_bench_decode,
     _add_bench_tasks,
     _add_bench_busy,
+    _add_bench_serve,
 ]
 
 
