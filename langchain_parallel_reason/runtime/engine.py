@@ -689,7 +689,6 @@ class Engine:
         core = self._core
         items: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         req = core.submit(request, items.put)
-        finished = False
         try:
             while True:
                 try:
@@ -698,17 +697,13 @@ class Engine:
                     if not core.alive():
                         raise RuntimeError("the engine's scheduler thread died") from None
                     continue
-                if kind == "error":
-                    finished = True
+                if kind == "error":  # the request has ended (cancelling it is a no-op)
                     raise value
-                if kind == "done":
-                    finished = True
                 yield kind, value
-                if finished:
+                if kind == "done":
                     return
         finally:
-            if not finished:  # the caller stopped early: free the request's rows and KV
-                core.cancel(req)
+            core.cancel(req)  # a caller that stopped early frees the request's rows and KV
 
     async def astream(self, request: Request) -> AsyncIterator[Item]:
         """Async ``stream``: the scheduler feeds an asyncio queue; no thread per call."""
@@ -720,7 +715,6 @@ class Engine:
             loop.call_soon_threadsafe(items.put_nowait, item)
 
         req = core.submit(request, sink)
-        finished = False
         getter: asyncio.Future | None = None
         try:
             while True:
@@ -736,18 +730,14 @@ class Engine:
                 kind, value = getter.result()
                 getter = None
                 if kind == "error":
-                    finished = True
                     raise value
-                if kind == "done":
-                    finished = True
                 yield kind, value
-                if finished:
+                if kind == "done":
                     return
         finally:
             if getter is not None:
                 getter.cancel()
-            if not finished:  # cancelled or closed early
-                core.cancel(req)
+            core.cancel(req)  # cancelled or closed early: free the request's rows and KV
 
 
 _ENGINES: weakref.WeakValueDictionary[int, Engine] = weakref.WeakValueDictionary()
