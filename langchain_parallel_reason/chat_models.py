@@ -44,7 +44,15 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from . import tools as _tools
 from .runtime.threads import apply_threads
@@ -57,6 +65,7 @@ if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
 
     from .pipeline import AnswerResult, PipelineConfig
+    from .runtime.remote import RemoteEngine
 
 __all__ = ["ChatParallelReason"]
 
@@ -617,7 +626,16 @@ class ChatParallelReason(BaseChatModel):
 
     model: str | None = None
     """Model to load: a local folder, a `.gguf` file or a hub id; None = the embedded default
-    (SmolLM2-135M-Instruct, converted once to a cache folder). Ignored by `from_model`."""
+    (SmolLM2-135M-Instruct, converted once to a cache folder). Ignored by `from_model`. With
+    `base_url`: the server's served model name (None = the only one it serves)."""
+
+    base_url: str | None = None
+    """An OpenAI-compatible server (vLLM, SGLang) that runs the model, e.g.
+    ``"http://127.0.0.1:8000/v1"``: the three stages run there and nothing loads here (the
+    loading fields, `attention` and `num_threads` are then unused)."""
+
+    api_key: SecretStr | None = None
+    """Bearer token for `base_url` (the server's ``--api-key``)."""
 
     gguf_file: str | None = None
     """GGUF file name inside `model` (a folder or hub repository) to load and dequantize."""
@@ -708,6 +726,7 @@ class ChatParallelReason(BaseChatModel):
     quotes, backslashes or newlines."""
 
     _engine: _Engine | None = PrivateAttr(default=None)
+    _remote: RemoteEngine | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_steps(self) -> Self:
@@ -741,6 +760,8 @@ class ChatParallelReason(BaseChatModel):
 
     @property
     def _model_name(self) -> str:
+        if self._remote is not None:
+            return self._remote.name
         if self._engine is not None:
             return self._engine.name
         return self.model or DEFAULT_MODEL_NAME
@@ -770,12 +791,40 @@ class ChatParallelReason(BaseChatModel):
 
     # -- loading and per-call settings -----------------------------------------------------
 
-    def _get_engine(self) -> _Engine:
+    def _get_engine(self) -> _Engine | RemoteEngine:
         """The engine, loading the model on first use (once, thread-safe)."""
+        if self.base_url is not None:  # the model runs on a server: nothing to load
+            return self._get_remote()
         if self._engine is None:
             # Racing first calls all get the one shared engine: loading holds the registry lock.
             self._engine = self._load_engine()
         return self._engine
+
+    def _get_remote(self) -> RemoteEngine:
+        if self._remote is None:
+            from .runtime.remote import RemoteEngine
+
+            key = self.api_key.get_secret_value() if self.api_key is not None else None
+            self._remote = RemoteEngine(self.base_url, self.model, key)
+        return self._remote
+
+    def _remote_request(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[Any, PipelineConfig]:
+        """This call as an engine `Request` (the server renders tools as text: no template)."""
+        from .runtime.base import Request
+
+        template_messages = _convert_messages(messages)
+        config, timeout, _ = self._call_settings(stop, kwargs)
+        output = self._output(kwargs)
+        request = Request(
+            template_messages,
+            config,
+            prepare=lambda tokenizer: output.prepare(tokenizer, template_messages, config),
+            timeout=timeout,
+            max_retries=self.max_retries,
+        )
+        return request, config
 
     def _load_engine(self) -> _Engine:
         key = json.dumps(
@@ -892,6 +941,11 @@ class ChatParallelReason(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> Iterator[tuple[str, Any]]:
         """``("event", event)`` per pipeline event, then ``("done", (AnswerResult, config))``."""
+        if self.base_url is not None:
+            request, config = self._remote_request(messages, stop, kwargs)
+            for kind, value in self._get_engine().stream(request):
+                yield kind, ((value, config) if kind == "done" else value)
+            return
         items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         run, config = self._new_run(messages, stop, kwargs, items.put)
         run.start()
@@ -915,6 +969,11 @@ class ChatParallelReason(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> AsyncIterator[tuple[str, Any]]:
         """Async `_iter_items`: the worker thread feeds an asyncio queue."""
+        if self.base_url is not None:  # async all the way: HTTP streams on this event loop
+            request, config = self._remote_request(messages, stop, kwargs)
+            async for kind, value in self._get_engine().astream(request):
+                yield kind, ((value, config) if kind == "done" else value)
+            return
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[_Item] = asyncio.Queue()
 
