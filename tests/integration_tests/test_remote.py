@@ -135,8 +135,14 @@ def test_model_writes_its_plan_under_the_server_grammar(server: Any) -> None:
 
 
 def test_stream_equals_invoke_for_a_seed(server: Any) -> None:
-    llm = _llm(server, steps=STEPS, max_tokens=160, seed=3, temperature=0.8)
+    # Greedy: the server's bf16 sums depend a little on how its scheduler groups requests
+    # into batches, which can flip a sampled token at the boundary (seeded sampling at
+    # temperature 0.8 differed in 1 run of 5 here); greedy tokens were stable in every run.
+    llm = _llm(server, steps=STEPS, max_tokens=160, seed=3)
     question = _question()
+    # The server in the same state both times: its prefix cache holds the prompt (a cached
+    # prefix is read back instead of recomputed).
+    llm.invoke(question)
     chunks = list(llm.stream(question))
     invoked = llm.invoke(question)
     content = "".join(c.content for c in chunks)
