@@ -52,7 +52,7 @@ from ..prompts import END_MARKER, STEP_MARKER, conclusion_cue, stage1_system_pro
 from ..schemas import ParallelReport, Plan
 from .base import Item, Request
 
-__all__ = ["RemoteEngine", "ServerError"]
+__all__ = ["STEP_OPENING_REGEX", "RemoteEngine", "ServerError"]
 
 _END = object()  # end of one call's item queue
 # Server error texts (vLLM, SGLang) that mean "the prompt does not fit the context window".

@@ -125,11 +125,14 @@ def test_prefix_cache_hits_grow_during_stage_2(server: Any) -> None:
 
 
 def test_model_writes_its_plan_under_the_server_grammar(server: Any) -> None:
-    msg = _llm(server, max_tokens=200, seed=0).invoke(_question())
+    # Room for the longest plan the grammar allows (a 160-character preamble, 6 titles of 60),
+    # so a plan is never cut off: only duplicate titles could fail it (then re-sampled).
+    llm = _llm(server, max_tokens=800, plan_max_tokens=600, step_max_tokens=24, seed=0)
+    msg = llm.invoke("Compare tea and coffee.")
     report = msg.response_metadata["parallel"]
     # The 135M model cannot write the format unaided: the grammar reached the server.
     assert report["mode_used"] == "parallel", report
-    assert report["plan_attempts"] == 1
+    assert 1 <= report["plan_attempts"] <= 3
     assert 2 <= len(report["steps"]) <= 6
     assert report["notes"] == []
 
