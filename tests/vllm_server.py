@@ -84,7 +84,9 @@ class VLLMServer:
         self.model = SERVED_NAME
 
     @classmethod
-    def start(cls, model_folder: Path, *, python: Path | None = None) -> VLLMServer:
+    def start(
+        cls, model_folder: Path, *, python: Path | None = None, dtype: str = "bfloat16"
+    ) -> VLLMServer:
         """Start the server over ``model_folder`` and wait until it answers ``/health``."""
         python = python or ensure_vllm_venv()
         port = free_port()
@@ -105,7 +107,7 @@ class VLLMServer:
             "--host", "127.0.0.1",
             "--port", str(port),
             "--max-model-len", str(MAX_MODEL_LEN),
-            "--dtype", "bfloat16",
+            "--dtype", dtype,
             # No graph compilation: ready in about 65 s instead of 145-187 s.
             "--enforce-eager",
         ]  # fmt: skip

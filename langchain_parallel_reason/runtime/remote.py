@@ -113,6 +113,7 @@ class _Call:
     notes: list[str] = field(default_factory=list)
     input_tokens: int = 0
     output_tokens: int = 0
+    plan_attempts: int = 0
 
     def event(self, event: Any) -> None:
         self.emit(("event", event))
@@ -523,20 +524,18 @@ class RemoteEngine:
         finish = "length" if out.finish_reason == "length" else "stop"
         return AnswerResult(text, report, call.input_tokens, call.output_tokens, finish)
 
-    async def _plan(
-        self, call: _Call, messages: list[dict[str, Any]], budget: int
-    ) -> tuple[Plan, int]:
-        """Stage 1: the plan under the server's grammar, validated, re-sampled when it fails."""
+    async def _plan(self, call: _Call, messages: list[dict[str, Any]], budget: int) -> Plan:
+        """Stage 1: the plan under the server's grammar, validated, re-sampled when it fails
+        (``call.plan_attempts`` counts the tries); raises the last `PlanFormatError`."""
         cfg = call.cfg
         grammar = (
             plan_grammar_ebnf(cfg.max_branches, PLAN_TITLE_CHARS) if cfg.constrain_plan else None
         )
-        attempts = 0
+        unconstrained = "the server refused the plan grammar earlier: plan decoded unconstrained"
 
         async def attempt() -> Plan:
-            nonlocal attempts, grammar
-            attempts += 1
-            temperature, seed = resample_settings(cfg.temperature, cfg.seed, attempts)
+            call.plan_attempts += 1
+            temperature, seed = resample_settings(cfg.temperature, cfg.seed, call.plan_attempts)
             kw: dict[str, Any] = {
                 "partial": None,
                 "max_tokens": budget,
@@ -557,10 +556,8 @@ class RemoteEngine:
                     )
                     out = await self._complete(call, messages, stop=(END_MARKER,), **kw)
             else:
-                if grammar is not None:
-                    call.notes.append(
-                        "the server does not take the plan grammar: plan decoded unconstrained"
-                    )
+                if grammar is not None and not any("refused the plan" in n for n in call.notes):
+                    call.notes.append(unconstrained)
                 out = await self._complete(call, messages, stop=(END_MARKER,), **kw)
             call.input_tokens = call.input_tokens or out.prompt_tokens
             return parse_plan(
@@ -572,12 +569,7 @@ class RemoteEngine:
             retry=retry_if_exception_type(PlanFormatError),
             reraise=True,
         )
-        try:
-            plan = await retrying(attempt)
-        except PlanFormatError as e:
-            e.attempts = attempts  # type: ignore[attr-defined]
-            raise
-        return plan, attempts
+        return await retrying(attempt)
 
     async def _parallel(self, call: _Call, t0: float) -> AnswerResult:
         cfg = call.cfg
@@ -606,10 +598,11 @@ class RemoteEngine:
             if count is not None and limit is not None:
                 budget = min(budget, limit - count)
             try:
-                plan, attempts = await self._plan(call, messages, budget)
+                plan = await self._plan(call, messages, budget)
+                attempts = call.plan_attempts
             except PlanFormatError as e:
                 call.timings["plan"] = time.perf_counter() - t
-                attempts = getattr(e, "attempts", cfg.plan_retries + 1)
+                attempts = call.plan_attempts
                 reason = f"plan did not validate after {attempts} attempt(s): {e}"
                 return await self._sequential(call, reason, attempts, t0)
             except ServerError as e:
