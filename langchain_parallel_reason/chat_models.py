@@ -46,6 +46,7 @@ from pydantic import (
     BaseModel,
     Field,
     PrivateAttr,
+    SecretStr,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
     from .pipeline import AnswerResult, PipelineConfig
     from .runtime.engine import Engine
+    from .runtime.remote import RemoteEngine
 
 __all__ = ["ChatParallelReason"]
 
@@ -465,7 +467,16 @@ class ChatParallelReason(BaseChatModel):
 
     model: str | None = None
     """Model to load: a local folder, a `.gguf` file or a hub id; None = the embedded default
-    (SmolLM2-135M-Instruct, converted once to a cache folder). Ignored by `from_model`."""
+    (SmolLM2-135M-Instruct, converted once to a cache folder). Ignored by `from_model`. With
+    `base_url`: the server's served model name (None = the only one it serves)."""
+
+    base_url: str | None = None
+    """An OpenAI-compatible server (vLLM, SGLang) that runs the model, e.g.
+    ``"http://127.0.0.1:8000/v1"``: the three stages run there and nothing loads here (the
+    loading fields, `attention` and `num_threads` are then unused)."""
+
+    api_key: SecretStr | None = None
+    """Bearer token for `base_url` (the server's ``--api-key``)."""
 
     gguf_file: str | None = None
     """GGUF file name inside `model` (a folder or hub repository) to load and dequantize."""
@@ -579,6 +590,7 @@ class ChatParallelReason(BaseChatModel):
 
     _engine: Engine | None = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)  # from_model's own (None: the engine's)
+    _remote: RemoteEngine | None = PrivateAttr(default=None)
 
     @field_validator("model", "gguf_file")
     @classmethod
@@ -628,6 +640,8 @@ class ChatParallelReason(BaseChatModel):
 
     @property
     def _model_name(self) -> str:
+        if self._remote is not None:
+            return self._remote.name
         if self.model:
             return self.model
         return self._engine.name if self._engine is not None else DEFAULT_MODEL_NAME
@@ -660,12 +674,22 @@ class ChatParallelReason(BaseChatModel):
     def _limits(self) -> EngineLimits:
         return EngineLimits(self.max_concurrent_requests, self.max_batch_rows, self.kv_budget_bytes)
 
-    def _get_engine(self) -> Engine:
+    def _get_engine(self) -> Engine | RemoteEngine:
         """The engine, loading the model on first use (once, thread-safe)."""
+        if self.base_url is not None:  # the model runs on a server: nothing to load
+            return self._get_remote()
         if self._engine is None:
             # Racing first calls all get the one shared engine: loading holds the registry lock.
             self._engine = self._load_engine()
         return self._engine
+
+    def _get_remote(self) -> RemoteEngine:
+        if self._remote is None:
+            from .runtime.remote import RemoteEngine
+
+            key = self.api_key.get_secret_value() if self.api_key is not None else None
+            self._remote = RemoteEngine(self.base_url, self.model, key)
+        return self._remote
 
     def _load_engine(self) -> Engine:
         key = json.dumps(
@@ -796,7 +820,7 @@ class ChatParallelReason(BaseChatModel):
     ) -> AsyncIterator[tuple[str, Any]]:
         """Async `_iter_items`: the engine feeds an asyncio queue (no thread per call)."""
         request, config = self._request(messages, stop, kwargs)
-        engine = self._engine
+        engine = self._remote if self.base_url is not None else self._engine
         if engine is None:  # the one-time load must not block the event loop
             engine = await asyncio.to_thread(self._get_engine)
         async for kind, value in engine.astream(request):

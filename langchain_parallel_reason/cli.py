@@ -69,6 +69,27 @@ def _attention_list(text: str) -> tuple[str, ...]:
     return values
 
 
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """--base-url / --served-model: run the benchmark on an OpenAI-compatible server."""
+    parser.add_argument(
+        "--base-url",
+        default=None,
+        metavar="URL",
+        help="run on a vLLM/SGLang server instead, e.g. http://127.0.0.1:8000/v1",
+    )
+    parser.add_argument(
+        "--served-model",
+        default=None,
+        metavar="NAME",
+        help="the server's model name (default: the only one it serves)",
+    )
+
+
+def print_remote_result(result: dict[str, Any], as_json: bool) -> None:
+    """A remote benchmark's figures: one JSON object, or indented JSON for reading."""
+    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
 def _add_bench_decode(subparsers: _SubParsers) -> None:
     parser = subparsers.add_parser(
         "decode",
@@ -121,10 +142,24 @@ def _add_bench_decode(subparsers: _SubParsers) -> None:
     add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_server_options(parser)
     parser.set_defaults(handler=_run_bench_decode)
 
 
 def _run_bench_decode(args: argparse.Namespace) -> int:
+    if args.base_url is not None:  # N completions one after another vs at once, on the server
+        from langchain_parallel_reason.bench.remote import run_remote_decode_bench
+
+        result = run_remote_decode_bench(
+            args.base_url,
+            args.served_model,
+            branches=args.branches,
+            new_tokens=args.new_tokens,
+            prefix_tokens=args.prefix_tokens,
+            repeats=args.repeats,
+        )
+        print_remote_result(result, args.json)
+        return 0
     from langchain_parallel_reason.bench.decode import (
         DecodeBenchConfig,
         render_table,

@@ -42,7 +42,11 @@ __all__ = [
     "answer",
     "check_question",
     "iter_answer",
+    "merged_steps_text",
     "render_prompt",
+    "resample_settings",
+    "step_token_budget",
+    "steps_content",
 ]
 
 Mode = Literal["auto", "parallel", "sequential"]
@@ -401,6 +405,39 @@ def step_opening_banned_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+def step_token_budget(
+    n_steps: int, step_max_tokens: int, tokens_left: int, context_left: int
+) -> int:
+    """New tokens each of ``n_steps`` parallel steps may take.
+
+    The steps and the conclusion share what is left of ``max_tokens`` and of the context
+    window in ``n_steps + 1`` equal parts; a step never gets more than ``step_max_tokens``.
+    """
+    return min(step_max_tokens, tokens_left // (n_steps + 1), context_left // (n_steps + 1))
+
+
+def merged_steps_text(headers: Sequence[str], bodies: Sequence[str]) -> str:
+    """The Stage-3 layout: each step after its header, one per line, as if written in a row."""
+    return "".join(f"{h} {body}\n" for h, body in zip(headers, bodies, strict=True))
+
+
+def steps_content(preamble: str, titles: Sequence[str], bodies: Sequence[str]) -> str:
+    """The answer's content before the conclusion: preamble, then ``**Title**: body`` blocks."""
+    steps_md = "".join(
+        f"**{title}**: {body}\n\n" for title, body in zip(titles, bodies, strict=True)
+    )
+    return (preamble + "\n\n" if preamble else "") + steps_md
+
+
+def resample_settings(
+    temperature: float, seed: int | None, attempt: int
+) -> tuple[float, int | None]:
+    """(temperature, seed) of Stage-1 attempt ``attempt`` (1-based): re-samples explore."""
+    if attempt <= 1:
+        return temperature, seed
+    return max(temperature, 0.7), None if seed is None else seed + 1000 * attempt
+
+
 def drive(gen: Generator, sink: list | None = None) -> Any:
     """Run a generator to its return value, collecting yielded items into ``sink`` if given."""
     while True:
@@ -474,11 +511,8 @@ class _Run:
             attempts = self.plan_attempts
             # Each attempt restarts from the prompt; re-samples explore (temperature >= 0.7).
             crop_to(cache, len(prompt) - 1)
-            params = self.params
-            seed = cfg.seed
-            if attempts > 1:
-                params = replace(params, temperature=max(params.temperature, 0.7))
-                seed = None if seed is None else seed + 1000 * attempts
+            temperature, seed = resample_settings(self.params.temperature, cfg.seed, attempts)
+            params = replace(self.params, temperature=temperature)
             constraint = (
                 _grammar_constraint(self.tok, grammar, self.vocab_size) if grammar else None
             )
@@ -668,7 +702,7 @@ def _parallel(run: _Run, t0: float) -> Generator:
     layout += len(run.encode(conclusion_cue())) + 8 * (n + 1)
     left_tokens = cfg.max_tokens - run.output_tokens
     left_ctx = run.ctx - len(prefix) - layout
-    per_step = min(cfg.step_max_tokens, left_tokens // (n + 1), left_ctx // (n + 1))
+    per_step = step_token_budget(n, cfg.step_max_tokens, left_tokens, left_ctx)
     if per_step < MIN_STEP_TOKENS:
         reason = (
             f"budget too small for {n} parallel steps ({per_step} tokens each; "
@@ -725,11 +759,9 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     # Stage 3: the steps laid out in plan order, as if written one after another, then the
     # conclusion. The prefix cache is reused; only the merged steps are prefilled.
     t = time.perf_counter()
-    merged = "".join(f"{h} {body}\n" for h, body in zip(headers, bodies, strict=True))
-    steps_md = "".join(
-        f"**{title}**: {body}\n\n" for title, body in zip(plan.titles, bodies, strict=True)
-    )
-    yield ContentDelta((preamble + "\n\n" if preamble else "") + steps_md)
+    merged = merged_steps_text(headers, bodies)
+    steps_md = steps_content(preamble, plan.titles, bodies)
+    yield ContentDelta(steps_md)
     stage3 = run.encode(merged + conclusion_cue())
     # The steps are content now, so nothing below falls back: when the context is full (the
     # merged steps can re-tokenize longer than decoded) or the conclusion fails, the answer
@@ -765,7 +797,7 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     run.output_tokens += len(stream.tokens)
     run.timings["conclusion"] = time.perf_counter() - t
     run.timings["total"] = time.perf_counter() - t0
-    content = (preamble + "\n\n" if preamble else "") + steps_md + stream.text
+    content = steps_md + stream.text
     report = ParallelReport(
         mode_used="parallel",
         steps=list(plan.titles),

@@ -686,6 +686,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="draw a PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    from langchain_parallel_reason.cli import add_server_options
+
+    add_server_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -708,6 +711,15 @@ def run(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("matplotlib") is None:
             raise RuntimeError(_NO_MATPLOTLIB)
 
+    if args.base_url is not None:  # the three ways on a vLLM/SGLang server
+        from langchain_parallel_reason.bench.remote import run_remote_task_bench
+        from langchain_parallel_reason.cli import print_remote_result
+
+        result = run_remote_task_bench(
+            args.base_url, args.served_model, config, progress=not args.no_progress
+        )
+        print_remote_result(result, args.json)
+        return 0
     from langchain_parallel_reason.loading import load_model_and_tokenizer
     from langchain_parallel_reason.runtime.threads import apply_threads
 

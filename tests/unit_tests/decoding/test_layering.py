@@ -12,6 +12,21 @@ import langchain_parallel_reason.decoding as decoding
 DECODING_DIR = Path(decoding.__file__).parent
 
 
+def test_no_langchain_import_in_runtime_sources() -> None:
+    """runtime/ serves requests for the adapter; it may use the package, never LangChain."""
+    for path in sorted((DECODING_DIR.parent / "runtime").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                assert not name.startswith("langchain_core"), f"{path.name} imports {name}"
+                assert name != "chat_models", f"{path.name} imports the adapter"
+
+
 def test_no_langchain_import_in_decoding_sources() -> None:
     for path in sorted(DECODING_DIR.glob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
