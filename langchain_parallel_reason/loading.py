@@ -486,7 +486,7 @@ def load_model_and_tokenizer(
             `transformers.AttentionInterface`. FlashAttention is refused: the parallel
             decoder needs custom 4D masks.
         trust_remote_code: Passed to `from_pretrained` for model and tokenizer.
-        progress: Show progress on stderr (the one-time conversion, transformers' bars).
+        progress: Show progress on stderr (the one-time conversion, then one line for the load).
 
     Returns:
         `(model, tokenizer)`: the model in eval mode with `requires_grad` off. The tokenizer is
@@ -523,7 +523,13 @@ def load_model_and_tokenizer(
 
     is_hub_id = not embedded and not Path(source).is_dir()
     try:
-        with _transformers_progress_bars(progress):
+        # One status line of ours on stderr (a spinner in a terminal, then "model loaded (t s)")
+        # instead of transformers' tqdm bars, whose carriage returns land between lines of
+        # whatever else the program prints.
+        with (
+            _transformers_progress_bars(False),
+            _Progress(progress).phase(f"Loading {source}", done="model loaded"),
+        ):
             tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
             lm = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
     except OSError as e:

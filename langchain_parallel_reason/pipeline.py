@@ -32,7 +32,14 @@ from .decoding.sampling import SamplingParams
 from .decoding.sequential import Cancelled, SuppressFirst, forward_tokens, iter_decode
 from .decoding.stops import cut_at_stop
 from .plan import PlanFormatError, format_plan, parse_plan, plan_grammar_ebnf
-from .prompts import END_MARKER, STEP_MARKER, conclusion_cue, stage1_system_prompt, step_header
+from .prompts import (
+    END_MARKER,
+    STEP_MARKER,
+    conclusion_cue,
+    example_titles,
+    stage1_system_prompt,
+    step_header,
+)
 from .schemas import ParallelReport, Plan
 
 __all__ = [
@@ -53,7 +60,7 @@ Mode = Literal["auto", "parallel", "sequential"]
 # Fewest new tokens a parallel step gets before the context/max_tokens budget makes parallel
 # decoding pointless; below it the answer is decoded sequentially and the reason recorded.
 MIN_STEP_TOKENS = 8
-PLAN_TITLE_CHARS = 60
+PLAN_TITLE_CHARS = 40  # one to three words; a long title is a step written too early
 # The conclusion cannot end (EOS, a step marker) before this many tokens: right after the steps
 # a small model otherwise closes the answer at once, leaving it without a conclusion.
 MIN_CONCLUSION_TOKENS = 12
@@ -504,8 +511,10 @@ class _Run:
             self.output_tokens += len(result.token_ids)
             text = self.tok.decode(result.token_ids, skip_special_tokens=True)
             try:
-                plan = parse_plan(
-                    text, max_branches=cfg.max_branches, max_title_chars=PLAN_TITLE_CHARS
+                plan = self.drop_copied_titles(
+                    parse_plan(
+                        text, max_branches=cfg.max_branches, max_title_chars=PLAN_TITLE_CHARS
+                    )
                 )
             except PlanFormatError as e:
                 self.last_plan_error = str(e)
@@ -532,6 +541,22 @@ class _Run:
         )
         plan, ids = retrying(attempt)
         return plan, ids, self.plan_attempts
+
+    def drop_copied_titles(self, plan: Plan) -> Plan:
+        """``plan`` without titles copied from the prompt's example (unless the question uses
+        them); raises PlanFormatError when fewer than 2 titles remain."""
+        question = " ".join(
+            str(m.get("content") or "") for m in self.messages if m.get("role") == "user"
+        ).casefold()
+        copied = example_titles()
+        kept = [t for t in plan.titles if t.casefold() not in copied or t.casefold() in question]
+        if len(kept) == len(plan.titles):
+            return plan
+        if len(kept) < 2:
+            dropped = [t for t in plan.titles if t not in kept]
+            msg = f"fewer than 2 usable titles (copied from the prompt's example: {dropped})"
+            raise PlanFormatError(msg)
+        return plan.model_copy(update={"titles": kept})
 
     @property
     def vocab_size(self) -> int:

@@ -40,26 +40,15 @@ def load_questions(path: str | None = None) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _example_titles() -> set[str]:
-    """Titles of the Stage-1 prompt's own example, which a small model may copy."""
-    from langchain_parallel_reason.prompts import STEP_MARKER, load_prompt
-
-    text = load_prompt("stage1_plan").template
-    return {
-        line[len(STEP_MARKER) :].split(":")[0].strip().casefold()
-        for line in text.splitlines()
-        if line.startswith(STEP_MARKER) and not line.startswith(STEP_MARKER + "%")
-    }
-
-
 def sensible_titles(titles: list[str], question: str) -> bool:
     """True when a plan's titles could name parts of ``question``: at least 2, none a
     placeholder, none copied from the prompt's example unless the question uses that word,
     none restating the whole question."""
     from langchain_parallel_reason.plan import is_placeholder_title
+    from langchain_parallel_reason.prompts import example_titles
 
     q = question.casefold()
-    copied = _example_titles()
+    copied = example_titles()
     return len(titles) >= 2 and not any(
         is_placeholder_title(t)
         or (t.casefold() in copied and t.casefold() not in q)

@@ -1,0 +1,125 @@
+"""Issue 12 (answers worth reading) and issue 13 defect 5 on tiny random models: budgets that
+hold with failing plans, reproducible retries (stream == invoke, with and without a seed), a
+conclusion whenever there is budget, and messages without negative numbers."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessageChunk
+
+from langchain_parallel_reason import ChatParallelReason
+from langchain_parallel_reason.pipeline import MIN_CONCLUSION_TOKENS, PipelineConfig, answer
+
+MESSAGES = [{"role": "user", "content": "Compare tea and coffee."}]
+STEPS = ("Taste", "Price", "Caffeine")
+
+# Plans that fail (unconstrained on a random model) force every retry; sampled ones vary.
+FAILING_PLANS = {"constrain_plan": False, "plan_retries": 3, "plan_max_tokens": 12}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"max_tokens": 40, "plan_retries": 20, "mode": "parallel", "constrain_plan": False},
+        {"max_tokens": 40, "plan_retries": 20, "mode": "parallel"},
+        {"max_tokens": 64, **FAILING_PLANS},
+        {"max_tokens": 30, "steps": list(STEPS), "step_max_tokens": 50},
+        {"max_tokens": 7},
+        {"max_tokens": 200, "step_max_tokens": 30, "plan_max_tokens": 60, "seed": 3},
+        {"max_tokens": 90, "temperature": 0.9, "seed": 1, **FAILING_PLANS},
+    ],
+)
+def test_output_tokens_never_exceed_max_tokens(tiny_llama: Any, tiny_tokenizer: Any, fields):
+    chat = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, **fields)
+    msg = chat.invoke("Compare tea and coffee.")
+    assert msg.usage_metadata["output_tokens"] <= fields["max_tokens"]
+
+
+def test_huge_plan_retries_are_bounded_by_max_tokens(tiny_llama: Any, tiny_tokenizer: Any):
+    # Issue 13, defect 5: plan_retries=10**6 ran for 15 minutes.
+    chat = ChatParallelReason.from_model(
+        tiny_llama, tiny_tokenizer, plan_retries=10**6, mode="parallel", max_tokens=60,
+        constrain_plan=False, plan_max_tokens=8,
+    )  # fmt: skip
+    start = time.perf_counter()
+    msg = chat.invoke("Compare tea and coffee.")
+    assert time.perf_counter() - start < 20
+    report = msg.response_metadata["parallel"]
+    assert report["plan_attempts"] <= 60 // 2 // 8 + 1
+    assert msg.usage_metadata["output_tokens"] <= 60
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+async def test_same_call_same_content_with_retries(
+    tiny_llama: Any, tiny_tokenizer: Any, seed, temperature
+) -> None:
+    if seed is None and temperature > 0:
+        pytest.skip("unseeded sampling is random by request")
+    chat = ChatParallelReason.from_model(
+        tiny_llama, tiny_tokenizer, max_tokens=100, seed=seed, temperature=temperature,
+        **FAILING_PLANS,
+    )  # fmt: skip
+    first = chat.invoke("Compare tea and coffee.")
+    assert first.response_metadata["parallel"]["plan_attempts"] == 4  # every retry ran
+    again = chat.invoke("Compare tea and coffee.")
+    streamed = "".join(str(c.content) for c in chat.stream("Compare tea and coffee."))
+    ainvoked = await chat.ainvoke("Compare tea and coffee.")
+    chunks: list[AIMessageChunk] = [c async for c in chat.astream("Compare tea and coffee.")]
+    assert again.content == first.content
+    assert streamed == first.content
+    assert ainvoked.content == first.content
+    assert "".join(str(c.content) for c in chunks) == first.content
+
+
+def test_retries_change_the_plan(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    # Each retry samples with its own derived seed and a higher temperature: the attempts'
+    # texts differ, so a retry is not the failed attempt again.
+    from langchain_parallel_reason import pipeline
+
+    texts: list[str] = []
+    original = pipeline.parse_plan
+
+    def spy(text: str, **kw: Any):
+        texts.append(text)
+        return original(text, **kw)
+
+    pipeline.parse_plan = spy
+    try:
+        answer(
+            tiny_llama, tiny_tokenizer, MESSAGES, PipelineConfig(max_tokens=100, **FAILING_PLANS)
+        )
+    finally:
+        pipeline.parse_plan = original
+    assert len(texts) == 4
+    assert len(set(texts)) == 4
+
+
+def test_fallback_reasons_hold_no_negative_numbers(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    for max_tokens in (3, 9, 17, 30):
+        config = PipelineConfig(steps=STEPS, max_tokens=max_tokens)
+        result = answer(tiny_llama, tiny_tokenizer, MESSAGES, config)
+        text = " ".join([result.report.fallback_reason or "", *result.report.notes])
+        assert not re.search(r"(?<![\w])-\d", text), text
+        assert result.output_tokens <= max_tokens
+
+
+def test_conclusion_has_a_minimum_length(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    config = PipelineConfig(steps=STEPS, max_tokens=120, step_max_tokens=10)
+    result = answer(tiny_llama, tiny_tokenizer, MESSAGES, config)
+    assert result.report.mode_used == "parallel"
+    assert result.report.conclusion_tokens >= MIN_CONCLUSION_TOKENS
+
+
+def test_no_conclusion_budget_is_said_in_notes(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    # The steps may take what they like of a tiny budget; when nothing is left, notes say so.
+    config = PipelineConfig(steps=STEPS, max_tokens=40, step_max_tokens=10)
+    result = answer(tiny_llama, tiny_tokenizer, MESSAGES, config)
+    assert result.report.mode_used == "parallel"
+    if result.report.conclusion_tokens == 0:
+        assert any("conclusion" in note for note in result.report.notes)
+    assert result.output_tokens <= 40
