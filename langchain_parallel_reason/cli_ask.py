@@ -117,6 +117,9 @@ def format_report(result: Any, view: AnswerView) -> list[str]:
                 f"tokens/forward: {report.tokens_per_forward:.2f} "
                 f"({sum(report.branch_tokens)} step tokens in {report.decode_steps} passes)"
             )
+        loops = report.branch_finish_reasons.count("repetition")
+        if loops:
+            parts.append(f"loops cut: {loops}")
     if report.plan_attempts:
         parts.append(f"plan attempts: {report.plan_attempts}")
     lines = [" | ".join(parts)]
@@ -124,10 +127,15 @@ def format_report(result: Any, view: AnswerView) -> list[str]:
     times = [(k, report.timings[k]) for k in order if k in report.timings]
     if times:
         lines.append("times: " + ", ".join(f"{k} {v:.2f} s" for k, v in times))
-    lines.append(f"tokens: prompt {result.input_tokens}, generated {result.output_tokens}")
+    conclusion = (
+        f" (conclusion {report.conclusion_tokens})" if report.mode_used == "parallel" else ""
+    )
+    lines.append(
+        f"tokens: prompt {result.input_tokens}, generated {result.output_tokens}{conclusion}"
+    )
     if report.fallback_reason:
         lines.append(f"fallback: {report.fallback_reason}")
-    lines.extend(f"note: {note}" for note in view.notes)
+    lines.extend(f"note: {note}" for note in (*view.notes, *report.notes))
     return lines
 
 

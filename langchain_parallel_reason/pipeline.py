@@ -61,6 +61,7 @@ Mode = Literal["auto", "parallel", "sequential"]
 # decoding pointless; below it the answer is decoded sequentially and the reason recorded.
 MIN_STEP_TOKENS = 8
 PLAN_TITLE_CHARS = 40  # one to three words; a long title is a step written too early
+PLAN_PREAMBLE_CHARS = 100  # one short line: a long preamble crowds the titles out of the budget
 # The conclusion cannot end (EOS, a step marker) before this many tokens: right after the steps
 # a small model otherwise closes the answer at once, leaving it without a conclusion.
 MIN_CONCLUSION_TOKENS = 12
@@ -462,7 +463,9 @@ class _Run:
         self.plan_attempts = 0
         cap = cfg.max_tokens // 2
         grammar = (
-            plan_grammar_ebnf(cfg.max_branches, PLAN_TITLE_CHARS) if cfg.constrain_plan else None
+            plan_grammar_ebnf(cfg.max_branches, PLAN_TITLE_CHARS, PLAN_PREAMBLE_CHARS)
+            if cfg.constrain_plan
+            else None
         )
         spent = 0
         # Seeds of retries: derived from the caller's seed; without one, a fixed base when the
