@@ -309,6 +309,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
     parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        metavar="P",
+        help="as in transformers' generate, per step (e.g. 1.2; default off)",
+    )
+    parser.add_argument(
+        "--no-repeat-ngram-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="as in transformers' generate, per step (default off)",
+    )
+    parser.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
@@ -349,6 +363,8 @@ def _config(args: argparse.Namespace) -> Any:
         step_max_tokens=args.step_max_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
 
 

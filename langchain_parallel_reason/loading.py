@@ -257,7 +257,7 @@ def _convert_embedded_model(gguf: Path, out: Path, progress: _Progress) -> None:
 def ensure_embedded_model_folder(*, cache_dir: Path | None = None, progress: bool = True) -> Path:
     """The folder holding the embedded model as a plain `save_pretrained` folder.
 
-    The first call converts the GGUF from `embedded_gguf_path()` (20-35 s, with a spinner on
+    The first call converts the GGUF from `embedded_gguf_path()` (30-45 s, with a spinner on
     stderr unless `progress=False`) into `<cache_dir>/smollm2-135m-instruct`, where `cache_dir`
     defaults to `default_cache_dir()`. It writes to a temporary folder that is renamed into
     place when complete, under a file lock, so concurrent processes convert once and never see
@@ -302,7 +302,7 @@ def ensure_embedded_model_folder(*, cache_dir: Path | None = None, progress: boo
         for stale in cache.glob(f".{_EMBEDDED_FOLDER}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         report.line(
-            f"Converting the embedded model {EMBEDDED_MODEL_NAME} (once, about 20-35 s) "
+            f"Converting the embedded model {EMBEDDED_MODEL_NAME} (once, about 30-45 s) "
             f"into {target}"
         )
         tmp = Path(tempfile.mkdtemp(prefix=f".{_EMBEDDED_FOLDER}.tmp-", dir=cache))

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     config = PipelineConfig(max_tokens=args.max_tokens, step_max_tokens=args.step_max_tokens)
     apply_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, progress=True)
-    result = run_question_bench(model, tokenizer, questions, config, progress=not args.json)
+    result = run_question_bench(model, tokenizer, questions, config, progress=True)  # stderr
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
