@@ -41,9 +41,10 @@ def load_questions(path: str | None = None) -> list[str]:
 
 
 def sensible_titles(titles: list[str], question: str) -> bool:
-    """True when a plan's titles could name parts of ``question``: at least 2, none a
-    placeholder, none copied from the prompt's example unless the question uses that word,
-    none restating the whole question."""
+    """True when a plan's titles could name parts of ``question``: at least 2, each starting
+    with a letter and at most 5 words (a name, not a sentence), none a placeholder, none copied
+    from the prompt's example unless the question uses that word, none restating the whole
+    question. A heuristic: it cannot tell whether a title fits the question."""
     from langchain_parallel_reason.plan import is_placeholder_title
     from langchain_parallel_reason.prompts import example_titles
 
@@ -51,6 +52,8 @@ def sensible_titles(titles: list[str], question: str) -> bool:
     copied = example_titles()
     return len(titles) >= 2 and not any(
         is_placeholder_title(t)
+        or not t[:1].isalpha()
+        or len(t.split()) > 5
         or (t.casefold() in copied and t.casefold() not in q)
         or t.casefold().strip(" ?.!") == q.strip(" ?.!")
         for t in titles

@@ -123,3 +123,30 @@ def test_no_conclusion_budget_is_said_in_notes(tiny_llama: Any, tiny_tokenizer: 
     if result.report.conclusion_tokens == 0:
         assert any("conclusion" in note for note in result.report.notes)
     assert result.output_tokens <= 40
+
+
+def test_titles_copied_from_the_prompt_example_are_dropped(tiny_llama, tiny_tokenizer) -> None:
+    from langchain_parallel_reason.pipeline import _Run
+    from langchain_parallel_reason.plan import PlanFormatError
+    from langchain_parallel_reason.schemas import Plan
+
+    run = _Run(tiny_llama, tiny_tokenizer, MESSAGES, PipelineConfig(), None, None)
+    plan = Plan(preamble="p", titles=["Rabbit", "Tea", "Coffee"])
+    assert run.drop_copied_titles(plan).titles == ["Tea", "Coffee"]
+    with pytest.raises(PlanFormatError, match="copied from the prompt's example"):
+        run.drop_copied_titles(Plan(titles=["Rabbit", "Hamster", "Tea"]))
+    # A question that names the example's word keeps it.
+    asks = [{"role": "user", "content": "Is a rabbit or tea better?"}]
+    run = _Run(tiny_llama, tiny_tokenizer, asks, PipelineConfig(), None, None)
+    assert run.drop_copied_titles(plan).titles == ["Rabbit", "Tea", "Coffee"]
+
+
+def test_a_step_may_not_open_with_another_steps_title(tiny_tokenizer) -> None:
+    from langchain_parallel_reason.pipeline import title_opening_ids
+
+    titles = ["Taste", "Price", "Caffeine"]
+    banned = title_opening_ids(tiny_tokenizer, titles)
+    firsts = [tiny_tokenizer.encode(" " + t, add_special_tokens=False)[0] for t in titles]
+    for b, ids in enumerate(banned):
+        assert firsts[b] not in ids
+        assert all(firsts[j] in ids for j in range(3) if j != b and firsts[j] != firsts[b])
