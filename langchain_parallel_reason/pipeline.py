@@ -412,6 +412,45 @@ def _stream_content(gen: Generator[int, None, Any], stream: TextStream) -> Gener
             yield ContentDelta(delta)
 
 
+class _DistinctTitles:
+    """A ``LogitsConstraint`` over the plan (wrapping its grammar, if any): a title may not
+    open with the first token of an earlier title.
+
+    A small model otherwise repeats its first title ("####Quit:......" six times), and the
+    repaired plan has one title left. Titles are found in the text (a title starts right
+    after each ``####``), so this works whatever the tokenization of the marker.
+    """
+
+    def __init__(self, inner: Any, tokenizer: Any) -> None:
+        self.inner = inner
+        self.tok = tokenizer
+        self.tokens: list[int] = []
+        self.firsts: list[int] = []
+        self.at_title = False
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The grammar's mask, then the first tokens of earlier titles banned at a title start."""
+        if self.inner is not None:
+            logits = self.inner.mask_logits(logits)
+        if self.at_title and self.firsts:
+            logits = logits.clone()
+            logits[..., self.firsts] = float("-inf")
+        return logits
+
+    def advance(self, token_id: int) -> None:
+        """Accept ``token_id`` (into the grammar too)."""
+        if self.inner is not None:
+            self.inner.advance(token_id)
+        if self.at_title and not self.tok.decode([token_id]).startswith("%"):
+            self.firsts.append(token_id)
+        self.tokens.append(token_id)
+        self.at_title = self.tok.decode(self.tokens[-4:]).endswith(STEP_MARKER)
+
+    def is_terminated(self) -> bool:
+        """When the grammar is complete (never without one)."""
+        return self.inner is not None and self.inner.is_terminated()
+
+
 class _NoPlanRetry(PlanFormatError):  # noqa: N818 - a PlanFormatError that ends the retries
     """The plan failed and a retry cannot help (no budget left, or cut off at its own limit)."""
 
@@ -455,9 +494,9 @@ class _Run:
 
         Attempts spend at most half of ``max_tokens`` together (the rest is the answer's,
         fallback included) and never run past the context window. A retry is made only when
-        it has at least `MIN_PLAN_TOKENS` and the failed attempt was not cut off by a budget
-        the retry would share; it samples at a higher temperature with a seed derived from the
-        call's (0 without one, at temperature 0), so the same call gives the same plan.
+        a plan can fit in what is left (`MIN_PLAN_TOKENS`, or ``plan_max_tokens`` if smaller);
+        it samples at a higher temperature with a seed derived from the call's (0 without one,
+        at temperature 0), so the same call gives the same plan.
         """
         cfg = self.cfg
         self.plan_attempts = 0
@@ -492,8 +531,9 @@ class _Run:
                 step = PLAN_RETRY_TEMPERATURES[min(k - 2, len(PLAN_RETRY_TEMPERATURES) - 1)]
                 params = replace(params, temperature=max(params.temperature, step))
                 seed = None if base is None else base + 1000 * k
-            constraint = (
-                _grammar_constraint(self.tok, grammar, self.vocab_size) if grammar else None
+            constraint = _DistinctTitles(
+                _grammar_constraint(self.tok, grammar, self.vocab_size) if grammar else None,
+                self.tok,
             )
             gen = iter_decode(
                 self.model,
@@ -521,13 +561,6 @@ class _Run:
                 )
             except PlanFormatError as e:
                 self.last_plan_error = str(e)
-                if (
-                    result.finish_reason == "length"
-                    and budget >= cfg.plan_max_tokens
-                    and STEP_MARKER in text
-                ):
-                    # A plan cut off by plan_max_tokens itself: a retry would be cut off too.
-                    raise _NoPlanRetry(f"{e} (the plan did not fit in {budget} tokens)") from None
                 raise
             return plan, result.token_ids
 
