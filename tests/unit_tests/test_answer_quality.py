@@ -150,3 +150,23 @@ def test_a_step_may_not_open_with_another_steps_title(tiny_tokenizer) -> None:
     for b, ids in enumerate(banned):
         assert firsts[b] not in ids
         assert all(firsts[j] in ids for j in range(3) if j != b and firsts[j] != firsts[b])
+
+
+def test_a_plan_title_may_not_open_like_an_earlier_one(tiny_tokenizer) -> None:
+    import torch
+
+    from langchain_parallel_reason.pipeline import _DistinctTitles
+
+    guard = _DistinctTitles(None, tiny_tokenizer)
+    text = "Intro\n####Taste:......\n####"
+    for token in tiny_tokenizer.encode(text, add_special_tokens=False):
+        guard.advance(token)
+    first = tiny_tokenizer.encode(text + "Taste", add_special_tokens=False)[
+        len(tiny_tokenizer.encode(text, add_special_tokens=False))
+    ]
+    logits = guard.mask_logits(torch.zeros(len(tiny_tokenizer)))
+    assert logits[first] == float("-inf")
+    assert (logits == 0).sum() == len(tiny_tokenizer) - len(guard.firsts)
+    # Inside a title nothing is banned.
+    guard.advance(tiny_tokenizer.encode("Price", add_special_tokens=False)[0])
+    assert torch.equal(guard.mask_logits(torch.zeros(4)), torch.zeros(4))
