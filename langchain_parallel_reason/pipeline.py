@@ -413,12 +413,13 @@ def _stream_content(gen: Generator[int, None, Any], stream: TextStream) -> Gener
 
 
 class _DistinctTitles:
-    """A ``LogitsConstraint`` over the plan (wrapping its grammar, if any): a title may not
-    open with the first token of an earlier title.
+    """A ``LogitsConstraint`` over the plan (wrapping its grammar, if any): no title opens with
+    the first token of an earlier title. Where the model's top choice would do so, the list is
+    closed instead (``####%%%%``) once it has 2 titles; before that, those tokens are banned.
 
-    A small model otherwise repeats its first title ("####Quit:......" six times), and the
-    repaired plan has one title left. Titles are found in the text (a title starts right
-    after each ``####``), so this works whatever the tokenization of the marker.
+    A small model otherwise repeats its first title ("####Quit:......" six times), and forcing
+    it past the repeat only makes it write unrelated titles. Titles are found in the text (a
+    title starts right after each ``####``), whatever the tokenization of the marker.
     """
 
     def __init__(self, inner: Any, tokenizer: Any) -> None:
@@ -427,15 +428,29 @@ class _DistinctTitles:
         self.tokens: list[int] = []
         self.firsts: list[int] = []
         self.at_title = False
+        # The token(s) that start the end marker's tail right after "####".
+        tail = tokenizer.encode(END_MARKER, add_special_tokens=False)
+        head = tokenizer.encode(STEP_MARKER, add_special_tokens=False)
+        close = {tail[len(head)]} if tail[: len(head)] == head and len(tail) > len(head) else set()
+        close |= set(tokenizer.encode(END_MARKER[len(STEP_MARKER) :], add_special_tokens=False)[:1])
+        self.close_ids = sorted(close)
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The grammar's mask, then the first tokens of earlier titles banned at a title start."""
+        """The grammar's mask, then the rule above at a title start. ``logits``: ``[V]``."""
         if self.inner is not None:
             logits = self.inner.mask_logits(logits)
-        if self.at_title and self.firsts:
-            logits = logits.clone()
-            logits[..., self.firsts] = float("-inf")
-        return logits
+        if not (self.at_title and self.firsts):
+            return logits
+        if int(logits.argmax()) not in self.firsts:
+            return logits
+        close = torch.tensor(self.close_ids, dtype=torch.long, device=logits.device)
+        if len(self.firsts) >= 2 and close.numel() and torch.isfinite(logits[close]).any():
+            out = torch.full_like(logits, float("-inf"))
+            out[close] = logits[close]
+            return out
+        out = logits.clone()
+        out[self.firsts] = float("-inf")
+        return out
 
     def advance(self, token_id: int) -> None:
         """Accept ``token_id`` (into the grammar too)."""
@@ -737,6 +752,9 @@ def _parallel(run: _Run, t0: float) -> Generator:
         reason = f"plan did not validate after {attempts} attempt(s): {e}"
         return (yield from _sequential(run, reason, attempts, t0))
     run.timings["plan"] = time.perf_counter() - t
+    # The preamble's length is bounded by the grammar, so it can stop mid-sentence: show its
+    # complete sentences only (the plan text in the cache is unchanged).
+    plan = plan.model_copy(update={"preamble": _whole_sentences(plan.preamble)})
     yield StageEvent("plan", {"titles": list(plan.titles), "preamble": plan.preamble})
 
     # Budgets: the steps and the conclusion must fit both max_tokens and the context window,
@@ -880,6 +898,15 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
         notes=run.notes,
     )
     return AnswerResult(content, report, run.input_tokens, run.output_tokens, finish_reason)
+
+
+def _whole_sentences(text: str) -> str:
+    """``text`` up to its last sentence end, when it ends mid-sentence after a full one."""
+    text = text.strip()
+    if not text or text[-1] in ".!?:":
+        return text
+    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
+    return text[: cut + 1] if cut > 0 else text
 
 
 def _body(tok: Any, stream: TextStream, result: Any, stops: Sequence[str]) -> str:

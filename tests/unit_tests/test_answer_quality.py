@@ -157,16 +157,47 @@ def test_a_plan_title_may_not_open_like_an_earlier_one(tiny_tokenizer) -> None:
 
     from langchain_parallel_reason.pipeline import _DistinctTitles
 
-    guard = _DistinctTitles(None, tiny_tokenizer)
+    def feed(guard, text):
+        for token in tiny_tokenizer.encode(text, add_special_tokens=False):
+            guard.advance(token)
+
+    def first_token(after, title):
+        before = tiny_tokenizer.encode(after, add_special_tokens=False)
+        return tiny_tokenizer.encode(after + title, add_special_tokens=False)[len(before)]
+
+    vocab = len(tiny_tokenizer)
     text = "Intro\n####Taste:......\n####"
-    for token in tiny_tokenizer.encode(text, add_special_tokens=False):
-        guard.advance(token)
-    first = tiny_tokenizer.encode(text + "Taste", add_special_tokens=False)[
-        len(tiny_tokenizer.encode(text, add_special_tokens=False))
-    ]
-    logits = guard.mask_logits(torch.zeros(len(tiny_tokenizer)))
-    assert logits[first] == float("-inf")
-    assert (logits == 0).sum() == len(tiny_tokenizer) - len(guard.firsts)
-    # Inside a title nothing is banned.
-    guard.advance(tiny_tokenizer.encode("Price", add_special_tokens=False)[0])
-    assert torch.equal(guard.mask_logits(torch.zeros(4)), torch.zeros(4))
+    taste = first_token(text, "Taste")
+    logits = torch.zeros(vocab)
+    logits[taste] = 5.0  # the model wants to repeat "Taste"
+    # One title so far: the repeat is banned, a second title must come.
+    guard = _DistinctTitles(None, tiny_tokenizer)
+    feed(guard, text)
+    masked = guard.mask_logits(logits)
+    assert masked[taste] == float("-inf")
+    assert torch.isfinite(masked).sum() == vocab - 1
+    # Two titles: a repeat closes the list instead.
+    guard = _DistinctTitles(None, tiny_tokenizer)
+    text = "Intro\n####Taste:......\n####Price:......\n####"
+    feed(guard, text)
+    masked = guard.mask_logits(logits)
+    assert torch.isfinite(masked).nonzero().flatten().tolist() == guard.close_ids
+    # A new title at the top is left alone, and so is every token inside a title.
+    assert torch.equal(guard.mask_logits(torch.zeros(vocab)), torch.zeros(vocab))
+    guard.advance(first_token(text, "Caffeine"))
+    assert torch.equal(guard.mask_logits(logits), logits)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("Both are drinks. They", "Both are drinks."),
+        ("Both are drinks", "Both are drinks"),
+        ("I will compare them:", "I will compare them:"),
+        ("", ""),
+    ],
+)
+def test_a_preamble_cut_by_its_bound_shows_whole_sentences(text: str, shown: str) -> None:
+    from langchain_parallel_reason.pipeline import _whole_sentences
+
+    assert _whole_sentences(text) == shown
