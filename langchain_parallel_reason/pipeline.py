@@ -60,7 +60,7 @@ Mode = Literal["auto", "parallel", "sequential"]
 # Fewest new tokens a parallel step gets before the context/max_tokens budget makes parallel
 # decoding pointless; below it the answer is decoded sequentially and the reason recorded.
 MIN_STEP_TOKENS = 8
-PLAN_TITLE_CHARS = 40  # one to three words; a long title is a step written too early
+PLAN_TITLE_CHARS = 28  # one to three words; a long title is a step written too early
 PLAN_PREAMBLE_CHARS = 100  # one short line: a long preamble crowds the titles out of the budget
 # The conclusion cannot end (EOS, a step marker) before this many tokens: right after the steps
 # a small model otherwise closes the answer at once, leaving it without a conclusion.

@@ -121,8 +121,10 @@ def test_any_steps_give_a_usable_plan_or_a_value_error(titles: list[str]) -> Non
         {"titles": chat.steps}, context={"max_branches": 6, "max_title_chars": 200}
     )
     assert 2 <= len(plan.titles) <= 6
-    # The plan text the model is shown parses back to exactly these steps.
-    assert parse_plan(format_plan(plan), max_branches=6, max_title_chars=200) == plan
+    # The plan text the model is shown parses back to exactly these steps (steps are used as
+    # given; only a model-written plan drops placeholder titles).
+    if not any(is_placeholder_title(t) for t in plan.titles):
+        assert parse_plan(format_plan(plan), max_branches=6, max_title_chars=200) == plan
 
 
 @settings(max_examples=200, deadline=None)
