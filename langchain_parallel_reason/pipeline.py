@@ -54,6 +54,7 @@ __all__ = [
     "answer",
     "iter_answer",
     "render_prompt",
+    "resample_settings",
 ]
 
 Mode = Literal["auto", "parallel", "sequential"]
@@ -389,6 +390,24 @@ def title_opening_ids(tokenizer: Any, titles: Sequence[str]) -> list[list[int]]:
     ]
 
 
+def resample_settings(
+    temperature: float, seed: int | None, attempt: int
+) -> tuple[float, int | None]:
+    """(temperature, seed) of Stage-1 attempt ``attempt`` (1-based).
+
+    The first attempt uses the call's settings. A retry explores: temperature
+    ``PLAN_RETRY_TEMPERATURES[attempt - 2]`` (the last one after that) or the call's when
+    higher, and seed ``base + 1000 * attempt``, where ``base`` is the call's seed, or 0 for a
+    greedy call without one (so the same call always gives the same plan, and ``stream``
+    equals ``invoke``); an unseeded sampled call stays unseeded (random by request).
+    """
+    if attempt <= 1:
+        return temperature, seed
+    step = PLAN_RETRY_TEMPERATURES[min(attempt - 2, len(PLAN_RETRY_TEMPERATURES) - 1)]
+    base = seed if seed is not None else (0 if temperature == 0 else None)
+    return max(temperature, step), None if base is None else base + 1000 * attempt
+
+
 def drive(gen: Generator, sink: list | None = None) -> Any:
     """Run a generator to its return value, collecting yielded items into ``sink`` if given."""
     while True:
@@ -522,9 +541,6 @@ class _Run:
             else None
         )
         spent = 0
-        # Seeds of retries: derived from the caller's seed; without one, a fixed base when the
-        # call is greedy (reproducible), none when the caller samples unseeded (random anyway).
-        base = cfg.seed if cfg.seed is not None else (0 if self.params.greedy else None)
 
         def attempt() -> tuple[Plan, list[int]]:
             nonlocal spent
@@ -540,12 +556,8 @@ class _Run:
             k = self.plan_attempts
             # Each attempt restarts from the prompt.
             crop_to(cache, len(prompt) - 1)
-            params = self.params
-            seed = cfg.seed
-            if k > 1:
-                step = PLAN_RETRY_TEMPERATURES[min(k - 2, len(PLAN_RETRY_TEMPERATURES) - 1)]
-                params = replace(params, temperature=max(params.temperature, step))
-                seed = None if base is None else base + 1000 * k
+            temperature, seed = resample_settings(self.params.temperature, cfg.seed, k)
+            params = replace(self.params, temperature=temperature)
             constraint = _DistinctTitles(
                 _grammar_constraint(self.tok, grammar, self.vocab_size) if grammar else None,
                 self.tok,

@@ -201,3 +201,13 @@ def test_a_preamble_cut_by_its_bound_shows_whole_sentences(text: str, shown: str
     from langchain_parallel_reason.pipeline import _whole_sentences
 
     assert _whole_sentences(text) == shown
+
+
+def test_resample_settings_are_derived_and_reproducible() -> None:
+    from langchain_parallel_reason.pipeline import resample_settings
+
+    assert resample_settings(0.0, None, 1) == (0.0, None)  # the first attempt as asked
+    assert resample_settings(0.0, None, 2) == (0.5, 2000)  # greedy, unseeded: still fixed
+    assert resample_settings(0.0, 7, 3) == (0.7, 3007)
+    assert resample_settings(0.9, None, 2) == (0.9, None)  # unseeded sampling stays random
+    assert resample_settings(0.0, 1, 9)[0] == 1.0
