@@ -660,7 +660,9 @@ class ChatParallelReason(BaseChatModel):
     """New tokens the Stage-1 plan may take."""
 
     plan_retries: int = Field(default=2, ge=0)
-    """Re-samples of a plan that does not validate before falling back to ordinary decoding."""
+    """Re-samples of a plan that does not validate before falling back to ordinary decoding;
+    each with a derived seed and a higher temperature (the same call gives the same answer),
+    and all attempts together spend at most half of `max_tokens`."""
 
     constrain_plan: bool = True
     """Force the plan's format with a grammar (small models rarely write it unaided)."""
