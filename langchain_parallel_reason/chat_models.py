@@ -90,6 +90,8 @@ _CALL_OPTIONS = (
     "top_p",
     "top_k",
     "seed",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
     "attention",
     "constrain_plan",
     "timeout",
@@ -517,7 +519,9 @@ class ChatParallelReason(BaseChatModel):
     """New tokens the Stage-1 plan may take."""
 
     plan_retries: int = Field(default=2, ge=0)
-    """Re-samples of a plan that does not validate before falling back to ordinary decoding."""
+    """Re-samples of a plan that does not validate before falling back to ordinary decoding;
+    each with a derived seed and a higher temperature (the same call gives the same answer),
+    and all attempts together spend at most half of `max_tokens`."""
 
     constrain_plan: bool = True
     """Force the plan's format with a grammar (small models rarely write it unaided)."""
@@ -533,6 +537,16 @@ class ChatParallelReason(BaseChatModel):
 
     seed: int | None = Field(default=None, ge=-(2**62), le=2**62)
     """Seed of the sampling generator: the same seed gives the same answer (|seed| <= 2**62)."""
+
+    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    """As in transformers' `generate`: a token already in the context (prompt included) has its
+    logit divided by this when positive, multiplied when negative; applied to each parallel
+    step over its own context, and to the conclusion or a sequential answer. None or 1.0 = off;
+    1.1-1.3 discourages loops. (Every step and the conclusion also stop at a loop anyway.)"""
+
+    no_repeat_ngram_size: int | None = Field(default=None, ge=0)
+    """As in transformers' `generate`: no n-gram of this size may occur twice in a step's (or
+    the conclusion's) context, prompt included. None or 0 = off."""
 
     stop: list[str] | None = None
     """Stop strings: one ends the answer (inside a parallel step it ends that step only)."""
@@ -774,6 +788,8 @@ class ChatParallelReason(BaseChatModel):
             top_p=values["top_p"],
             top_k=values["top_k"],
             seed=values["seed"],
+            repetition_penalty=values["repetition_penalty"],
+            no_repeat_ngram_size=values["no_repeat_ngram_size"],
             stop=tuple(s for s in stops or () if s),
             attention=values["attention"],
             constrain_plan=values["constrain_plan"],

@@ -230,23 +230,45 @@ def _add_ask(subparsers: _SubParsers) -> None:
     parser.set_defaults(handler=cli_ask.run)
 
 
-def _add_bench_tasks(subparsers: _SubParsers) -> None:
-    from langchain_parallel_reason.bench import tasks  # torch is imported by its handler only
+def _add_bench_module(
+    subparsers: _SubParsers, name: str, module: str, help: str, description: str
+) -> None:
+    """A `bench NAME` command whose options and handler live in `bench/<module>.py`
+    (`add_arguments(parser)` and `run(args)`; torch is imported by the handler only)."""
+    import importlib
 
+    bench = importlib.import_module(f"langchain_parallel_reason.bench.{module}")
     parser = subparsers.add_parser(
-        "tasks",
-        parents=[_common_options()],
-        help="accuracy and speed on generated tasks: sequential vs sequential steps vs parallel",
-        description=(
-            "Generate seeded retrieval, planning or multi-document tasks and answer each three "
-            "ways on one model in one run: plain sequential, the plan's steps written one after "
-            "another (the paper's baseline), and parallel steps in one sequence. Reports mean "
-            "wall time, tokens, tokens/s, accuracy, Stage-1 format success and speedups."
-        ),
+        name, parents=[_common_options()], help=help, description=description
     )
     _add_model_options(parser)
-    tasks.add_arguments(parser)
-    parser.set_defaults(handler=tasks.run)
+    bench.add_arguments(parser)
+    parser.set_defaults(handler=bench.run)
+
+
+def _add_bench_tasks(subparsers: _SubParsers) -> None:
+    _add_bench_module(
+        subparsers,
+        "tasks",
+        "tasks",
+        "accuracy and speed on generated tasks: sequential vs sequential steps vs parallel",
+        "Generate seeded retrieval, planning or multi-document tasks and answer each three "
+        "ways on one model in one run: plain sequential, the plan's steps written one after "
+        "another (the paper's baseline), and parallel steps in one sequence. Reports mean "
+        "wall time, tokens, tokens/s, accuracy, Stage-1 format success and speedups.",
+    )
+
+
+def _add_bench_questions(subparsers: _SubParsers) -> None:
+    _add_bench_module(
+        subparsers,
+        "questions",
+        "questions",
+        "the model's own plans on a question set: validated, sensible, loops, conclusions",
+        "Answer every question of a set (default: the built-in parallelizable questions) "
+        "with the model's own plan, and count plans that validate and look sensible, steps "
+        "still stuck in a loop, and answers left without a conclusion.",
+    )
 
 
 def _add_bench_busy(subparsers: _SubParsers) -> None:
@@ -345,6 +367,7 @@ _BENCH_COMMANDS: list[Callable[[_SubParsers], None]] = [
     _add_bench_tasks,
     _add_bench_busy,
     _add_bench_serve,
+    _add_bench_questions,
 ]
 
 

@@ -117,6 +117,9 @@ def format_report(result: Any, view: AnswerView) -> list[str]:
                 f"tokens/forward: {report.tokens_per_forward:.2f} "
                 f"({sum(report.branch_tokens)} step tokens in {report.decode_steps} passes)"
             )
+        loops = report.branch_finish_reasons.count("repetition")
+        if loops:
+            parts.append(f"loops cut: {loops}")
     if report.plan_attempts:
         parts.append(f"plan attempts: {report.plan_attempts}")
     lines = [" | ".join(parts)]
@@ -124,10 +127,15 @@ def format_report(result: Any, view: AnswerView) -> list[str]:
     times = [(k, report.timings[k]) for k in order if k in report.timings]
     if times:
         lines.append("times: " + ", ".join(f"{k} {v:.2f} s" for k, v in times))
-    lines.append(f"tokens: prompt {result.input_tokens}, generated {result.output_tokens}")
+    conclusion = (
+        f" (conclusion {report.conclusion_tokens})" if report.mode_used == "parallel" else ""
+    )
+    lines.append(
+        f"tokens: prompt {result.input_tokens}, generated {result.output_tokens}{conclusion}"
+    )
     if report.fallback_reason:
         lines.append(f"fallback: {report.fallback_reason}")
-    lines.extend(f"note: {note}" for note in view.notes)
+    lines.extend(f"note: {note}" for note in (*view.notes, *report.notes))
     return lines
 
 
@@ -300,6 +308,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy"
     )
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        metavar="P",
+        help="as in transformers' generate, per step (e.g. 1.2; default off)",
+    )
+    parser.add_argument(
+        "--no-repeat-ngram-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="as in transformers' generate, per step (default off)",
+    )
     add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -335,6 +357,8 @@ def _config(args: argparse.Namespace) -> Any:
         step_max_tokens=args.step_max_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
 
 

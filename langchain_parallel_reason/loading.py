@@ -257,7 +257,7 @@ def _convert_embedded_model(gguf: Path, out: Path, progress: _Progress) -> None:
 def ensure_embedded_model_folder(*, cache_dir: Path | None = None, progress: bool = True) -> Path:
     """The folder holding the embedded model as a plain `save_pretrained` folder.
 
-    The first call converts the GGUF from `embedded_gguf_path()` (20-35 s, with a spinner on
+    The first call converts the GGUF from `embedded_gguf_path()` (30-45 s, with a spinner on
     stderr unless `progress=False`) into `<cache_dir>/smollm2-135m-instruct`, where `cache_dir`
     defaults to `default_cache_dir()`. It writes to a temporary folder that is renamed into
     place when complete, under a file lock, so concurrent processes convert once and never see
@@ -302,7 +302,7 @@ def ensure_embedded_model_folder(*, cache_dir: Path | None = None, progress: boo
         for stale in cache.glob(f".{_EMBEDDED_FOLDER}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         report.line(
-            f"Converting the embedded model {EMBEDDED_MODEL_NAME} (once, about 20-35 s) "
+            f"Converting the embedded model {EMBEDDED_MODEL_NAME} (once, about 30-45 s) "
             f"into {target}"
         )
         tmp = Path(tempfile.mkdtemp(prefix=f".{_EMBEDDED_FOLDER}.tmp-", dir=cache))
@@ -494,7 +494,7 @@ def load_model_and_tokenizer(
             `transformers.AttentionInterface`. FlashAttention is refused: the parallel
             decoder needs custom 4D masks.
         trust_remote_code: Passed to `from_pretrained` for model and tokenizer.
-        progress: Show progress on stderr (the one-time conversion, transformers' bars).
+        progress: Show progress on stderr (the one-time conversion, then one line for the load).
 
     Returns:
         `(model, tokenizer)`: the model in eval mode with `requires_grad` off. The tokenizer is
@@ -531,7 +531,13 @@ def load_model_and_tokenizer(
 
     is_hub_id = not embedded and not Path(source).is_dir()
     try:
-        with _transformers_progress_bars(progress):
+        # One status line of ours on stderr (a spinner in a terminal, then "model loaded (t s)")
+        # instead of transformers' tqdm bars, whose carriage returns land between lines of
+        # whatever else the program prints.
+        with (
+            _transformers_progress_bars(False),
+            _Progress(progress).phase(f"Loading {source}", done="model loaded"),
+        ):
             tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
             lm = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
     except OSError as e:

@@ -4,8 +4,12 @@ Contract: ``iter_answer(model, tokenizer, messages, config)`` yields ``ContentDe
 piece of the final content, in order), ``StepDelta`` (live text of a parallel step, not content)
 and ``StageEvent`` items, and returns an ``AnswerResult``; the ContentDelta texts concatenate to
 ``AnswerResult.content``. Stage 1 writes the plan after the prompt in the same cache; when it
-does not validate it is re-sampled (tenacity, bounded), then the answer falls back to ordinary
-sequential decoding, and the report says why. Any failure of the parallel path (Stage 2 or 3)
+does not validate it is re-sampled (tenacity; each retry with a derived seed and a higher
+temperature, so the same call always gives the same answer), then the answer falls back to
+ordinary sequential decoding, and the report says why. Budgets: ``max_tokens`` bounds every
+token the call writes, plan attempts included (they may spend at most half of it, so a fallback
+keeps the rest). Every step and the conclusion run under a loop guard and the caller's
+repetition controls (transformers' ``repetition_penalty`` / ``no_repeat_ngram_size``). Any failure of the parallel path (Stage 2 or 3)
 falls back the same way. The caller serialises calls on one model (the chat model holds a lock).
 """
 
@@ -18,16 +22,24 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import Retrying, retry_if_exception, stop_after_attempt
 from transformers.cache_utils import DynamicCache
 
 from .decoding.cache import crop_to
 from .decoding.decoder import iter_decode_branches, model_device
+from .decoding.repetition import RepetitionControl, trim_loop
 from .decoding.sampling import SamplingParams
-from .decoding.sequential import Cancelled, forward_tokens, iter_decode
+from .decoding.sequential import Cancelled, SuppressFirst, forward_tokens, iter_decode
 from .decoding.stops import cut_at_stop
 from .plan import PlanFormatError, format_plan, parse_plan, plan_grammar_ebnf
-from .prompts import END_MARKER, STEP_MARKER, conclusion_cue, stage1_system_prompt, step_header
+from .prompts import (
+    END_MARKER,
+    STEP_MARKER,
+    conclusion_cue,
+    example_titles,
+    stage1_system_prompt,
+    step_header,
+)
 from .schemas import ParallelReport, Plan
 
 __all__ = [
@@ -53,7 +65,17 @@ Mode = Literal["auto", "parallel", "sequential"]
 # Fewest new tokens a parallel step gets before the context/max_tokens budget makes parallel
 # decoding pointless; below it the answer is decoded sequentially and the reason recorded.
 MIN_STEP_TOKENS = 8
-PLAN_TITLE_CHARS = 60
+PLAN_TITLE_CHARS = 28  # one to three words; a long title is a step written too early
+PLAN_PREAMBLE_CHARS = 100  # one short line: a long preamble crowds the titles out of the budget
+# The conclusion cannot end (EOS, a step marker) before this many tokens: right after the steps
+# a small model otherwise closes the answer at once, leaving it without a conclusion.
+MIN_CONCLUSION_TOKENS = 12
+# Fewest tokens a plan attempt may get: a preamble, two short titles and the end marker. A
+# retry with fewer would be cut off for sure, so it is not made.
+MIN_PLAN_TOKENS = 16
+# Plan retries explore: attempt k >= 2 samples at PLAN_RETRY_TEMPERATURES[k - 2] (the last one
+# for later attempts), or the caller's temperature when higher, with seed base + k.
+PLAN_RETRY_TEMPERATURES = (0.5, 0.7, 0.9, 1.0)
 
 
 class PipelineCancelled(Exception):  # noqa: N818 - mirrors asyncio.CancelledError
@@ -92,8 +114,12 @@ class PipelineConfig:
         max_tokens: new-token budget of the whole answer (plan + steps + conclusion).
         step_max_tokens: new tokens per parallel step.
         plan_max_tokens: new tokens for the Stage-1 plan.
-        plan_retries: re-samples of a plan that does not validate, before falling back.
+        plan_retries: re-samples of a plan that does not validate, before falling back (also
+            bounded by ``max_tokens``: plan attempts spend at most half of it).
         temperature, top_p, top_k, seed: sampling (temperature 0 is greedy).
+        repetition_penalty, no_repeat_ngram_size: as in transformers' ``generate``, applied to
+            each step (over its own context) and to the conclusion or sequential answer;
+            None = off.
         stop: stop strings; one inside a step ends that step only, one in the conclusion or a
             sequential answer ends the answer.
         attention: Stage-2 backend, "auto", "split" or "mask".
@@ -116,6 +142,8 @@ class PipelineConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
     stop: tuple[str, ...] = ()
     attention: Literal["auto", "split", "mask"] = "auto"
     constrain_plan: bool = True
@@ -125,6 +153,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         SamplingParams(self.temperature, self.top_p, self.top_k)  # validates
+        RepetitionControl(self.repetition_penalty, self.no_repeat_ngram_size)  # validates
         checks = [
             (
                 self.mode in ("auto", "parallel", "sequential"),
@@ -378,8 +407,28 @@ def _output_constraint(run: _Run, grammar: OutputGrammar) -> Any:
     return GrammarConstraint.from_ebnf(run.tok, grammar.ebnf, **kw)
 
 
-_MARKER_IDS: dict[int, tuple[Any, list[int]]] = {}
+_MARKER_IDS: dict[int, tuple[Any, list[int], list[int]]] = {}
 _MARKER_LOCK = threading.Lock()
+
+
+def _banned_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(step opening bans, marker ids), computed once per tokenizer object."""
+    with _MARKER_LOCK:
+        hit = _MARKER_IDS.get(id(tokenizer))
+        if hit is not None and hit[0] is tokenizer:
+            return hit[1], hit[2]
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    markers = [i for i, text in enumerate(texts) if "#" in text]
+    opening = [
+        i
+        for i, text in enumerate(texts)
+        if "#" in text or "\n" in text or (text.strip() and not text.strip(". \u2026"))
+    ]
+    with _MARKER_LOCK:
+        if len(_MARKER_IDS) > 16:  # a handful of tokenizers per process at most
+            _MARKER_IDS.clear()
+        _MARKER_IDS[id(tokenizer)] = (tokenizer, opening, markers)
+    return opening, markers
 
 
 def step_opening_banned_ids(tokenizer: Any) -> list[int]:
@@ -388,21 +437,50 @@ def step_opening_banned_ids(tokenizer: Any) -> list[int]:
     Those holding '#' or a newline (the next step marker) and those made of dots only (the
     plan's "......" placeholder, which small models copy right after the title list).
     """
-    with _MARKER_LOCK:
-        hit = _MARKER_IDS.get(id(tokenizer))
-        if hit is not None and hit[0] is tokenizer:
-            return hit[1]
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    ids = [
-        i
-        for i, text in enumerate(texts)
-        if "#" in text or "\n" in text or (text.strip() and not text.strip(". \u2026"))
+    return _banned_ids(tokenizer)[0]
+
+
+def marker_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of tokens holding '#' (a step marker would start), cached per tokenizer object."""
+    return _banned_ids(tokenizer)[1]
+
+
+def title_opening_ids(tokenizer: Any, titles: Sequence[str]) -> list[list[int]]:
+    """Per step, the tokens its text may not open with: the first token of every OTHER title
+    (written with and without a leading space), unless it also opens its own title.
+
+    A small model tends to restate the neighbouring step's title ("####Price: Taste: ...").
+    """
+    firsts = []
+    for title in titles:
+        ids = set()
+        for text in (title, " " + title, title.lower(), " " + title.lower()):
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if encoded:
+                ids.add(encoded[0])
+        firsts.append(ids)
+    return [
+        sorted(set().union(*(f for j, f in enumerate(firsts) if j != b)) - firsts[b])
+        for b in range(len(titles))
     ]
-    with _MARKER_LOCK:
-        if len(_MARKER_IDS) > 16:  # a handful of tokenizers per process at most
-            _MARKER_IDS.clear()
-        _MARKER_IDS[id(tokenizer)] = (tokenizer, ids)
-    return ids
+
+
+def resample_settings(
+    temperature: float, seed: int | None, attempt: int
+) -> tuple[float, int | None]:
+    """(temperature, seed) of Stage-1 attempt ``attempt`` (1-based).
+
+    The first attempt uses the call's settings. A retry explores: temperature
+    ``PLAN_RETRY_TEMPERATURES[attempt - 2]`` (the last one after that) or the call's when
+    higher, and seed ``base + 1000 * attempt``, where ``base`` is the call's seed, or 0 for a
+    greedy call without one (so the same call always gives the same plan, and ``stream``
+    equals ``invoke``); an unseeded sampled call stays unseeded (random by request).
+    """
+    if attempt <= 1:
+        return temperature, seed
+    step = PLAN_RETRY_TEMPERATURES[min(attempt - 2, len(PLAN_RETRY_TEMPERATURES) - 1)]
+    base = seed if seed is not None else (0 if temperature == 0 else None)
+    return max(temperature, step), None if base is None else base + 1000 * attempt
 
 
 def step_token_budget(
@@ -429,15 +507,6 @@ def steps_content(preamble: str, titles: Sequence[str], bodies: Sequence[str]) -
     return (preamble + "\n\n" if preamble else "") + steps_md
 
 
-def resample_settings(
-    temperature: float, seed: int | None, attempt: int
-) -> tuple[float, int | None]:
-    """(temperature, seed) of Stage-1 attempt ``attempt`` (1-based): re-samples explore."""
-    if attempt <= 1:
-        return temperature, seed
-    return max(temperature, 0.7), None if seed is None else seed + 1000 * attempt
-
-
 def drive(gen: Generator, sink: list | None = None) -> Any:
     """Run a generator to its return value, collecting yielded items into ``sink`` if given."""
     while True:
@@ -461,6 +530,64 @@ def _stream_content(gen: Generator[int, None, Any], stream: TextStream) -> Gener
             yield ContentDelta(delta)
 
 
+class _DistinctTitles:
+    """A ``LogitsConstraint`` over the plan (wrapping its grammar, if any): no title opens with
+    the first token of an earlier title. Where the model's top choice would do so, the list is
+    closed instead (``####%%%%``) once it has 2 titles; before that, those tokens are banned.
+
+    A small model otherwise repeats its first title ("####Quit:......" six times), and forcing
+    it past the repeat only makes it write unrelated titles. Titles are found in the text (a
+    title starts right after each ``####``), whatever the tokenization of the marker.
+    """
+
+    def __init__(self, inner: Any, tokenizer: Any) -> None:
+        self.inner = inner
+        self.tok = tokenizer
+        self.tokens: list[int] = []
+        self.firsts: list[int] = []
+        self.at_title = False
+        # The token(s) that start the end marker's tail right after "####".
+        tail = tokenizer.encode(END_MARKER, add_special_tokens=False)
+        head = tokenizer.encode(STEP_MARKER, add_special_tokens=False)
+        close = {tail[len(head)]} if tail[: len(head)] == head and len(tail) > len(head) else set()
+        close |= set(tokenizer.encode(END_MARKER[len(STEP_MARKER) :], add_special_tokens=False)[:1])
+        self.close_ids = sorted(close)
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The grammar's mask, then the rule above at a title start. ``logits``: ``[V]``."""
+        if self.inner is not None:
+            logits = self.inner.mask_logits(logits)
+        if not (self.at_title and self.firsts):
+            return logits
+        if int(logits.argmax()) not in self.firsts:
+            return logits
+        close = torch.tensor(self.close_ids, dtype=torch.long, device=logits.device)
+        if len(self.firsts) >= 2 and close.numel() and torch.isfinite(logits[close]).any():
+            out = torch.full_like(logits, float("-inf"))
+            out[close] = logits[close]
+            return out
+        out = logits.clone()
+        out[self.firsts] = float("-inf")
+        return out
+
+    def advance(self, token_id: int) -> None:
+        """Accept ``token_id`` (into the grammar too)."""
+        if self.inner is not None:
+            self.inner.advance(token_id)
+        if self.at_title and not self.tok.decode([token_id]).startswith("%"):
+            self.firsts.append(token_id)
+        self.tokens.append(token_id)
+        self.at_title = self.tok.decode(self.tokens[-4:]).endswith(STEP_MARKER)
+
+    def is_terminated(self) -> bool:
+        """When the grammar is complete (never without one)."""
+        return self.inner is not None and self.inner.is_terminated()
+
+
+class _NoPlanRetry(PlanFormatError):  # noqa: N818 - a PlanFormatError that ends the retries
+    """The plan failed and a retry cannot help (no budget left, or cut off at its own limit)."""
+
+
 class _Run:
     """State of one ``iter_answer`` call (nothing survives the call)."""
 
@@ -472,6 +599,7 @@ class _Run:
         self.cancel = cancel
         self.tools = tools
         self.params = SamplingParams(config.temperature, config.top_p, config.top_k)
+        self.repetition = RepetitionControl(config.repetition_penalty, config.no_repeat_ngram_size)
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.ctx = _context_window(model)
         self.device = model_device(model)
@@ -479,6 +607,7 @@ class _Run:
         self.output_tokens = 0
         self.input_tokens = 0
         self.plan_attempts = 0
+        self.last_plan_error = ""
         self.notes: list[str] = []
 
     def encode(self, text: str) -> list[int]:
@@ -496,25 +625,43 @@ class _Run:
 
     # Stage 1 ----------------------------------------------------------------------------
     def plan(self, prompt: list[int], cache: DynamicCache) -> tuple[Plan, list[int], int]:
-        """Decode and validate the plan; returns (plan, plan token ids, attempts)."""
+        """Decode and validate the plan; returns (plan, plan token ids, attempts).
+
+        Attempts spend at most half of ``max_tokens`` together (the rest is the answer's,
+        fallback included) and never run past the context window. A retry is made only when
+        a plan can fit in what is left (`MIN_PLAN_TOKENS`, or ``plan_max_tokens`` if smaller);
+        it samples at a higher temperature with a seed derived from the call's (0 without one,
+        at temperature 0), so the same call gives the same plan.
+        """
         cfg = self.cfg
         self.plan_attempts = 0
-        # Never past the context window: a prompt near it leaves the plan few tokens, and a
-        # plan cut off there fails to validate and falls back.
-        budget = min(cfg.plan_max_tokens, self.cfg.max_tokens, self.ctx - len(prompt))
+        cap = cfg.max_tokens // 2
         grammar = (
-            plan_grammar_ebnf(cfg.max_branches, PLAN_TITLE_CHARS) if cfg.constrain_plan else None
+            plan_grammar_ebnf(cfg.max_branches, PLAN_TITLE_CHARS, PLAN_PREAMBLE_CHARS)
+            if cfg.constrain_plan
+            else None
         )
+        spent = 0
 
         def attempt() -> tuple[Plan, list[int]]:
+            nonlocal spent
+            budget = min(cfg.plan_max_tokens, cap - spent, self.ctx - len(prompt))
+            if budget < min(MIN_PLAN_TOKENS, cfg.plan_max_tokens) and self.plan_attempts > 0:
+                raise _NoPlanRetry(
+                    f"{self.last_plan_error}; no retry: {max(budget, 0)} plan tokens left of "
+                    f"max_tokens={cfg.max_tokens} (plan attempts may use half)"
+                )
+            if budget < 1:
+                raise _NoPlanRetry(f"no room for a plan (max_tokens={cfg.max_tokens})")
             self.plan_attempts += 1
-            attempts = self.plan_attempts
-            # Each attempt restarts from the prompt; re-samples explore (temperature >= 0.7).
+            k = self.plan_attempts
+            # Each attempt restarts from the prompt.
             crop_to(cache, len(prompt) - 1)
-            temperature, seed = resample_settings(self.params.temperature, cfg.seed, attempts)
+            temperature, seed = resample_settings(self.params.temperature, cfg.seed, k)
             params = replace(self.params, temperature=temperature)
-            constraint = (
-                _grammar_constraint(self.tok, grammar, self.vocab_size) if grammar else None
+            constraint = _DistinctTitles(
+                _grammar_constraint(self.tok, grammar, self.vocab_size) if grammar else None,
+                self.tok,
             )
             gen = iter_decode(
                 self.model,
@@ -531,9 +678,18 @@ class _Run:
                 cancel=self.cancel,
             )
             result = drive(gen, [])
+            spent += len(result.token_ids)
             self.output_tokens += len(result.token_ids)
             text = self.tok.decode(result.token_ids, skip_special_tokens=True)
-            plan = parse_plan(text, max_branches=cfg.max_branches, max_title_chars=PLAN_TITLE_CHARS)
+            try:
+                plan = self.drop_copied_titles(
+                    parse_plan(
+                        text, max_branches=cfg.max_branches, max_title_chars=PLAN_TITLE_CHARS
+                    )
+                )
+            except PlanFormatError as e:
+                self.last_plan_error = str(e)
+                raise
             return plan, result.token_ids
 
         # The prompt but its last token is prefilled once; every attempt feeds that last token.
@@ -542,11 +698,29 @@ class _Run:
                 forward_tokens(self.model, torch.tensor(prompt[:-1], device=self.device), cache, 0)
         retrying = Retrying(
             stop=stop_after_attempt(cfg.plan_retries + 1),
-            retry=retry_if_exception_type(PlanFormatError),
+            retry=retry_if_exception(
+                lambda e: isinstance(e, PlanFormatError) and not isinstance(e, _NoPlanRetry)
+            ),
             reraise=True,
         )
         plan, ids = retrying(attempt)
         return plan, ids, self.plan_attempts
+
+    def drop_copied_titles(self, plan: Plan) -> Plan:
+        """``plan`` without titles copied from the prompt's example (unless the question uses
+        them); raises PlanFormatError when fewer than 2 titles remain."""
+        question = " ".join(
+            str(m.get("content") or "") for m in self.messages if m.get("role") == "user"
+        ).casefold()
+        copied = example_titles()
+        kept = [t for t in plan.titles if t.casefold() not in copied or t.casefold() in question]
+        if len(kept) == len(plan.titles):
+            return plan
+        if len(kept) < 2:
+            dropped = [t for t in plan.titles if t not in kept]
+            msg = f"fewer than 2 usable titles (copied from the prompt's example: {dropped})"
+            raise PlanFormatError(msg)
+        return plan.model_copy(update={"titles": kept})
 
     @property
     def vocab_size(self) -> int:
@@ -605,9 +779,8 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
     prompt = [*prompt, *forced]
     run.check_prompt(prompt)
     run.input_tokens = run.input_tokens or len(prompt)
-    # A fallback answer gets the whole max_tokens budget: discarded plan attempts still count
-    # in usage, but must not starve the answer.
-    budget = max(1, min(cfg.max_tokens, run.ctx - len(prompt)))
+    # A fallback answer gets what the plan attempts left of max_tokens (at least half of it).
+    budget = max(1, min(cfg.max_tokens - run.output_tokens, run.ctx - len(prompt)))
     cache = DynamicCache()
     stream = TextStream(run.tok, stops, lstrip=not forced)
     t = time.perf_counter()
@@ -627,6 +800,10 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         constraint=constraint,
         cancel=run.cancel,
         jump_forward=constraint is not None,  # JSON keys and tool names: one pass each
+        # Grammar-bound output (JSON) is bounded by its grammar; free text gets the guard.
+        repetition=None if grammar is not None else run.repetition,
+        context_ids=prompt,
+        loop_guard=grammar is None,
     )
     result = yield from _stream_content(gen, stream)
     if tail := stream.finish():
@@ -638,6 +815,10 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
             yield ContentDelta(suffix)
         text = grammar.prefix + text + suffix
     run.output_tokens += len(result.token_ids)
+    finish_reason = result.finish_reason
+    if finish_reason == "repetition":
+        run.notes.append("the answer began to repeat itself; the repetition guard ended it")
+        finish_reason = "stop"
     run.timings["sequential"] = time.perf_counter() - t
     run.timings["total"] = time.perf_counter() - t0
     report = ParallelReport(
@@ -647,7 +828,7 @@ def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Gene
         timings=run.timings,
         notes=run.notes,
     )
-    return AnswerResult(text, report, run.input_tokens, run.output_tokens, result.finish_reason)
+    return AnswerResult(text, report, run.input_tokens, run.output_tokens, finish_reason)
 
 
 def _parallel(run: _Run, t0: float) -> Generator:
@@ -689,6 +870,9 @@ def _parallel(run: _Run, t0: float) -> Generator:
         reason = f"plan did not validate after {attempts} attempt(s): {e}"
         return (yield from _sequential(run, reason, attempts, t0))
     run.timings["plan"] = time.perf_counter() - t
+    # The preamble's length is bounded by the grammar, so it can stop mid-sentence: show its
+    # complete sentences only (the plan text in the cache is unchanged).
+    plan = plan.model_copy(update={"preamble": _whole_sentences(plan.preamble)})
     yield StageEvent("plan", {"titles": list(plan.titles), "preamble": plan.preamble})
 
     # Budgets: the steps and the conclusion must fit both max_tokens and the context window,
@@ -700,13 +884,14 @@ def _parallel(run: _Run, t0: float) -> Generator:
     # a margin, as the steps' text can re-tokenize a little longer than it was decoded.
     layout = sum(len(run.encode(f"{step_header(title)} \n")) for title in plan.titles)
     layout += len(run.encode(conclusion_cue())) + 8 * (n + 1)
-    left_tokens = cfg.max_tokens - run.output_tokens
-    left_ctx = run.ctx - len(prefix) - layout
+    left_tokens = max(0, cfg.max_tokens - run.output_tokens)
+    left_ctx = max(0, run.ctx - len(prefix) - layout)
     per_step = step_token_budget(n, cfg.step_max_tokens, left_tokens, left_ctx)
     if per_step < MIN_STEP_TOKENS:
         reason = (
-            f"budget too small for {n} parallel steps ({per_step} tokens each; "
-            f"max_tokens={cfg.max_tokens}, context={run.ctx})"
+            f"budget too small for {n} parallel steps: each needs {MIN_STEP_TOKENS} tokens, and "
+            f"{left_tokens} of max_tokens={cfg.max_tokens} and {left_ctx} of the context "
+            f"window ({run.ctx}) are left; raise max_tokens or lower max_branches"
         )
         return (yield from _sequential(run, reason, attempts, t0))
 
@@ -749,7 +934,7 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
         if tail := streams[b].finish():
             yield StepDelta(b, plan.titles[b], tail)
     run.timings["steps"] = time.perf_counter() - t
-    bodies = [s.text.strip() for s in streams]
+    bodies = [_body(tok, s, r, step_stops) for s, r in zip(streams, out.branches, strict=True)]
     branch_tokens = [len(r.token_ids) for r in out.branches]
     if out.width < n:
         run.notes.append(f"out of memory: steps decoded {out.width} at a time")
@@ -772,7 +957,11 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     finish_reason = "length"
     if room < 1:
         run.notes.append(f"context window ({run.ctx} tokens) full after the steps: no conclusion")
-    elif budget >= 1:
+    elif budget < 1:
+        run.notes.append(
+            f"no conclusion: the plan and the steps used all of max_tokens={cfg.max_tokens}"
+        )
+    else:
         gen3 = iter_decode(
             run.model,
             stage3,
@@ -785,9 +974,20 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
             stop_strings=(*cfg.stop, STEP_MARKER),
             tokenizer=tok,
             cancel=run.cancel,
+            # Right after the steps a small model tends to end the answer at once (EOS) or
+            # start another step: neither may come before a few words of conclusion.
+            constraint=SuppressFirst(
+                [*run.stop_ids, *marker_token_ids(tok)], min(MIN_CONCLUSION_TOKENS, budget)
+            ),
+            repetition=run.repetition,
+            context_ids=prefix,
+            loop_guard=True,
         )
         try:
             finish_reason = (yield from _stream_content(gen3, stream)).finish_reason
+            if finish_reason == "repetition":
+                run.notes.append("the conclusion began to repeat itself; the guard ended it")
+                finish_reason = "stop"
         except Cancelled:
             raise
         except Exception as e:
@@ -795,6 +995,8 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
         if tail := stream.finish():
             yield ContentDelta(tail)
     run.output_tokens += len(stream.tokens)
+    if budget >= 1 and room >= 1 and not stream.text.strip():
+        run.notes.append("the conclusion came out empty")
     run.timings["conclusion"] = time.perf_counter() - t
     run.timings["total"] = time.perf_counter() - t0
     content = steps_md + stream.text
@@ -806,11 +1008,33 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
         decode_steps=out.forward_passes,
         tokens_per_forward=(out.tokens / out.forward_passes) if out.forward_passes else None,
         plan_attempts=attempts,
+        conclusion_tokens=len(stream.tokens),
         timings=run.timings,
         attention=out.attention,
         notes=run.notes,
     )
     return AnswerResult(content, report, run.input_tokens, run.output_tokens, finish_reason)
+
+
+def _whole_sentences(text: str) -> str:
+    """``text`` up to its last sentence end, when it ends mid-sentence after a full one."""
+    text = text.strip()
+    if not text or text[-1] in ".!?:":
+        return text
+    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
+    return text[: cut + 1] if cut > 0 else text
+
+
+def _body(tok: Any, stream: TextStream, result: Any, stops: Sequence[str]) -> str:
+    """A step's text for the content: what was streamed, or, when the loop guard ended the
+    step, its tokens up to the first copy of the repeated unit."""
+    if result.finish_reason != "repetition":
+        return stream.text.strip()
+    kept = TextStream(tok, stops, lstrip=True)
+    for token in trim_loop(result.token_ids):
+        kept.push(token)
+    kept.finish()
+    return kept.text.strip()
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -844,6 +1068,7 @@ def _decode_steps(run, titles, prefix, branch_prefixes, per_step, cache, prefix_
     forwards = tokens = 0
     attention = "split"
     step_stops = (STEP_MARKER, *cfg.stop)
+    opening = title_opening_ids(run.tok, titles)
     start = 0
     while start < n:
         group = list(range(start, min(n, start + width)))
@@ -867,6 +1092,10 @@ def _decode_steps(run, titles, prefix, branch_prefixes, per_step, cache, prefix_
             # once ("\n####...") or copy the placeholder: a step may not open with those.
             min_new_tokens=min(MIN_STEP_TOKENS, per_step // 2),
             suppress_token_ids=step_opening_banned_ids(run.tok),
+            # ... nor restate another step's title; every step runs under the loop guard.
+            opening_banned_ids=[opening[i] for i in group],
+            repetition=run.repetition,
+            loop_guard=True,
         )
         try:
             while True:

@@ -1,8 +1,10 @@
 """Parse, render and constrain the Stage-1 plan text.
 
 Contract: `parse_plan` turns any string into a validated `Plan` or raises `PlanFormatError`
-with a short reason, never another exception; `plan_grammar_ebnf` gives an xgrammar EBNF whose
-every complete match `parse_plan` accepts (up to duplicate titles, which no grammar can rule out).
+with a short reason, never another exception. It repairs before it rejects: empty, duplicate and
+placeholder titles ("Title", "Step 1", a bare number) are dropped, and the plan is kept when at
+least 2 distinct titles remain. `plan_grammar_ebnf` gives an xgrammar EBNF whose every complete
+match has the plan's shape (what no grammar rules out, repeats and placeholders, is repaired).
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from pydantic import ValidationError
 from langchain_parallel_reason.prompts import END_MARKER, PLACEHOLDER, STEP_MARKER
 from langchain_parallel_reason.schemas import DEFAULT_MAX_BRANCHES, DEFAULT_MAX_TITLE_CHARS, Plan
 
-__all__ = ["PlanFormatError", "format_plan", "parse_plan", "plan_grammar_ebnf"]
+__all__ = [
+    "PlanFormatError",
+    "format_plan",
+    "is_placeholder_title",
+    "parse_plan",
+    "plan_grammar_ebnf",
+    "repair_titles",
+]
 
 
 class PlanFormatError(ValueError):
@@ -36,6 +45,41 @@ _SPACE_CLASS = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u20
 _CONTROL_CLASS = r"\x00-\x1f\x7f-\x9f\ud800-\udfff"
 
 
+# Titles a small model writes when it copies the format instead of naming a part of the question:
+# a generic word, optionally numbered ("Title", "Step 1", "Part A", "Point 2."), or a stage name
+# that depends on the other steps ("Conclusion", "Summary").
+_PLACEHOLDER_TITLE_RE = re.compile(
+    r"(?:(?:title|step|part|item|point|aspect|topic|section|heading|subtitle|name|question"
+    r"|answer|example|idea|option|factor|reason|task|thing|category|placeholder)s?"
+    r"(?:\s*(?:[\d#.)\-]+|[a-z]|one|two|three|four|five|six))?"
+    r"|conclusion|summary|introduction|final answer)\W*",
+    re.IGNORECASE,
+)
+
+
+def is_placeholder_title(title: str) -> bool:
+    """True for a title that names nothing: no letter at all ("1", "...", "#2"), or a generic
+    word of the format, optionally numbered ("Title", "Step 1", "Part B"), or "Conclusion"."""
+    text = title.strip()
+    return not any(ch.isalpha() for ch in text) or bool(_PLACEHOLDER_TITLE_RE.fullmatch(text))
+
+
+def repair_titles(titles: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``titles`` into (kept, dropped): empty, placeholder and repeated titles (ignoring
+    case; the first one stays) are dropped, the others kept in order."""
+    kept: list[str] = []
+    dropped: list[str] = []
+    seen: set[str] = set()
+    for title in titles:
+        key = title.strip().casefold()
+        if not key or key in seen or is_placeholder_title(title):
+            dropped.append(title.strip())
+            continue
+        seen.add(key)
+        kept.append(title)
+    return kept, dropped
+
+
 def _check_limit(name: str, value: int, minimum: int) -> None:
     """Raise ValueError unless `value` is an int of at least `minimum` (bool excluded)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -51,6 +95,8 @@ def parse_plan(
 ) -> Plan:
     """Parse Stage-1 text (preamble, ``####Title:......`` lines, ``####%%%%``) into a `Plan`.
 
+    Repaired: empty, placeholder (`is_placeholder_title`) and repeated titles are dropped when
+    at least 2 distinct titles remain (see `repair_titles`); otherwise the plan is rejected.
     Tolerated: blank lines and surrounding whitespace; any number of dots (or none, or
     ``…``) after a title's colon; text after the first ``####%%%%`` (the model's detailed
     steps), which is ignored. A missing ``####%%%%`` is tolerated when every title line is
@@ -69,7 +115,7 @@ def parse_plan(
     Raises:
         PlanFormatError: For any text that is not a usable plan, with a short reason such
             as ``"no step titles"``, ``"only 1 step"``, ``"too many steps (12 > 8)"`` or
-            ``"duplicate titles ('Taste')"``. No other exception escapes for string input.
+            ``"fewer than 2 usable titles (dropped: 'Step 1', 'Step 2')"``. No other exception escapes for string input.
         ValueError: If ``max_branches < 2`` or ``max_title_chars < 1`` (a caller bug).
     """
     _check_limit("max_branches", max_branches, 2)
@@ -109,6 +155,12 @@ def parse_plan(
             raise PlanFormatError(msg)
         titles.append(title)
 
+    kept, dropped = repair_titles(titles)
+    if dropped and len(kept) < 2:
+        shown = ", ".join(repr(t) for t in dropped[:4]) + (", ..." if len(dropped) > 4 else "")
+        msg = f"fewer than 2 usable titles (dropped: {shown})"
+        raise PlanFormatError(msg)
+    titles = kept
     context = {"max_branches": max_branches, "max_title_chars": max_title_chars}
     try:
         return Plan.model_validate({"preamble": preamble, "titles": titles}, context=context)
@@ -156,8 +208,9 @@ def plan_grammar_ebnf(
     each ending with a newline, then ``####%%%%``. A title has 1..``max_title_chars``
     characters, none of them ``#``, ``:``, a control character or a surrogate, starts and
     ends with a non-space character and does not start with ``%`` (so it cannot be mistaken
-    for the closing marker). Every repetition is bounded, so constrained decoding always
-    terminates. Duplicate titles are the one rule left to `parse_plan`.
+    for the closing marker) nor with a digit or a dot (a small model otherwise numbers its
+    steps instead of naming them). Every repetition is bounded, so constrained decoding always
+    terminates. Duplicate and placeholder titles are left to `parse_plan`, which drops them.
 
     Args:
         max_branches: Most step lines; at least 2.
@@ -185,7 +238,7 @@ def plan_grammar_ebnf(
         rules.append("title ::= title_first | title_first title_mid title_last")
         rules += _bounded_repeat("title_mid", "title_inner", max_title_chars - 2)
     rules += [
-        f"title_first ::= [^#:%{_CONTROL_CLASS}{_SPACE_CLASS}]",
+        f"title_first ::= [^#:%0-9.{_CONTROL_CLASS}{_SPACE_CLASS}]",
         f"title_inner ::= [^#:{_CONTROL_CLASS}]",
         f"title_last ::= [^#:{_CONTROL_CLASS}{_SPACE_CLASS}]",
     ]

@@ -19,6 +19,7 @@ __all__ = [
     "PROMPT_NAMES",
     "STEP_MARKER",
     "conclusion_cue",
+    "example_titles",
     "load_prompt",
     "stage1_system_prompt",
     "step_header",
@@ -107,6 +108,20 @@ def stage1_system_prompt(max_branches: int) -> str:
         msg = f"max_branches must be an integer >= 2, got {max_branches!r}"
         raise ValueError(msg)
     return load_prompt("stage1_plan").format(max_branches=max_branches)
+
+
+def example_titles() -> frozenset[str]:
+    """The step titles of the Stage-1 prompt's own example, casefolded.
+
+    A small model tends to copy them whatever the question; the pipeline drops a copied title
+    unless the question itself uses it.
+    """
+    text = _read_text("stage1_plan")
+    return frozenset(
+        line[len(STEP_MARKER) :].split(":")[0].strip().casefold()
+        for line in text.splitlines()
+        if line.startswith(STEP_MARKER) and not line.startswith(END_MARKER)
+    )
 
 
 def conclusion_cue() -> str:

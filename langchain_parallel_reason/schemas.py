@@ -145,7 +145,9 @@ class ParallelReport(BaseModel):
     """Tokens each branch generated in Stage 2, its forced title prefix excluded."""
 
     branch_finish_reasons: list[str] = Field(default_factory=list)
-    """Why each branch stopped: ``"stop"`` (next ``####``, EOS or a stop string) or ``"length"``."""
+    """Why each branch stopped: ``"stop"`` (next ``####``, EOS or a stop string), ``"length"``
+    (its token budget) or ``"repetition"`` (the loop guard: the step began repeating itself;
+    its text keeps one copy of the repeated part)."""
 
     decode_steps: int = Field(default=0, ge=0)
     """Stage-2 forward passes; sequential decoding would have needed ``sum(branch_tokens)``."""
@@ -155,6 +157,9 @@ class ParallelReport(BaseModel):
 
     plan_attempts: int = Field(default=0, ge=0)
     """How many times Stage 1 was run to get a valid plan (0 when it was skipped)."""
+
+    conclusion_tokens: int = Field(default=0, ge=0)
+    """Tokens of the Stage-3 conclusion (0 when there was none; ``notes`` then says why)."""
 
     timings: dict[str, float] = Field(default_factory=dict)
     """Wall-clock seconds per stage: ``"plan"``, ``"steps"``, ``"conclusion"``, ``"total"``."""

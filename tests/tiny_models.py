@@ -405,3 +405,23 @@ def save_tiny_model_dir(path: Path, arch: str = "llama", **kw: Any) -> Path:
     build_tiny_model(arch, **kw).save_pretrained(path)
     build_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def generate_alone(
+    model: Any, prefix: list[int], forced: list[int], new: int, **kw: Any
+) -> list[int]:
+    """Exactly ``new`` greedy tokens that ``generate`` writes after ``prefix + forced`` alone
+    (no EOS), with any extra ``generate`` options (e.g. ``repetition_penalty``): what a
+    parallel branch must equal."""
+    ids = torch.tensor([prefix + forced], device=model.device)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        **kw,
+    )
+    return out[0, ids.shape[1] :].tolist()

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
+from langchain_parallel_reason.decoding.sequential import cache_kwarg
+
 __all__ = [
     "ATTENTIONS",
     "DTYPE_CHOICES",
@@ -207,9 +209,9 @@ def _forward(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=keep,
+        **{cache_kwarg(model): cache},
     )
     return out.logits if every_token else out.logits[:, -1]
 

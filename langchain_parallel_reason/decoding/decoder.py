@@ -29,8 +29,9 @@ from transformers.cache_utils import DynamicCache
 from .attention import SplitLayout, use_split_attention
 from .cache import BranchCache, crop_to, kv_bytes
 from .masks import ColumnLayout, model_mask_kind
+from .repetition import RepetitionControl, find_loop
 from .sampling import SamplingParams, make_generator, sample_next
-from .sequential import Cancelled, forward_tokens
+from .sequential import Cancelled, cache_kwarg, forward_tokens
 from .stops import StopStrings
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
     "prefill",
 ]
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "repetition"]
 Attention = Literal["auto", "split", "mask"]
 
 # model_type values whose attention modules the split backend is tested against (exact vs eager).
@@ -76,7 +77,8 @@ class BranchResult:
     Attributes:
         token_ids: generated ids, forced prefix excluded; a stop token id that ended the branch
             is included (as ``generate`` does); text after a stop string is the caller's to cut.
-        finish_reason: "stop" (stop id or stop string) or "length" (``max_new_tokens``).
+        finish_reason: "stop" (stop id or stop string), "length" (``max_new_tokens``) or
+            "repetition" (the loop guard saw the branch repeat itself; see ``repetition``).
         forward_passes: forward passes that computed a token of this branch.
         stop: the stop string or stop token id that ended it, if any.
     """
@@ -191,6 +193,9 @@ def iter_decode_branches(
     cancel: threading.Event | None = None,
     min_new_tokens: int = 0,
     suppress_token_ids: Sequence[int] = (),
+    opening_banned_ids: Sequence[Sequence[int]] | None = None,
+    repetition: RepetitionControl | None = None,
+    loop_guard: bool = False,
 ) -> Generator[StepEvent, None, BranchesOutput]:
     """Decode every branch at once; yield one ``StepEvent`` per forward; return the results.
 
@@ -216,6 +221,13 @@ def iter_decode_branches(
             before it has this many tokens (e.g. keeps a small model from ending a step at
             once with the next step marker).
         suppress_token_ids: tokens banned until ``min_new_tokens`` (see above).
+        opening_banned_ids: per branch, tokens its first new token may not be (e.g. the start
+            of another step's title), or None.
+        repetition: transformers' ``repetition_penalty`` / ``no_repeat_ngram_size``, applied
+            per branch over that branch's own context (prefix + its forced and new tokens),
+            as ``generate`` would over ``prefix + branch_prefix`` alone.
+        loop_guard: end a branch whose new tokens end in a loop (``repetition.find_loop``),
+            finish reason "repetition".
     """
     params = SamplingParams(temperature, top_p, top_k)
     device = model_device(model)
@@ -228,6 +240,9 @@ def iter_decode_branches(
     n = len(forced)
     if n == 0:
         raise ValueError("branch_prefixes is empty: pass one forced token list per branch")
+    if opening_banned_ids is not None and len(opening_banned_ids) != n:
+        msg = f"opening_banned_ids needs one list per branch ({n}), got {len(opening_banned_ids)}"
+        raise ValueError(msg)
     budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != n or any(int(b) < 1 for b in budgets):
         msg = f"max_new_tokens must be >= 1 (one int, or one per branch), got {max_new_tokens!r}"
@@ -254,6 +269,23 @@ def iter_decode_branches(
                 prefix_logits = prefill(model, prefix[-1:], cache, start=plen - 1)
 
     gens = [make_generator(None if seed is None else seed + b, device) for b in range(n)]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prefix_list = prefix.tolist()
+    # One repetition state per branch: its context is the prefix and its own tokens only, as
+    # if the branch were decoded alone.
+    rep = (
+        [repetition.start(prefix_list + forced[b], vocab) for b in range(n)]
+        if repetition is not None and repetition.active
+        else None
+    )
+    opening = (
+        [
+            torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
+            for ids in opening_banned_ids
+        ]
+        if opening_banned_ids is not None
+        else None
+    )
     generated: list[list[int]] = [[] for _ in range(n)]
     passes = [0] * n
     finish: list[tuple[FinishReason, str | int | None] | None] = [None] * n
@@ -277,6 +309,8 @@ def iter_decode_branches(
         capacity = plen + sum(len(f) for f in forced) + sum(budgets)
         cols = ColumnLayout.for_prefix(plen, capacity, device)
 
+    cache_kw = cache_kwarg(model)
+
     def forward(q_branch: list[int], q_idx: list[int], tokens: list[int]) -> torch.Tensor:
         # One Stage-2 forward over Q tokens (any mix of branches); returns logits [Q, V].
         nonlocal forwards, peak
@@ -298,9 +332,9 @@ def iter_decode_branches(
                     input_ids=ids,
                     position_ids=qpos[None],
                     attention_mask=split_mask,
-                    past_key_values=stage_cache,
                     use_cache=True,
                     belt_layout=layout,
+                    **{cache_kw: stage_cache},
                 )
         else:
             cols.append(qb, qpos)
@@ -310,8 +344,8 @@ def iter_decode_branches(
                 input_ids=ids,
                 position_ids=qpos[None],
                 attention_mask=mask,
-                past_key_values=stage_cache,
                 use_cache=True,
+                **{cache_kw: stage_cache},
             )
         forwards += 1
         peak = max(peak, kv_bytes(stage_cache))
@@ -347,6 +381,11 @@ def iter_decode_branches(
                     if young:
                         rows = torch.tensor(young, device=device)
                         logits[rows[:, None], suppress[None, :]] = float("-inf")
+                for i, b in enumerate(live):  # per-branch rules: row i is branch b's logits
+                    if opening is not None and not generated[b] and opening[b].numel():
+                        logits[i, opening[b]] = float("-inf")
+                    if rep is not None:
+                        logits[i] = rep[b].apply(logits[i])
                 if params.greedy:
                     new = sample_next(logits, params).tolist()
                 else:
@@ -357,10 +396,14 @@ def iter_decode_branches(
                 ended: list[tuple[int, FinishReason]] = []
                 for b, tok in zip(live, new, strict=True):
                     generated[b].append(tok)
+                    if rep is not None:
+                        rep[b].push(tok)
                     if tok in stop_ids:
                         finish[b] = ("stop", tok)
                     elif stops and (hit := stops.find(generated[b])) is not None:
                         finish[b] = ("stop", hit)
+                    elif loop_guard and find_loop(generated[b]) is not None:
+                        finish[b] = ("repetition", None)
                     elif len(generated[b]) >= budgets[b]:
                         finish[b] = ("length", None)
                     if finish[b] is not None:

@@ -8,6 +8,8 @@ back, so on return the cache holds the input plus all generated tokens but the l
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Literal, Protocol
 import torch
 from transformers.cache_utils import DynamicCache
 
+from .repetition import RepetitionControl, find_loop
 from .sampling import SamplingParams, make_generator, sample_next
 from .stops import StopStrings
 
@@ -24,6 +27,7 @@ __all__ = [
     "LogitsConstraint",
     "SequentialResult",
     "SuppressFirst",
+    "cache_kwarg",
     "forward_tokens",
     "iter_decode",
 ]
@@ -81,15 +85,32 @@ class SequentialResult:
 
     Attributes:
         token_ids: new tokens (a stop id that ended decoding included).
-        finish_reason: "stop" (stop id, stop string or finished grammar) or "length".
+        finish_reason: "stop" (stop id, stop string or finished grammar), "length", or
+            "repetition" (the loop guard saw the text repeat itself).
         stop: the stop string or id that ended it, if any.
         forward_passes: model forward calls, the prefill of ``input_ids`` included.
     """
 
     token_ids: list[int]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "repetition"]
     stop: str | int | None
     forward_passes: int
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature: the old name
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name of the forward's KV-cache argument: ``"cache"`` (transformers >= 5.23, where
+    ``past_key_values`` is deprecated, with a FutureWarning per call) or ``"past_key_values"``
+    (older releases and models that keep the old name)."""
+    return _cache_kwarg_of(type(model))
 
 
 def forward_tokens(
@@ -103,9 +124,9 @@ def forward_tokens(
     out = model(
         input_ids=ids[None],
         position_ids=pos[None],
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=keep,
+        **{cache_kwarg(model): cache},
     )
     return out.logits[0, -1]
 
@@ -144,6 +165,9 @@ def iter_decode(
     constraint: LogitsConstraint | None = None,
     cancel: threading.Event | None = None,
     jump_forward: bool = False,
+    repetition: RepetitionControl | None = None,
+    context_ids: Sequence[int] = (),
+    loop_guard: bool = False,
 ) -> Generator[int, None, SequentialResult]:
     """Decode after ``input_ids``; yield each new token; return the result.
 
@@ -167,6 +191,10 @@ def iter_decode(
     stops = StopStrings(tokenizer, stop_strings)
     stop_ids = frozenset(int(t) for t in stop_token_ids)
     gen = None if params.greedy else make_generator(seed, device)
+    rep = None
+    if repetition is not None and repetition.active:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        rep = repetition.start([*context_ids, *ids.tolist()], vocab)
     tokens: list[int] = []
     passes = 0
     pos = start
@@ -179,10 +207,14 @@ def iter_decode(
             logits = forward_tokens(model, ids, cache, pos)
             passes += 1
             pos += ids.shape[0]
+            if rep is not None:
+                logits = rep.apply(logits)
             if constraint is not None:
                 logits = constraint.mask_logits(logits)
             tok = int(sample_next(logits[None], params, gen)[0])
             tokens.append(tok)
+            if rep is not None:
+                rep.push(tok)
             yield tok
             if constraint is not None:
                 constraint.advance(tok)
@@ -192,11 +224,15 @@ def iter_decode(
                 return SequentialResult(tokens, "stop", tok, passes)
             if stops and (hit := stops.find(tokens)) is not None:
                 return SequentialResult(tokens, "stop", hit, passes)
+            if loop_guard and find_loop(tokens) is not None:
+                return SequentialResult(tokens, "repetition", None, passes)
             forced: list[int] = []
             if jump_forward and constraint is not None and tokenizer is not None:
                 for f in _forced_ids(constraint, tokenizer, max_new_tokens - len(tokens)):
                     forced.append(f)
                     tokens.append(f)
+                    if rep is not None:
+                        rep.push(f)
                     yield f
                 if forced and constraint.is_terminated():
                     return SequentialResult(tokens, "stop", None, passes)

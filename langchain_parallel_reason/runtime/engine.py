@@ -187,6 +187,9 @@ class _ModelView:
         )
         return SimpleNamespace(logits=self._core.run_call(call)[None])
 
+    # decoding.cache_kwarg reads the forward's signature from the class: it takes ``cache``.
+    forward = __call__
+
 
 class _Core:
     """The engine's state, shared by its scheduler thread and workers (not by the caller's

@@ -1,7 +1,7 @@
 """The embedded SmolLM2-135M-Instruct: converted once from its GGUF, faithful to it, chat-ready.
 
 Uses the real cache (`PARALLEL_REASON_CACHE` if set, else the default cache folder), so a run
-converts at most once (20-35 s) and later runs reuse the folder. The GGUF comparison loads the
+converts at most once (30-45 s) and later runs reuse the folder. The GGUF comparison loads the
 GGUF itself (about 20 s more).
 """
 

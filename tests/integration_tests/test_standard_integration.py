@@ -1,6 +1,6 @@
 """LangChain's standard integration tests against the embedded SmolLM2-135M-Instruct.
 
-The first run converts the embedded GGUF once (about 20-35 s); later loads take about 1 s.
+The first run converts the embedded GGUF once (about 30-45 s); later loads take about 1 s.
 Budgets are small so the module stays quick on a CPU. Tool calls forced by `tool_choice` and
 structured output are decoded under a grammar, so they pass even on this 135M model; what the
 model must decide by itself (to call a tool unforced) is marked xfail with the reason.

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from langchain_parallel_reason import ChatParallelReason
 from langchain_parallel_reason.chat_models import _convert_messages
 from langchain_parallel_reason.pipeline import render_prompt
-from langchain_parallel_reason.plan import format_plan, parse_plan
+from langchain_parallel_reason.plan import format_plan, is_placeholder_title, parse_plan
 from langchain_parallel_reason.schemas import Plan
 
 # Pieces that have a meaning somewhere on the way from messages to tokens.
@@ -121,8 +121,10 @@ def test_any_steps_give_a_usable_plan_or_a_value_error(titles: list[str]) -> Non
         {"titles": chat.steps}, context={"max_branches": 6, "max_title_chars": 200}
     )
     assert 2 <= len(plan.titles) <= 6
-    # The plan text the model is shown parses back to exactly these steps.
-    assert parse_plan(format_plan(plan), max_branches=6, max_title_chars=200) == plan
+    # The plan text the model is shown parses back to exactly these steps (steps are used as
+    # given; only a model-written plan drops placeholder titles).
+    if not any(is_placeholder_title(t) for t in plan.titles):
+        assert parse_plan(format_plan(plan), max_branches=6, max_title_chars=200) == plan
 
 
 @settings(max_examples=200, deadline=None)
@@ -132,6 +134,8 @@ def test_every_valid_plan_round_trips_through_its_text(titles: list[str], preamb
         plan = Plan.model_validate({"preamble": preamble, "titles": titles})
     except ValidationError:
         return
+    if any(is_placeholder_title(t) for t in plan.titles):
+        return  # a model-written plan drops those (a caller's steps are used as given)
     assert parse_plan(format_plan(plan)) == plan
 
 

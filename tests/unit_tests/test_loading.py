@@ -107,7 +107,7 @@ def test_embedded_gguf_path_points_at_the_shipped_file() -> None:
 
 
 class _FakeConverter:
-    """Stands in for the 20-35 s GGUF conversion: writes the expected files, counts calls."""
+    """Stands in for the 30-45 s GGUF conversion: writes the expected files, counts calls."""
 
     def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
         self.delay_s = delay_s

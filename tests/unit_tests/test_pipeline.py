@@ -80,18 +80,19 @@ def test_steps_override_runs_parallel_with_those_titles(tiny_llama, tiny_tokeniz
 
 
 def test_unparsable_plan_falls_back_to_sequential(tiny_llama, tiny_tokenizer) -> None:
-    config = PipelineConfig(constrain_plan=False, plan_max_tokens=10, plan_retries=2, max_tokens=16)
+    config = PipelineConfig(constrain_plan=False, plan_max_tokens=10, plan_retries=2, max_tokens=64)
     events, result = _collect(tiny_llama, tiny_tokenizer, MESSAGES, config)
     assert result.report.mode_used == "sequential"
     assert result.report.plan_attempts == 3
     assert "plan did not validate after 3 attempt(s)" in result.report.fallback_reason
     assert any(isinstance(e, StageEvent) and e.stage == "fallback" for e in events)
-    assert (
-        result.content
-        == answer(
-            tiny_llama, tiny_tokenizer, MESSAGES, PipelineConfig(mode="sequential", max_tokens=16)
-        ).content
-    )
+    # The fallback answer gets what the plan attempts left of max_tokens: under greedy
+    # decoding it is the start of the plain sequential answer.
+    assert result.output_tokens <= config.max_tokens
+    plain = answer(
+        tiny_llama, tiny_tokenizer, MESSAGES, PipelineConfig(mode="sequential", max_tokens=64)
+    ).content
+    assert plain.startswith(result.content.rstrip("\ufffd"))
 
 
 def test_constrained_plan_always_has_the_format(tiny_llama, tiny_tokenizer) -> None:

@@ -12,8 +12,10 @@ from langchain_parallel_reason import plan as plan_module
 from langchain_parallel_reason.plan import (
     PlanFormatError,
     format_plan,
+    is_placeholder_title,
     parse_plan,
     plan_grammar_ebnf,
+    repair_titles,
 )
 from langchain_parallel_reason.schemas import Plan
 
@@ -75,10 +77,14 @@ def test_no_preamble_gives_empty_preamble() -> None:
         ("I will just answer: 42.", "no step titles"),
         ("####%%%%\n####A:......\n####B:......", "no step titles"),  # list after the end
         (_plan_text("Only"), "only 1 step"),
-        (_plan_text(*(f"Step {i}" for i in range(12))), "too many steps (12 > 8)"),
-        (_plan_text("Taste", "taste"), "duplicate titles ('taste')"),
-        (_plan_text("Taste", "  TASTE "), "duplicate titles ('TASTE')"),
-        (_plan_text("A", "   "), "step 2 has an empty title"),
+        (_plan_text(*(f"City {i}" for i in range(12))), "too many steps (12 > 8)"),
+        # Repaired first: duplicates, empty and placeholder titles are dropped, and a plan
+        # with fewer than 2 titles left is rejected with what was dropped.
+        (_plan_text("Taste", "taste"), "fewer than 2 usable titles (dropped: 'taste')"),
+        (_plan_text("Taste", "  TASTE "), "fewer than 2 usable titles (dropped: 'TASTE')"),
+        (_plan_text("A", "   "), "fewer than 2 usable titles (dropped: '')"),
+        (_plan_text("Title", "Step 1", "2"), "fewer than 2 usable titles (dropped: 'Title', "),
+        (_plan_text("Taste", "Step 2"), "fewer than 2 usable titles (dropped: 'Step 2')"),
         (_plan_text("A", "x" * 81), "step 2 title too long (81 > 80 chars)"),
         (_plan_text("Step 1: Taste", "B"), "step 1 title contains ':'"),
         (_plan_text("A", "####B"), "step 2 title contains '####'"),
@@ -119,7 +125,7 @@ def test_bad_limits_are_caller_errors(kwargs: dict[str, int]) -> None:
         ("Goût 🍵", "Koffein ☕", "价格"),
         ("מחיר", "طعم", "Цена"),  # right-to-left scripts and Cyrillic
         ("\u202eTaste", "Caf\u200dfeine"),  # bidi override and zero-width joiner
-        ("👨‍👩‍👧 family", "🏳️‍🌈"),  # multi-code-point emoji
+        ("👨‍👩‍👧 family", "🏳️‍🌈 flag"),  # multi-code-point emoji
     ],
 )
 def test_unicode_titles_survive(titles: tuple[str, ...]) -> None:
@@ -193,7 +199,7 @@ def test_any_text_gives_plan_or_format_error(text: str) -> None:
     preamble=st.text(st.characters(blacklist_characters="#\n"), max_size=50),
     titles=st.lists(
         st.text(st.characters(blacklist_characters="#:\n"), min_size=1, max_size=20).filter(
-            lambda t: t.strip()
+            lambda t: t.strip() and not is_placeholder_title(t)
         ),
         min_size=2,
         max_size=6,
@@ -203,6 +209,27 @@ def test_any_text_gives_plan_or_format_error(text: str) -> None:
 def test_format_then_parse_round_trips(preamble: str, titles: list[str]) -> None:
     plan = Plan(preamble=preamble, titles=titles)
     assert parse_plan(format_plan(plan)) == plan
+
+
+def test_repair_drops_duplicates_empties_and_placeholders() -> None:
+    text = _plan_text("Taste", "taste", "Step 3", "1", "Price", "Title", "Caffeine")
+    assert parse_plan(text).titles == ["Taste", "Price", "Caffeine"]
+    assert repair_titles(["Taste", " TASTE", "", "Step 1", "Price"]) == (
+        ["Taste", "Price"],
+        ["TASTE", "", "Step 1"],
+    )
+
+
+@pytest.mark.parametrize(
+    "title", ["Title", "Step 1", "step 2.", "1", "3)", "...", "Part A", "Items", "Conclusion"]
+)
+def test_placeholder_titles(title: str) -> None:
+    assert is_placeholder_title(title)
+
+
+@pytest.mark.parametrize("title", ["Taste", "DC", "Price range", "Steps to take", "Points of view"])
+def test_titles_that_name_something(title: str) -> None:
+    assert not is_placeholder_title(title)
 
 
 def test_format_plan_is_the_canonical_text() -> None:

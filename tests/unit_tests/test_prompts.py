@@ -57,7 +57,12 @@ def test_stage1_prompt_formats_and_shows_the_format() -> None:
     # The example in the prompt is itself a plan that the parser accepts.
     example = text[text.index("Answer:\n") + len("Answer:\n") :]
     plan = parse_plan(example, max_branches=5)
-    assert plan.titles == ["Time", "Cost", "Health"]
+    assert plan.titles == ["Rabbit", "Hamster"]
+    # Its titles are words of its question (what a plan's titles should be), and the pipeline
+    # knows them, to drop a copy of them from another question's plan.
+    question = text[text.index("Question:") : text.index("Answer:")]
+    assert all(title.lower() in question.lower() for title in plan.titles)
+    assert prompts.example_titles() == {"rabbit", "hamster"}
     # ... and its detailed steps use the same headers Stage 2 forces.
     for title in plan.titles:
         assert f"\n{step_header(title)} " in example

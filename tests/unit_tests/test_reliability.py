@@ -482,12 +482,12 @@ def test_a_plan_that_fails_validation_frees_the_kv_cache(
     real_parse = pipeline.parse_plan
 
     def duplicate_titles(_text: str, **kwargs: Any) -> Any:
-        # As if the model had written a plan that only the Plan schema rejects.
+        # As if the model had written a plan that only repeats one title.
         return real_parse("Intro\n####Taste:......\n####taste:......\n####%%%%", **kwargs)
 
     monkeypatch.setattr(pipeline, "parse_plan", duplicate_titles)
     message = chat.invoke(QUESTION, plan_retries=1)
-    assert "duplicate titles" in _report(message)["fallback_reason"]
+    assert "fewer than 2 usable titles" in _report(message)["fallback_reason"]
     assert not _wait_for_workers()
     # The garbage collector can free everything the failed attempts touched.
     assert _live_caches() == 0

@@ -102,6 +102,7 @@ def test_sequential_report_defaults() -> None:
         "decode_steps": 0,
         "tokens_per_forward": None,
         "plan_attempts": 0,
+        "conclusion_tokens": 0,
         "timings": {},
         "attention": None,
         "notes": [],

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from tiny_models import ARCH_ATTN_PAIRS, build_tiny_model
+from tiny_models import ARCH_ATTN_PAIRS, build_tiny_model, generate_alone
 from transformers.cache_utils import DynamicCache
 
 from langchain_parallel_reason.decoding import (
@@ -30,20 +30,6 @@ BRANCHES = [[40, 41, 42], [7], [300, 301, 302, 303, 304], []]
 NEW = 10
 
 
-def _alone(model, prefix, forced, new):
-    ids = torch.tensor([prefix + forced], device=model.device)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new,
-        min_new_tokens=new,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, ids.shape[1] :].tolist()
-
-
 CASES = [(arch, attn, None) for arch, attn in ARCH_ATTN_PAIRS] + [
     # A window (in positions) shorter than the prefix, on models that take one mask for all
     # layers (mistral, phi3) and a per-layer-type mask dict (qwen2).
@@ -55,13 +41,13 @@ CASES = [(arch, attn, None) for arch, attn in ARCH_ATTN_PAIRS] + [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("arch", "attn", "window"), CASES)
-def test_every_branch_equals_decoding_it_alone(arch, attn, window, backend) -> None:
+def test_every_branch_equals_decoding_itgenerate_alone(arch, attn, window, backend) -> None:
     kw = {"sliding_window": window} if window else {}
     model = build_tiny_model(arch, attn_implementation=attn, **kw)
     out = decode_branches(model, PREFIX, BRANCHES, max_new_tokens=NEW, attention=backend)
     assert out.attention == backend
     for forced, result in zip(BRANCHES, out.branches, strict=True):
-        assert result.token_ids == _alone(model, PREFIX, forced, NEW), (arch, attn, forced)
+        assert result.token_ids == generate_alone(model, PREFIX, forced, NEW), (arch, attn, forced)
         assert result.finish_reason == "length"
 
 
@@ -269,7 +255,7 @@ def test_exact_on_cuda(backend) -> None:
     model = build_tiny_model("qwen3", attn_implementation="sdpa").cuda()
     out = decode_branches(model, PREFIX, BRANCHES, max_new_tokens=NEW, attention=backend)
     for forced, result in zip(BRANCHES, out.branches, strict=True):
-        assert result.token_ids == _alone(model, PREFIX, forced, NEW)
+        assert result.token_ids == generate_alone(model, PREFIX, forced, NEW)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
