@@ -57,6 +57,7 @@ _POLL_S = 0.05  # how often waiting threads look at cancel flags, deadlines and 
 _GATHER_S = 0.01
 _GATHER_MAX_S = 0.05
 _REGROW_STEPS = 32  # good steps after an out-of-memory before the row cap doubles again
+_ENGINE_NUMBERS = itertools.count(1)
 
 
 class _Call:
@@ -225,12 +226,12 @@ class _Core:
         self.closed = False
         self.seq = itertools.count()
         self.counters = collections.Counter()
+        # Thread names carry the engine's number, so stats() can count this engine's threads.
+        self.tag = f"parallel-reason-{next(_ENGINE_NUMBERS)}-"
         self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=limits.max_concurrent_requests, thread_name_prefix="parallel-reason-req"
+            max_workers=limits.max_concurrent_requests, thread_name_prefix=self.tag + "req"
         )
-        self.thread = threading.Thread(
-            target=self._loop, name="parallel-reason-engine", daemon=True
-        )
+        self.thread = threading.Thread(target=self._loop, name=self.tag + "engine", daemon=True)
         self.thread.start()
 
     # -- the caller's side ------------------------------------------------------------------
@@ -281,6 +282,7 @@ class _Core:
                 "failed": c["failed"],
                 "cancelled": c["cancelled"],
                 "split_retries": c["split_retries"],
+                "threads": sum(t.name.startswith(self.tag) for t in threading.enumerate()),
                 "max_concurrent_requests": self.limits.max_concurrent_requests,
                 "max_batch_rows": self.limits.max_batch_rows,
             }
