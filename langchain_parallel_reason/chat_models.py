@@ -589,6 +589,11 @@ class ChatParallelReason(BaseChatModel):
     """KV-cache bytes the running calls may reserve together (each reserves an upper bound
     at admission); calls beyond it wait. None = no budget."""
 
+    prefix_cache_bytes: int = Field(default=256 * 2**20, ge=0)
+    """KV-cache bytes of prompt prefixes kept across calls (a radix tree, as vLLM's and
+    SGLang's prefix caching): a prompt that starts like an earlier one (the planning
+    instructions, a shared system prompt, a tool list) prefills only what differs. 0 = off."""
+
     json_string_max_chars: int | None = Field(default=160, ge=1)
     """Longest string a forced tool call or structured output may hold where its schema sets
     no bound (no ``maxLength``, ``pattern`` or ``enum``); None = unbounded. Small models tend
@@ -686,7 +691,18 @@ class ChatParallelReason(BaseChatModel):
     # -- loading and per-call settings -----------------------------------------------------
 
     def _limits(self) -> EngineLimits:
-        return EngineLimits(self.max_concurrent_requests, self.max_batch_rows, self.kv_budget_bytes)
+        return EngineLimits(
+            self.max_concurrent_requests,
+            self.max_batch_rows,
+            self.kv_budget_bytes,
+            self.prefix_cache_bytes,
+        )
+
+    def get_engine(self) -> Engine | RemoteEngine:
+        """The engine that serves this chat model (the model is loaded on first use): its
+        ``stats()`` (requests running and queued, rows per forward, KV and prefix-cache bytes),
+        and on a local model ``clear_prefix_cache()``, ``model`` and ``tokenizer``."""
+        return self._get_engine()
 
     def _get_engine(self) -> Engine | RemoteEngine:
         """The engine, loading the model on first use (once, thread-safe)."""

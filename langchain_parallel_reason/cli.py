@@ -325,6 +325,13 @@ def _add_bench_serve(subparsers: _SubParsers) -> None:
     parser.add_argument(
         "--dtype", default=None, help="weights dtype, e.g. float32 or bfloat16 (default: loader's)"
     )
+    parser.add_argument(
+        "--prefix-cache-mib",
+        type=int,
+        default=256,
+        metavar="MIB",
+        help="prompt-prefix KV kept across requests, in MiB (0 = off; default 256)",
+    )
     add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument(
@@ -347,6 +354,7 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         progress=False,
         max_concurrent_requests=max(32, args.concurrency),
+        prefix_cache_bytes=max(0, args.prefix_cache_mib) * 2**20,
     )
     result = serve.run_serve_bench(llm, config)
     if args.plot:

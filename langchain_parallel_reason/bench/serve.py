@@ -108,6 +108,11 @@ def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
 
     calls = _calls(llm, config, config.requests)
     llm.invoke("Warm up.", mode="sequential", max_tokens=2)  # load the model, untimed
+    engine = llm.get_engine()
+    # Both phases start from an empty prefix cache: each reuses only what it prefilled itself
+    # (the shared planning instructions), not the other phase's prompts.
+    engine.clear_prefix_cache()
+    first = engine.stats()
     serial, serial_latency = [], []
     t0 = time.perf_counter()
     for _, runnable, question in calls:
@@ -115,7 +120,7 @@ def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
         serial.append(runnable.invoke(question))
         serial_latency.append(time.perf_counter() - t)
     serial_s = time.perf_counter() - t0
-    engine = llm._get_engine()
+    engine.clear_prefix_cache()
     before = engine.stats()
     concurrent_s, done = asyncio.run(_concurrent(calls, config.concurrency))
     after = engine.stats()
@@ -141,6 +146,10 @@ def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
         "output_tokens": tokens,
         "forwards": steps,
         "mean_rows_per_forward": round((after["rows"] - before["rows"]) / steps, 1) if steps else 0,
+        "prefix_hit_tokens": {
+            "serial": before["prefix_cache_hit_tokens"] - first["prefix_cache_hit_tokens"],
+            "concurrent": after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"],
+        },
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "threads": llm.num_threads or default_threads(),
         "modes": [m.response_metadata["parallel"]["mode_used"] for m in serial],

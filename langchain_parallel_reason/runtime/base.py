@@ -80,11 +80,15 @@ class EngineLimits:
         max_batch_rows: most tokens in one forward; prefills beyond it are chunked.
         kv_budget_bytes: KV bytes the running requests may reserve together (each reserves
             an upper bound of its own at admission); None = no budget.
+        prefix_cache_bytes: KV bytes of prompt prefixes kept across requests, so a prompt
+            that starts like an earlier one (a shared system prompt, the planning
+            instructions, a tool list) prefills only what differs; 0 turns it off.
     """
 
     max_concurrent_requests: int = 32
     max_batch_rows: int = 512
     kv_budget_bytes: int | None = None
+    prefix_cache_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
         if self.max_concurrent_requests < 1:
@@ -95,4 +99,7 @@ class EngineLimits:
             raise ValueError(msg)
         if self.kv_budget_bytes is not None and self.kv_budget_bytes < 1:
             msg = f"kv_budget_bytes must be >= 1 or None, got {self.kv_budget_bytes}"
+            raise ValueError(msg)
+        if self.prefix_cache_bytes < 0:
+            msg = f"prefix_cache_bytes must be >= 0 (0 turns it off), got {self.prefix_cache_bytes}"
             raise ValueError(msg)

@@ -36,12 +36,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..decoding.attention import attention_configs
 from ..decoding.cache import crop_to, kv_bytes
 from ..decoding.masks import model_mask_kind
 from ..decoding.sequential import Cancelled
 from .base import EngineLimits, Item, Request
+from .prefix_cache import PrefixCache, common_prefix
 from .ragged import RAGGED_ATTENTION, RaggedCache, RaggedLayout, Segment
 from .retry import is_transient, run_with_retries
 from .threads import apply_threads
@@ -133,6 +135,7 @@ class _Req:
         self.cache_ref: Callable[[], Any] = lambda: None  # the last cache it ran on (weak)
         self.forwards = 0
         self.batch_rows = 0
+        self.prefix_hit_tokens = 0
 
     def expired(self, now: float) -> bool:
         if self.deadline is not None and now >= self.deadline:
@@ -213,6 +216,9 @@ class _Core:
             {"full_attention": dummy, "sliding_attention": dummy} if kind == "dict" else dummy
         )
         self.kv_per_token = _kv_bytes_per_token(model)
+        self.prefix = PrefixCache(limits.prefix_cache_bytes)
+        # Fresh prefills running now: id -> (prompt ids, set once its KV is stored).
+        self.prefilling: dict[int, tuple[list[int], threading.Event]] = {}
         self.cond = threading.Condition()
         self.turn = threading.Lock()  # held by the worker running pipeline code (see _serve)
         self.queue: collections.deque[_Req] = collections.deque()
@@ -283,6 +289,7 @@ class _Core:
                 "threads": sum(t.name.startswith(self.tag) for t in threading.enumerate()),
                 "max_concurrent_requests": self.limits.max_concurrent_requests,
                 "max_batch_rows": self.limits.max_batch_rows,
+                **self.prefix.stats(),
             }
 
     def close(self, join_s: float = 0.0) -> None:
@@ -304,24 +311,80 @@ class _Core:
             raise Cancelled("decoding cancelled")
         with contextlib.suppress(TypeError):  # caches are weak-referenceable; be lenient
             req.cache_ref = weakref.ref(call.cache)
-        with self.cond:
-            if self.closed:
-                raise Cancelled("the engine was closed")
-            req.call = call
-            self.pending.append(call)
-            self.cond.notify_all()
+        fresh = _fresh_prefill(call) if self.prefix.max_bytes > 0 else None
+        lead = self._share_prefill(call) if fresh is not None else None
         try:
-            with self._released():
-                while not call.done.wait(_POLL_S):
-                    if not self.alive():
-                        raise RuntimeError("the engine's scheduler thread died; see the log")
+            with self.cond:
+                if self.closed:
+                    raise Cancelled("the engine was closed")
+                req.call = call
+                self.pending.append(call)
+                self.cond.notify_all()
+            try:
+                with self._released():
+                    while not call.done.wait(_POLL_S):
+                        if not self.alive():
+                            raise RuntimeError("the engine's scheduler thread died; see the log")
+            finally:
+                req.call = None  # the call holds the request's cache
+            error, logits = call.error, call.logits
+            call.error = call.logits = None
+            if error is not None:
+                raise error
+            if fresh is not None:
+                self._keep_prefix(call.ids, fresh)
+            return logits
         finally:
-            req.call = None  # the call holds the request's cache
-        error, logits = call.error, call.logits
-        call.error = call.logits = None
-        if error is not None:
-            raise error
-        return logits
+            if lead is not None:
+                with self.cond:
+                    self.prefilling.pop(lead, None)[1].set()
+
+    def _share_prefill(self, call: _Call) -> int:
+        """Serve a fresh prefill from the prefix cache; returns its key in ``prefilling``.
+
+        Requests that arrive together (an ``abatch``, a burst at a server) share their system
+        prompt, but none has stored it yet: a prefill that starts like one running now (by at
+        least ``min_tokens`` more than is stored) waits for that one's KV instead of computing
+        the same prefix again, then computes only the rest (the last token always runs: its
+        logits are the answer).
+        """
+        ids = call.ids.tolist()
+        limit = len(ids) - 1
+        while True:
+            stored = self.prefix.longest(ids, limit)
+            with self.cond:
+                running = [
+                    (common_prefix(ids[:limit], other), done)
+                    for other, done in self.prefilling.values()
+                ]
+            shared, done = max(running, key=lambda r: r[0], default=(0, None))
+            if done is None or shared < stored + self.prefix.min_tokens:
+                break
+            with self._released():  # other requests run their Python meanwhile
+                while not done.wait(_POLL_S):
+                    if call.req.expired(time.monotonic()):
+                        raise Cancelled("decoding cancelled")
+        hit, kv = self.prefix.match(ids, limit)
+        if kv is not None:
+            for layer, (keys, values) in enumerate(kv):
+                call.cache.update(keys, values, layer)
+            call.ran = hit
+            call.req.prefix_hit_tokens += hit
+        key = id(call)
+        with self.cond:
+            self.prefilling[key] = (ids, threading.Event())
+        return key
+
+    def _keep_prefix(self, ids: torch.Tensor, cache: DynamicCache) -> None:
+        """Store a finished prefill's prompt KV for later requests."""
+        n = ids.shape[0]
+        layers = cache.layers
+        if not layers or any(
+            type(layer) is not DynamicLayer or layer.keys is None or layer.keys.shape[-2] < n
+            for layer in layers
+        ):
+            return  # a layer that drops or shares tokens: nothing exact to store
+        self.prefix.insert(ids.tolist(), [(layer.keys, layer.values) for layer in layers])
 
     def _serve(self, req: _Req) -> None:
         from .. import pipeline as pl
@@ -407,6 +470,7 @@ class _Core:
             "queue_wait_s": round((req.admitted or req.submitted) - req.submitted, 4),
             "queued_ahead": req.queued_ahead,
             "forwards": req.forwards,
+            "prefix_hit_tokens": req.prefix_hit_tokens,
             "mean_batch_rows": round(req.batch_rows / req.forwards, 2) if req.forwards else 0.0,
         }
         report = result.report.model_copy(update={"engine": info})  # validated on creation
@@ -612,6 +676,21 @@ def _kv_bytes_per_token(model: Any) -> int:
     return 2 * layers * heads * dim * size
 
 
+def _fresh_prefill(call: _Call) -> DynamicCache | None:
+    """The call's cache when the call prefills a prompt from its first token into an empty
+    plain cache (what the prefix cache can serve and store), else None."""
+    cache = call.cache
+    if (
+        type(cache) is DynamicCache
+        and call.chunkable
+        and call.ids.shape[0] > 1
+        and int(call.positions[0]) == 0
+        and cache.get_seq_length() == 0
+    ):
+        return cache
+    return None
+
+
 def _cache_mark(call: _Call) -> int | None:
     """What to roll a call's cache back to if the forward fails (None: nothing to undo)."""
     if call.split is not None:
@@ -679,6 +758,10 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Requests running and queued, forwards, rows per forward, KV reserved and live."""
         return self._core.stats()
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every stored prompt prefix (e.g. between benchmark phases)."""
+        self._core.prefix.clear()
 
     def __copy__(self) -> Engine:
         return self  # shared: copies of a chat model keep serving through the same engine

@@ -114,6 +114,9 @@ def test_every_request_equals_its_solo_run_whatever_its_batch_mates(
     assert together == reference
     # They really shared forwards: more rows per forward than any request alone takes.
     assert stats["mean_rows_per_step"] > 1
+    # And prompt KV: the second run found every prompt in the prefix cache (so "together"
+    # above also says a request served from stored KV equals its own prefill).
+    assert stats["prefix_cache_hit_tokens"] > 0
 
 
 def test_cancelled_batch_mates_do_not_change_the_others(tiny_llama: Any, tokenizer: Any) -> None:
@@ -316,7 +319,40 @@ def test_report_says_how_the_engine_served_the_call(tiny_llama: Any, tokenizer: 
     finally:
         engine.close()
     info = result.report.engine
-    assert set(info) == {"queue_wait_s", "queued_ahead", "forwards", "mean_batch_rows"}
+    assert set(info) == {
+        "queue_wait_s",
+        "queued_ahead",
+        "forwards",
+        "mean_batch_rows",
+        "prefix_hit_tokens",
+    }
     assert info["forwards"] >= 1
     assert info["mean_batch_rows"] >= 1
     assert result.report.model_dump()["engine"] == info
+
+
+def test_a_burst_sharing_a_system_prompt_prefills_it_once(tiny_llama: Any, tokenizer: Any) -> None:
+    # Eight requests arrive together with one long system prompt: none has stored it yet, so
+    # they wait for the first one's prefill and compute only their own questions, and every
+    # answer still equals its run on the bare model.
+    system = {"role": "system", "content": LONG}
+    configs = [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[4]] * 2
+    requests = [
+        Request([system, {"role": "user", "content": f"{q} ({i})"}], c)
+        for i, (q, c) in enumerate(zip(QUESTIONS * 2, configs, strict=False))
+    ]
+    reference = [_key(pl.answer(tiny_llama, tokenizer, r.messages, r.config)) for r in requests]
+    shared = len(
+        tokenizer.apply_chat_template([system], tokenize=True, return_dict=True)["input_ids"]
+    )
+    engine = Engine(tiny_llama, tokenizer)
+    try:
+        together = _run_all_at_once(engine, requests)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert [_key(r) for r in together] == reference
+    hits = [r.report.engine["prefix_hit_tokens"] for r in together]
+    assert shared > 40, shared
+    assert sum(h >= shared - 8 for h in hits) >= len(requests) - 2, (shared, hits)
+    assert stats["prefix_cache_hit_tokens"] == sum(hits)
