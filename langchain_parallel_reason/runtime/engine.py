@@ -32,17 +32,28 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..decoding.attention import attention_configs
-from ..decoding.cache import crop_to, kv_bytes
+from ..decoding.cache import kv_bytes
 from ..decoding.masks import model_mask_kind
 from ..decoding.sequential import Cancelled
 from .base import EngineLimits, Item, Request
+from .calls import (
+    Call,
+    ModelView,
+    Submission,
+    cache_mark,
+    cache_restore,
+    drop_tracebacks,
+    fresh_prefill,
+    kv_bytes_per_token,
+    timeout_error,
+)
+from .kv import SlabLayer
 from .prefix_cache import PrefixCache, common_prefix
 from .ragged import RAGGED_ATTENTION, RaggedCache, RaggedLayout, Segment
 from .retry import is_transient, run_with_retries
@@ -58,142 +69,6 @@ _GATHER_S = 0.002
 _GATHER_MAX_S = 0.02
 _REGROW_STEPS = 32  # good steps after an out-of-memory before the row cap doubles again
 _ENGINE_NUMBERS = itertools.count(1)
-
-
-class _Call:
-    """One forward a request asked for; the worker waits on ``done``.
-
-    ``ids``/``positions`` are ``[S]``; ``keep`` indexes the rows whose logits come back (None =
-    all). A plain prefill (no mask, no branch layout, last row kept) may run in chunks: ``ran``
-    counts the tokens already in its cache.
-    """
-
-    __slots__ = (
-        "cache",
-        "done",
-        "error",
-        "ids",
-        "keep",
-        "logits",
-        "mask",
-        "positions",
-        "ran",
-        "req",
-        "split",
-    )
-
-    def __init__(self, req, ids, positions, cache, mask, split, keep) -> None:
-        self.req = req
-        self.ids = ids
-        self.positions = positions
-        self.cache = cache
-        self.mask = mask
-        self.split = split
-        self.keep = keep
-        self.ran = 0
-        self.done = threading.Event()
-        self.logits: torch.Tensor | None = None
-        self.error: BaseException | None = None
-
-    @property
-    def chunkable(self) -> bool:
-        return (
-            self.split is None
-            and self.mask is None
-            and self.keep is not None
-            and self.keep.numel() == 1
-            and int(self.keep[0]) == self.ids.shape[0] - 1
-        )
-
-    @property
-    def left(self) -> int:
-        return self.ids.shape[0] - self.ran
-
-    def finish(self, logits: torch.Tensor | None = None, error: BaseException | None = None):
-        # Let go of the request's cache first: the scheduler may still hold this call a
-        # moment after the worker (and the caller) moved on.
-        self.cache = self.mask = self.split = None
-        self.logits, self.error = logits, error
-        self.done.set()
-
-
-class _Req:
-    """A submitted request: its sink, flags, timings and the call it waits on."""
-
-    def __init__(self, request: Request, sink: Callable[[Item | tuple[str, Any]], None], seq: int):
-        self.request = request
-        self.sink = sink
-        self.seq = seq
-        self.cancel = threading.Event()
-        self.submitted = time.monotonic()
-        self.deadline = None if request.timeout is None else self.submitted + request.timeout
-        self.timed_out = False
-        self.admitted: float | None = None
-        self.queued_ahead = 0
-        self.reserved = 0
-        self.call: _Call | None = None
-        self.cache_ref: Callable[[], Any] = lambda: None  # the last cache it ran on (weak)
-        self.forwards = 0
-        self.batch_rows = 0
-        self.prefix_hit_tokens = 0
-
-    def expired(self, now: float) -> bool:
-        if self.deadline is not None and now >= self.deadline:
-            self.timed_out = True
-        return self.timed_out or self.cancel.is_set()
-
-    def send(self, item: tuple[str, Any]) -> None:
-        try:
-            self.sink(item)
-        except RuntimeError:  # the caller's event loop is closed: nobody listens any more
-            self.cancel.set()
-
-
-class _ModelView:
-    """What a request's pipeline sees as the model: attributes are the model's, forwards are
-    handed to the scheduler (``decoding`` checks ``batches_forwards`` to leave attention alone)."""
-
-    batches_forwards = True
-
-    def __init__(self, core: _Core, req: _Req) -> None:
-        self._core = core
-        self._req = req
-        self.base_attn_implementation = core.base_impl
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._core.model, name)
-
-    def __call__(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: Any = None,
-        past_key_values: Any = None,
-        cache: Any = None,
-        use_cache: bool = True,
-        logits_to_keep: Any = None,
-        belt_layout: Any = None,
-        **kwargs: Any,
-    ) -> SimpleNamespace:
-        store = cache if cache is not None else past_key_values
-        if store is None:
-            raise ValueError("the engine needs the caller's cache (past_key_values)")
-        if isinstance(logits_to_keep, int):
-            n = input_ids.shape[-1]
-            logits_to_keep = None if logits_to_keep == 0 else torch.arange(n - logits_to_keep, n)
-        call = _Call(
-            self._req,
-            input_ids.reshape(-1),
-            position_ids.reshape(-1),
-            store,
-            None if belt_layout is not None else attention_mask,
-            belt_layout,
-            None if logits_to_keep is None else torch.as_tensor(logits_to_keep).reshape(-1),
-        )
-        return SimpleNamespace(logits=self._core.run_call(call)[None])
-
-    # decoding.cache_kwarg reads the forward's signature from the class: it takes ``cache``.
-    forward = __call__
 
 
 class _Core:
@@ -215,15 +90,15 @@ class _Core:
         self.dummy_mask = (
             {"full_attention": dummy, "sliding_attention": dummy} if kind == "dict" else dummy
         )
-        self.kv_per_token = _kv_bytes_per_token(model)
+        self.kv_per_token = kv_bytes_per_token(model)
         self.prefix = PrefixCache(limits.prefix_cache_bytes)
         # Fresh prefills running now: id -> (prompt ids, set once its KV is stored).
         self.prefilling: dict[int, tuple[list[int], threading.Event]] = {}
         self.cond = threading.Condition()
         self.turn = threading.Lock()  # held by the worker running pipeline code (see _serve)
-        self.queue: collections.deque[_Req] = collections.deque()
-        self.running: dict[int, _Req] = {}
-        self.pending: list[_Call] = []
+        self.queue: collections.deque[Submission] = collections.deque()
+        self.running: dict[int, Submission] = {}
+        self.pending: list[Call] = []
         self.reserved = 0
         self.row_cap = limits.max_batch_rows
         self.good_steps = 0
@@ -240,8 +115,8 @@ class _Core:
 
     # -- the caller's side ------------------------------------------------------------------
 
-    def submit(self, request: Request, sink: Callable[[tuple[str, Any]], None]) -> _Req:
-        req = _Req(request, sink, next(self.seq))
+    def submit(self, request: Request, sink: Callable[[tuple[str, Any]], None]) -> Submission:
+        req = Submission(request, sink, next(self.seq))
         req.reserved = self._reservation(request)
         budget = self.limits.kv_budget_bytes
         if budget is not None and req.reserved > budget:
@@ -259,7 +134,7 @@ class _Core:
             self.cond.notify_all()
         return req
 
-    def cancel(self, req: _Req) -> None:
+    def cancel(self, req: Submission) -> None:
         req.cancel.set()
         with self.cond:
             self.cond.notify_all()
@@ -304,14 +179,14 @@ class _Core:
 
     # -- a worker's side --------------------------------------------------------------------
 
-    def run_call(self, call: _Call) -> torch.Tensor:
+    def run_call(self, call: Call) -> torch.Tensor:
         """Hand ``call`` to the scheduler and wait for its logits ``[K, V]``."""
         req = call.req
         if req.expired(time.monotonic()):
             raise Cancelled("decoding cancelled")
         with contextlib.suppress(TypeError):  # caches are weak-referenceable; be lenient
             req.cache_ref = weakref.ref(call.cache)
-        fresh = _fresh_prefill(call) if self.prefix.max_bytes > 0 else None
+        fresh = fresh_prefill(call) if self.prefix.max_bytes > 0 else None
         lead = self._share_prefill(call) if fresh is not None else None
         try:
             with self.cond:
@@ -339,7 +214,7 @@ class _Core:
                 with self.cond:
                     self.prefilling.pop(lead, None)[1].set()
 
-    def _share_prefill(self, call: _Call) -> int:
+    def _share_prefill(self, call: Call) -> int:
         """Serve a fresh prefill from the prefix cache; returns its key in ``prefilling``.
 
         Requests that arrive together (an ``abatch``, a burst at a server) share their system
@@ -380,13 +255,15 @@ class _Core:
         n = ids.shape[0]
         layers = cache.layers
         if not layers or any(
-            type(layer) is not DynamicLayer or layer.keys is None or layer.keys.shape[-2] < n
+            type(layer) not in (DynamicLayer, SlabLayer)
+            or layer.keys is None
+            or layer.keys.shape[-2] < n
             for layer in layers
         ):
             return  # a layer that drops or shares tokens: nothing exact to store
         self.prefix.insert(ids.tolist(), [(layer.keys, layer.values) for layer in layers])
 
-    def _serve(self, req: _Req) -> None:
+    def _serve(self, req: Submission) -> None:
         from .. import pipeline as pl
 
         apply_threads(1)  # a worker only samples and detokenizes; the forwards are batched
@@ -406,9 +283,9 @@ class _Core:
         except pl.PipelineCancelled as e:
             error: BaseException = e
             if req.timed_out:
-                error = _timeout_error(request.timeout)
+                error = timeout_error(request.timeout)
             # Nobody needs the frames of a cancelled pipeline; they hold its KV cache.
-            _drop_tracebacks(e)
+            drop_tracebacks(e)
             outcome, item = "cancelled", ("error", error)
         except BaseException as e:  # handed to the caller, who re-raises it
             outcome, item = "failed", ("error", e)
@@ -419,10 +296,10 @@ class _Core:
         self._end(req, outcome)
         req.send(item)
 
-    def _answer(self, req: _Req, tokenizer, messages, tools, config) -> Any:
+    def _answer(self, req: Submission, tokenizer, messages, tools, config) -> Any:
         from .. import pipeline as pl
 
-        view = _ModelView(self, req)
+        view = ModelView(self, req)
         sent_text = False
 
         def attempt() -> Any:
@@ -465,7 +342,7 @@ class _Core:
         finally:
             self.turn.acquire()
 
-    def _with_engine_report(self, req: _Req, result: Any) -> Any:
+    def _with_engine_report(self, req: Submission, result: Any) -> Any:
         info = {
             "queue_wait_s": round((req.admitted or req.submitted) - req.submitted, 4),
             "queued_ahead": req.queued_ahead,
@@ -476,7 +353,7 @@ class _Core:
         report = result.report.model_copy(update={"engine": info})  # validated on creation
         return dataclasses.replace(result, report=report)
 
-    def _end(self, req: _Req, outcome: str) -> None:
+    def _end(self, req: Submission, outcome: str) -> None:
         with self.cond:
             self.running.pop(req.seq, None)
             self.reserved -= req.reserved
@@ -507,7 +384,7 @@ class _Core:
             # Drop the last step's calls before waiting: they hold their requests' caches.
             batch = None
 
-    def _next_batch(self) -> list[tuple[_Call, int]] | None:
+    def _next_batch(self) -> list[tuple[Call, int]] | None:
         """Under the lock: admit, expire, wait for calls; None when closed."""
         while True:
             if self.closed and not self.running:
@@ -541,7 +418,7 @@ class _Core:
             self.counters["cancelled"] += 1
             error: BaseException = pl.PipelineCancelled("cancelled while queued")
             if req.timed_out:
-                error = _timeout_error(req.request.timeout)
+                error = timeout_error(req.request.timeout)
             req.send(("error", error))
         for call in [c for c in self.pending if c.req.expired(now)]:
             self.pending.remove(call)
@@ -559,7 +436,7 @@ class _Core:
             self.reserved += req.reserved
             self.pool.submit(self._serve, req)
 
-    def _compose(self) -> list[tuple[_Call, int]]:
+    def _compose(self) -> list[tuple[Call, int]]:
         """Take calls for one forward, oldest request first, up to ``row_cap`` tokens."""
         batch, rows = [], 0
         self.pending.sort(key=lambda c: (c.chunkable, c.req.seq))  # decode steps before prefills
@@ -579,14 +456,14 @@ class _Core:
                 self.pending.remove(call)
         return batch
 
-    def _run(self, batch: list[tuple[_Call, int]]) -> None:
+    def _run(self, batch: list[tuple[Call, int]]) -> None:
         """One forward over ``batch``; on failure, retry in halves so one bad call fails alone."""
-        marks = [_cache_mark(call) for call, _ in batch]
+        marks = [cache_mark(call) for call, _ in batch]
         try:
             outs = self._forward(batch)
         except Exception as e:
             for (call, _), mark in zip(batch, marks, strict=True):
-                _cache_restore(call, mark)
+                cache_restore(call, mark)
             if is_transient(e):
                 with self.cond:
                     rows = sum(take for _, take in batch)
@@ -623,7 +500,7 @@ class _Core:
             if call.left == 0:
                 call.finish(logits)
 
-    def _forward(self, batch: list[tuple[_Call, int]]) -> list[torch.Tensor | None]:
+    def _forward(self, batch: list[tuple[Call, int]]) -> list[torch.Tensor | None]:
         """The step's single forward: returns each call's kept logits (None for a chunk that
         does not end its prefill)."""
         apply_threads(batch[0][0].req.request.num_threads)
@@ -663,63 +540,6 @@ class _Core:
                     cfg._attn_implementation = self.base_impl
         logits = out.logits[0]  # [len(keep), V]
         return [None if s is None else logits[s[0] : s[1]] for s in spans]
-
-
-def _kv_bytes_per_token(model: Any) -> int:
-    config = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    )
-    layers = int(getattr(config, "num_hidden_layers", 1))
-    heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    size = next(model.parameters()).element_size()
-    return 2 * layers * heads * dim * size
-
-
-def _fresh_prefill(call: _Call) -> DynamicCache | None:
-    """The call's cache when the call prefills a prompt from its first token into an empty
-    plain cache (what the prefix cache can serve and store), else None."""
-    cache = call.cache
-    if (
-        type(cache) is DynamicCache
-        and call.chunkable
-        and call.ids.shape[0] > 1
-        and int(call.positions[0]) == 0
-        and cache.get_seq_length() == 0
-    ):
-        return cache
-    return None
-
-
-def _cache_mark(call: _Call) -> int | None:
-    """What to roll a call's cache back to if the forward fails (None: nothing to undo)."""
-    if call.split is not None:
-        return None  # branch slots are written in place: a retry writes the same slots again
-    return call.cache.get_seq_length()
-
-
-def _cache_restore(call: _Call, mark: int | None) -> None:
-    if mark is not None:
-        crop_to(call.cache, mark)
-
-
-def _drop_tracebacks(error: BaseException | None) -> None:
-    todo, seen = [error], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        e.__traceback__ = None
-        todo += [e.__cause__, e.__context__]
-
-
-def _timeout_error(timeout: float | None) -> TimeoutError:
-    msg = (
-        f"ChatParallelReason did not finish within timeout={timeout} s and was cancelled; "
-        "raise `timeout` or lower `max_tokens` (the model is free again)"
-    )
-    return TimeoutError(msg)
 
 
 class Engine:
