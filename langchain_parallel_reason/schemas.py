@@ -173,7 +173,8 @@ class ParallelReport(BaseModel):
     engine: dict[str, float | int] = Field(default_factory=dict)
     """How the engine served the call: ``queue_wait_s`` (seconds queued before it ran),
     ``queued_ahead`` (requests queued before it), ``forwards`` (forward passes it took part
-    in) and ``mean_batch_rows`` (tokens per such forward, all requests together)."""
+    in), ``mean_batch_rows`` (tokens per such forward, all requests together) and
+    ``prefix_hit_tokens`` (prompt tokens served from the engine's prefix cache)."""
 
     @field_validator("timings")
     @classmethod
