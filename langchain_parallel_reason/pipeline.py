@@ -55,6 +55,7 @@ __all__ = [
     "TextStream",
     "answer",
     "check_question",
+    "choose_route",
     "iter_answer",
     "merged_steps_text",
     "render_prompt",
@@ -788,6 +789,22 @@ def iter_answer(
     return replace(result, report=result.report.model_copy(update=route))
 
 
+def choose_route(
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    config: PipelineConfig | None = None,
+) -> tuple[str, str | None]:
+    """(route, reason) that ``iter_answer`` would take for ``messages``, without answering:
+    the router's choice in mode "auto" without ``steps`` (one forward), else what the
+    settings force."""
+    check_question(messages)
+    run = _Run(model, tokenizer, messages, config or PipelineConfig(), None, None)
+    if run.cfg.mode == "auto" and run.route_reason is None:
+        drive(_route(run))
+    return run.route, run.route_reason
+
+
 def _dispatch(run: _Run, t0: float) -> Generator:
     config = run.cfg
     if config.mode == "sequential":
@@ -1214,7 +1231,8 @@ def _blocks(run, plan, prompt, prefix, cache, per_step, attempts, t0):
         sep = "" if text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
         if len(results) >= run.cfg.max_blocks:
             break
-        opened = yield from _next_block(run, cache, len(results) + 1)
+        earlier = {t.casefold() for r in results for t in r.report.steps}
+        opened = yield from _next_block(run, cache, len(results) + 1, earlier)
         if opened is None:
             break
         plan, prefix, per_step, attempts = opened
@@ -1224,6 +1242,7 @@ def _blocks(run, plan, prompt, prefix, cache, per_step, attempts, t0):
 def _renumbered(gen: Generator, offset: int, sep: str) -> Generator:
     """``gen``'s events with step numbers moved by ``offset`` and ``sep`` before its first
     content; returns ``gen``'s result with ``sep`` before its content."""
+    pending = sep  # sent with the first content
     while True:
         try:
             event = next(gen)
@@ -1232,14 +1251,19 @@ def _renumbered(gen: Generator, offset: int, sep: str) -> Generator:
             return replace(result, content=sep + result.content) if sep else result
         if isinstance(event, StepDelta) and offset:
             event = StepDelta(event.step + offset, event.title, event.text)
-        elif isinstance(event, ContentDelta) and sep:
-            event, sep = ContentDelta(sep + event.text), ""
+        elif isinstance(event, ContentDelta) and pending:
+            event, pending = ContentDelta(pending + event.text), ""
         yield event
 
 
-def _next_block(run: _Run, cache: DynamicCache, number: int) -> Generator:
+def _next_block(run: _Run, cache: DynamicCache, number: int, earlier: set[str]) -> Generator:
     """The plan of block ``number`` when the last conclusion stopped at a step marker (the
-    model opened a block): (plan, prefix, tokens per step, plan attempts), or None."""
+    model opened a block): (plan, prefix, tokens per step, plan attempts), or None.
+
+    Titles of ``earlier`` blocks (casefolded) are dropped from the plan, and the block is not
+    run when fewer than 2 remain: SmolLM2-135M's second block mostly restated the first's
+    titles in another order (README, "Several blocks").
+    """
     end = run.block_end
     if end is None or end.stop != STEP_MARKER:
         return None
@@ -1266,6 +1290,16 @@ def _next_block(run: _Run, cache: DynamicCache, number: int) -> Generator:
         run.notes.append(f"block {number}'s plan did not validate ({e}): the answer ends there")
         return None
     run.timings["plan"] = time.perf_counter() - t
+    kept = [title for title in plan.titles if title.casefold() not in earlier]
+    if len(kept) < 2:
+        run.notes.append(
+            f"block {number}'s plan {plan.titles} repeats earlier steps: the answer ends there"
+        )
+        return None
+    if len(kept) < len(plan.titles):  # the cache gets the plan as it is kept
+        plan = plan.model_copy(update={"titles": kept})
+        plan_ids = run.encode(format_plan(plan))
+        crop_to(cache, len(context) - 1)
     yield StageEvent("plan", {"titles": list(plan.titles), "preamble": "", "block": number - 1})
     prefix = [*context, *plan_ids, *run.encode("\n")]
     per_step, left_tokens, _ = _step_budget(run, plan.titles, prefix)
@@ -1296,7 +1330,9 @@ def _merged_blocks(run: _Run, results: list[AnswerResult], t0: float) -> AnswerR
     blocks = [_block_report(r) for r in reports]
     last = results[-1]
     if len(results) == 1:
-        return replace(last, report=last.report.model_copy(update={"blocks": blocks}))
+        # Notes written after the block's report (why no further block ran) join it here.
+        update = {"blocks": blocks, "notes": list(run.notes)}
+        return replace(last, report=last.report.model_copy(update=update))
     passes = sum(r.decode_steps for r in reports)
     tokens = sum((r.tokens_per_forward or 0) * r.decode_steps for r in reports)
     timings = dict(reports[-1].timings)
