@@ -54,8 +54,10 @@ __all__ = [
     "StepDelta",
     "TextStream",
     "answer",
+    "block_report",
     "check_question",
     "choose_route",
+    "forced_route",
     "iter_answer",
     "merged_steps_text",
     "render_prompt",
@@ -632,7 +634,7 @@ class _Run:
         self.plan_attempts = 0
         self.last_plan_error = ""
         self.notes: list[str] = []
-        self.route, self.route_reason = _forced_route(config)
+        self.route, self.route_reason = forced_route(config)
         self.block_end: _BlockEnd | None = None  # how the last conclusion ended
 
     def encode(self, text: str) -> list[int]:
@@ -824,7 +826,7 @@ def _sequential_reason(config: PipelineConfig) -> str | None:
     return config.sequential_reason
 
 
-def _forced_route(config: PipelineConfig) -> tuple[str, str | None]:
+def forced_route(config: PipelineConfig) -> tuple[str, str | None]:
     """(route, reason) of a call whose route the settings decide; in mode "auto" without
     ``steps``, ("plan", None) until the router (`_route`) decides."""
     if config.mode == "sequential":
@@ -1312,7 +1314,8 @@ def _next_block(run: _Run, cache: DynamicCache, number: int, earlier: set[str]) 
     return plan, prefix, per_step, attempts
 
 
-def _block_report(report: ParallelReport) -> BlockReport:
+def block_report(report: ParallelReport) -> BlockReport:
+    """The `BlockReport` of a one-block answer's report."""
     stages = ("plan", "steps", "conclusion")
     return BlockReport(
         steps=report.steps,
@@ -1327,7 +1330,7 @@ def _block_report(report: ParallelReport) -> BlockReport:
 def _merged_blocks(run: _Run, results: list[AnswerResult], t0: float) -> AnswerResult:
     """One answer from its blocks: content joined, report totals plus ``blocks``."""
     reports = [r.report for r in results]
-    blocks = [_block_report(r) for r in reports]
+    blocks = [block_report(r) for r in reports]
     last = results[-1]
     if len(results) == 1:
         # Notes written after the block's report (why no further block ran) join it here.
