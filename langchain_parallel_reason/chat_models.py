@@ -95,6 +95,8 @@ _CALL_OPTIONS = (
     "attention",
     "constrain_plan",
     "timeout",
+    "max_blocks",
+    "route_bias",
 )
 # Call kwargs that shape the answer's form (set by bind_tools / with_structured_output).
 _OUTPUT_KWARGS = frozenset({"tools", "tool_choice", "response_format", "parallel_tool_calls"})
@@ -499,9 +501,10 @@ class ChatParallelReason(BaseChatModel):
     """Allow model code from the model's folder or repository (only for models you trust)."""
 
     mode: Literal["auto", "parallel", "sequential"] = "auto"
-    """"auto" and "parallel" plan and decode steps in parallel, falling back to ordinary
-    decoding when the plan does not validate ("parallel" reports that as a failure of the
-    requested mode); "sequential" never plans."""
+    """"auto": the model first chooses between a plan and a direct answer (see
+    `route_bias`); "parallel": always a plan. A plan's steps are decoded in parallel, falling
+    back to ordinary decoding when it does not validate ("parallel" reports that as a failure
+    of the requested mode); "sequential" never plans. `steps` forces a plan."""
 
     steps: list[str] | None = None
     """Step titles to decode in parallel, in order; Stage 1 (planning) is skipped."""
@@ -525,6 +528,18 @@ class ChatParallelReason(BaseChatModel):
 
     constrain_plan: bool = True
     """Force the plan's format with a grammar (small models rarely write it unaided)."""
+
+    max_blocks: int = Field(default=1, ge=1, le=16)
+    """Most parallel blocks in one answer: after a block's conclusion the model may open
+    another plan (it writes ``####``), whose steps are again decoded in parallel, until this
+    many blocks ran. 1 (the default) cuts the conclusion there: the embedded 135M model's
+    later blocks mostly restate the first (README, "Several blocks")."""
+
+    route_bias: float = Field(default=0.75, allow_inf_nan=False)
+    """In mode "auto" without `steps`, the model first answers yes (plan) or no (direct
+    answer) to "should the answer be split into several independent parts?"; this is added
+    to its "yes" logit (higher: plan more often). The default is calibrated on the embedded
+    SmolLM2-135M; the report's ``route_reason`` shows the model's own log-odds."""
 
     temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     """Sampling temperature; 0 is greedy (argmax)."""
@@ -810,6 +825,8 @@ class ChatParallelReason(BaseChatModel):
             attention=values["attention"],
             constrain_plan=values["constrain_plan"],
             parse_special_tokens=self.parse_special_tokens,
+            max_blocks=values["max_blocks"],
+            route_bias=values["route_bias"],
         )
         return config, values["timeout"], tools
 

@@ -15,6 +15,7 @@ falls back the same way. The caller serialises calls on one model (the chat mode
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Generator, Sequence
@@ -37,10 +38,11 @@ from .prompts import (
     STEP_MARKER,
     conclusion_cue,
     example_titles,
+    route_question,
     stage1_system_prompt,
     step_header,
 )
-from .schemas import ParallelReport, Plan
+from .schemas import BlockReport, ParallelReport, Plan
 
 __all__ = [
     "AnswerResult",
@@ -52,7 +54,10 @@ __all__ = [
     "StepDelta",
     "TextStream",
     "answer",
+    "block_report",
     "check_question",
+    "choose_route",
+    "forced_route",
     "iter_answer",
     "merged_steps_text",
     "render_prompt",
@@ -76,6 +81,11 @@ MIN_PLAN_TOKENS = 16
 # Plan retries explore: attempt k >= 2 samples at PLAN_RETRY_TEMPERATURES[k - 2] (the last one
 # for later attempts), or the caller's temperature when higher, with seed base + k.
 PLAN_RETRY_TEMPERATURES = (0.5, 0.7, 0.9, 1.0)
+# The router's default bias towards "yes" (plan), in logits. SmolLM2-135M leans to "no": its
+# yes-no log-odds averaged -0.13 on parallelizable and -0.97 on single-answer questions of
+# `bench questions`; +0.75 splits them best there (README, "Route"). Another model may need
+# another value: `route_bias` is a setting.
+ROUTE_BIAS = 0.75
 
 
 class PipelineCancelled(Exception):  # noqa: N818 - mirrors asyncio.CancelledError
@@ -129,6 +139,14 @@ class PipelineConfig:
             ``fallback_reason`` (e.g. tools are bound); ignored when mode is "sequential".
         parse_special_tokens: read text in messages, tool output and step titles that spells
             a special token (e.g. ``<|im_end|>``) as that token; by default it is plain text.
+        max_blocks: most parallel blocks in one answer. After a block's conclusion the model
+            may open another plan by writing ``####``; while fewer than ``max_blocks`` blocks
+            ran (and budget is left) that plan is decoded and its steps run in parallel, else
+            the conclusion ends there. 1 = one block.
+        route_bias: in mode "auto" without ``steps``, a router first asks the model whether
+            the question should be split into independent parts; "yes" plans, "no" answers
+            directly (ordinary decoding, not a fallback). This is added to the "yes" logit
+            before that choice (higher: plan more often).
     """
 
     mode: Mode = "auto"
@@ -150,6 +168,8 @@ class PipelineConfig:
     grammar: OutputGrammar | None = None
     sequential_reason: str | None = None
     parse_special_tokens: bool = False
+    max_blocks: int = 1
+    route_bias: float = ROUTE_BIAS
 
     def __post_init__(self) -> None:
         SamplingParams(self.temperature, self.top_p, self.top_k)  # validates
@@ -170,6 +190,11 @@ class PipelineConfig:
                 f"plan_max_tokens must be >= 1, got {self.plan_max_tokens}",
             ),
             (self.plan_retries >= 0, f"plan_retries must be >= 0, got {self.plan_retries}"),
+            (self.max_blocks >= 1, f"max_blocks must be >= 1, got {self.max_blocks}"),
+            (
+                math.isfinite(self.route_bias),
+                f"route_bias must be a finite number, got {self.route_bias}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -609,6 +634,8 @@ class _Run:
         self.plan_attempts = 0
         self.last_plan_error = ""
         self.notes: list[str] = []
+        self.route, self.route_reason = forced_route(config)
+        self.block_end: _BlockEnd | None = None  # how the last conclusion ended
 
     def encode(self, text: str) -> list[int]:
         # Step titles and texts are data: text spelling a special token stays text.
@@ -624,20 +651,30 @@ class _Run:
             raise ValueError(msg)
 
     # Stage 1 ----------------------------------------------------------------------------
-    def plan(self, prompt: list[int], cache: DynamicCache) -> tuple[Plan, list[int], int]:
+    def plan(
+        self,
+        prompt: list[int],
+        cache: DynamicCache,
+        *,
+        cap: int | None = None,
+        preamble: bool = True,
+    ) -> tuple[Plan, list[int], int]:
         """Decode and validate the plan; returns (plan, plan token ids, attempts).
 
         Attempts spend at most half of ``max_tokens`` together (the rest is the answer's,
         fallback included) and never run past the context window. A retry is made only when
         a plan can fit in what is left (`MIN_PLAN_TOKENS`, or ``plan_max_tokens`` if smaller);
         it samples at a higher temperature with a seed derived from the call's (0 without one,
-        at temperature 0), so the same call gives the same plan.
+        at temperature 0), so the same call gives the same plan. ``cap`` replaces that half
+        (a later block's plan); ``preamble=False`` plans without the preamble line.
         """
         cfg = self.cfg
         self.plan_attempts = 0
-        cap = cfg.max_tokens // 2
+        cap = cfg.max_tokens // 2 if cap is None else cap
         grammar = (
-            plan_grammar_ebnf(cfg.max_branches, PLAN_TITLE_CHARS, PLAN_PREAMBLE_CHARS)
+            plan_grammar_ebnf(
+                cfg.max_branches, PLAN_TITLE_CHARS, PLAN_PREAMBLE_CHARS, preamble=preamble
+            )
             if cfg.constrain_plan
             else None
         )
@@ -747,16 +784,149 @@ def iter_answer(
     run = _Run(model, tokenizer, messages, config, cancel, tools)
     t0 = time.perf_counter()
     try:
-        if config.mode == "sequential":
-            return (yield from _sequential(run, None, 0, t0))
-        reason = config.sequential_reason
-        if reason is None and config.grammar is not None:
-            reason = "an output grammar is set: the answer is decoded sequentially"
-        if reason is not None:
-            return (yield from _sequential(run, reason, 0, t0))
-        return (yield from _parallel(run, t0))
+        result = yield from _dispatch(run, t0)
     except Cancelled as e:
         raise PipelineCancelled(str(e)) from e
+    route = {"route": run.route, "route_reason": run.route_reason}
+    return replace(result, report=result.report.model_copy(update=route))
+
+
+def choose_route(
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    config: PipelineConfig | None = None,
+) -> tuple[str, str | None]:
+    """(route, reason) that ``iter_answer`` would take for ``messages``, without answering:
+    the router's choice in mode "auto" without ``steps`` (one forward), else what the
+    settings force."""
+    check_question(messages)
+    run = _Run(model, tokenizer, messages, config or PipelineConfig(), None, None)
+    if run.cfg.mode == "auto" and run.route_reason is None:
+        drive(_route(run))
+    return run.route, run.route_reason
+
+
+def _dispatch(run: _Run, t0: float) -> Generator:
+    config = run.cfg
+    if config.mode == "sequential":
+        return (yield from _sequential(run, None, 0, t0))
+    reason = _sequential_reason(config)
+    if reason is not None:
+        return (yield from _sequential(run, reason, 0, t0))
+    if config.mode == "auto" and config.steps is None and not (yield from _route(run)):
+        return (yield from _sequential(run, None, 0, t0))  # the model chose a direct answer
+    return (yield from _parallel(run, t0))
+
+
+def _sequential_reason(config: PipelineConfig) -> str | None:
+    """Why a call that may plan is decoded sequentially anyway (tools, an output grammar)."""
+    if config.sequential_reason is None and config.grammar is not None:
+        return "an output grammar is set: the answer is decoded sequentially"
+    return config.sequential_reason
+
+
+def forced_route(config: PipelineConfig) -> tuple[str, str | None]:
+    """(route, reason) of a call whose route the settings decide; in mode "auto" without
+    ``steps``, ("plan", None) until the router (`_route`) decides."""
+    if config.mode == "sequential":
+        return "direct", "mode='sequential' never plans"
+    if (reason := _sequential_reason(config)) is not None:
+        return "direct", reason
+    if config.steps is not None:
+        return "plan", "steps= given: the caller's plan"
+    if config.mode != "auto":
+        return "plan", f"mode={config.mode!r} always plans"
+    return "plan", None
+
+
+class _YesNo:
+    """The router's ``LogitsConstraint``: one token, the first of "yes" or "no" (either case),
+    with ``bias`` added to the yes tokens. ``log_odds`` keeps the model's own (unbiased) best
+    yes logit minus its best no logit."""
+
+    def __init__(self, yes: list[int], no: list[int], bias: float) -> None:
+        self.yes, self.no, self.bias = yes, no, bias
+        self.log_odds = 0.0
+        self.done = False
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Everything but the yes/no tokens at -inf; ``logits``: ``[V]``."""
+        yes, no = logits[self.yes], logits[self.no]
+        self.log_odds = float(yes.max() - no.max())
+        out = torch.full_like(logits, float("-inf"))
+        out[self.yes] = yes + self.bias
+        out[self.no] = no
+        return out
+
+    def advance(self, token_id: int) -> None:
+        """The choice is made."""
+        self.done = True
+
+    def is_terminated(self) -> bool:
+        """After the one token."""
+        return self.done
+
+
+def _yes_no_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """First tokens of "Yes"/"yes" and of "No"/"no" (empty lists when they overlap)."""
+
+    def firsts(*words: str) -> set[int]:
+        return {tokenizer.encode(w, add_special_tokens=False)[0] for w in words}
+
+    yes, no = firsts("Yes", "yes"), firsts("No", "no")
+    return ([], []) if yes & no else (sorted(yes), sorted(no))
+
+
+def _route(run: _Run) -> Generator[Event, None, bool]:
+    """The router of mode "auto": the model answers yes (plan) or no (direct answer) to
+    ``route_question(last user message)``, in a cache of its own; returns True to plan.
+
+    One forward over a short prompt (the question and one line): a separate question rather
+    than a first choice inside the Stage-1 grammar, because SmolLM2-135M, shown both a plan
+    and a direct example in the planning prompt, chose the plan for 21 of 22 single-answer
+    questions, while this yes/no separates the two kinds (README, "Route").
+    """
+    cfg = run.cfg
+    t = time.perf_counter()
+    user = [m for m in run.messages if m.get("role") == "user"]
+    question = str(user[-1].get("content") or "").strip() if user else ""
+    yes, no = _yes_no_ids(run.tok)
+    prompt = []
+    if question and yes:
+        prompt = render_prompt(
+            run.tok,
+            [{"role": "user", "content": route_question(question)}],
+            parse_special_tokens=cfg.parse_special_tokens,
+        )
+    if not prompt or len(prompt) >= run.ctx:
+        why = "no user question" if not question else "the tokenizer cannot tell yes from no"
+        if prompt:
+            why = f"the routing question ({len(prompt)} tokens) does not fit the context window"
+        run.route_reason = f"not routed ({why}): planned"
+        return True
+    choice = _YesNo(yes, no, cfg.route_bias)
+    gen = iter_decode(
+        run.model,
+        prompt,
+        DynamicCache(),
+        start=0,
+        max_new_tokens=1,
+        params=run.params,
+        seed=cfg.seed,
+        constraint=choice,
+        cancel=run.cancel,
+    )
+    plan = drive(gen).token_ids[0] in yes
+    run.route = "plan" if plan else "direct"
+    run.route_reason = (
+        f"the model answered {'yes' if plan else 'no'} to 'should the answer be split into "
+        f"several independent parts?' (log-odds yes-no {choice.log_odds:+.2f}, "
+        f"route_bias {cfg.route_bias:+.2f})"
+    )
+    run.timings["route"] = time.perf_counter() - t
+    yield StageEvent("route", {"route": run.route, "reason": run.route_reason})
+    return plan
 
 
 def _sequential(run: _Run, reason: str | None, attempts: int, t0: float) -> Generator:
@@ -879,14 +1049,7 @@ def _parallel(run: _Run, t0: float) -> Generator:
     # since Stage 3 lays the steps out one after another.
     n = len(plan.titles)
     prefix = [*prompt, *plan_ids, *run.encode("\n")]
-    # Stage 2 puts each step after its header, and Stage 3 lays all headers and steps out in a
-    # row before the cue: count their tokens (a long or non-Latin title takes hundreds), plus
-    # a margin, as the steps' text can re-tokenize a little longer than it was decoded.
-    layout = sum(len(run.encode(f"{step_header(title)} \n")) for title in plan.titles)
-    layout += len(run.encode(conclusion_cue())) + 8 * (n + 1)
-    left_tokens = max(0, cfg.max_tokens - run.output_tokens)
-    left_ctx = max(0, run.ctx - len(prefix) - layout)
-    per_step = step_token_budget(n, cfg.step_max_tokens, left_tokens, left_ctx)
+    per_step, left_tokens, left_ctx = _step_budget(run, plan.titles, prefix)
     if per_step < MIN_STEP_TOKENS:
         reason = (
             f"budget too small for {n} parallel steps: each needs {MIN_STEP_TOKENS} tokens, and "
@@ -896,11 +1059,7 @@ def _parallel(run: _Run, t0: float) -> Generator:
         return (yield from _sequential(run, reason, attempts, t0))
 
     try:
-        return (
-            yield from _steps_and_conclusion(
-                run, plan, prompt, prefix, cache, per_step, attempts, t0
-            )
-        )
+        return (yield from _blocks(run, plan, prompt, prefix, cache, per_step, attempts, t0))
     except Cancelled:
         raise
     except Exception as e:
@@ -908,6 +1067,20 @@ def _parallel(run: _Run, t0: float) -> Generator:
         if isinstance(e, torch.OutOfMemoryError) and run.device.type == "cuda":
             torch.cuda.empty_cache()
         return (yield from _sequential(run, reason, attempts, t0))
+
+
+def _step_budget(run: _Run, titles: Sequence[str], prefix: list[int]) -> tuple[int, int, int]:
+    """(new tokens per step, tokens left of max_tokens, context left) for a block's steps."""
+    # Stage 2 puts each step after its header, and Stage 3 lays all headers and steps out in a
+    # row before the cue: count their tokens (a long or non-Latin title takes hundreds), plus
+    # a margin, as the steps' text can re-tokenize a little longer than it was decoded.
+    n = len(titles)
+    layout = sum(len(run.encode(f"{step_header(title)} \n")) for title in titles)
+    layout += len(run.encode(conclusion_cue())) + 8 * (n + 1)
+    left_tokens = max(0, run.cfg.max_tokens - run.output_tokens)
+    left_ctx = max(0, run.ctx - len(prefix) - layout)
+    per_step = step_token_budget(n, run.cfg.step_max_tokens, left_tokens, left_ctx)
+    return per_step, left_tokens, left_ctx
 
 
 def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t0):
@@ -984,7 +1157,9 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
             loop_guard=True,
         )
         try:
-            finish_reason = (yield from _stream_content(gen3, stream)).finish_reason
+            out3 = yield from _stream_content(gen3, stream)
+            run.block_end = _BlockEnd([*prefix, *stage3], stream.tokens, out3.stop)
+            finish_reason = out3.finish_reason
             if finish_reason == "repetition":
                 run.notes.append("the conclusion began to repeat itself; the guard ended it")
                 finish_reason = "stop"
@@ -1014,6 +1189,176 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
         notes=run.notes,
     )
     return AnswerResult(content, report, run.input_tokens, run.output_tokens, finish_reason)
+
+
+@dataclass(frozen=True)
+class _BlockEnd:
+    """How a block's conclusion ended: ``context`` is the sequence before the conclusion
+    (prefix, merged steps, cue), ``conclusion_ids`` its tokens, ``stop`` what stopped it."""
+
+    context: list[int]
+    conclusion_ids: list[int]
+    stop: str | int | None
+
+
+def _blocks(run, plan, prompt, prefix, cache, per_step, attempts, t0):
+    """The first block's steps and conclusion, then each block the model opens by writing a
+    step marker in a conclusion, up to ``max_blocks``; returns the whole answer.
+
+    Once the first block's steps are content nothing falls back: a later block that cannot
+    run (its plan fails, no budget, an error) ends the answer after the blocks before it,
+    with a note. A later block's step numbers (``StepDelta.step``) go on from the earlier
+    ones, so they index the report's concatenated ``steps``.
+    """
+    results: list[AnswerResult] = []
+    offset = 0
+    sep = ""
+    while True:
+        run.block_end = None
+        gen = _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t0)
+        try:
+            results.append((yield from _renumbered(gen, offset, sep)))
+        except Cancelled:
+            raise
+        except Exception as e:
+            if not results:
+                raise  # the first block: _parallel falls back to sequential decoding
+            run.notes.append(
+                f"block {len(results) + 1} failed ({type(e).__name__}: {e}); the answer ends "
+                f"after block {len(results)}"
+            )
+            break
+        offset += len(plan.titles)
+        text = "".join(r.content for r in results)
+        sep = "" if text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        if len(results) >= run.cfg.max_blocks:
+            break
+        earlier = {t.casefold() for r in results for t in r.report.steps}
+        opened = yield from _next_block(run, cache, len(results) + 1, earlier)
+        if opened is None:
+            break
+        plan, prefix, per_step, attempts = opened
+    return _merged_blocks(run, results, t0)
+
+
+def _renumbered(gen: Generator, offset: int, sep: str) -> Generator:
+    """``gen``'s events with step numbers moved by ``offset`` and ``sep`` before its first
+    content; returns ``gen``'s result with ``sep`` before its content."""
+    pending = sep  # sent with the first content
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            return replace(result, content=sep + result.content) if sep else result
+        if isinstance(event, StepDelta) and offset:
+            event = StepDelta(event.step + offset, event.title, event.text)
+        elif isinstance(event, ContentDelta) and pending:
+            event, pending = ContentDelta(pending + event.text), ""
+        yield event
+
+
+def _next_block(run: _Run, cache: DynamicCache, number: int, earlier: set[str]) -> Generator:
+    """The plan of block ``number`` when the last conclusion stopped at a step marker (the
+    model opened a block): (plan, prefix, tokens per step, plan attempts), or None.
+
+    Titles of ``earlier`` blocks (casefolded) are dropped from the plan, and the block is not
+    run when fewer than 2 remain: SmolLM2-135M's second block mostly restated the first's
+    titles in another order (README, "Several blocks").
+    """
+    end = run.block_end
+    if end is None or end.stop != STEP_MARKER:
+        return None
+    cfg = run.cfg
+    # The conclusion up to the marker, then the block's title lines from a new line.
+    text = cut_at_stop(run.tok.decode(end.conclusion_ids, skip_special_tokens=True), (STEP_MARKER,))
+    context = [*end.context, *run.encode(text[0].rstrip() + "\n")]
+    left = min(cfg.max_tokens - run.output_tokens, run.ctx - len(context))
+    if left < MIN_PLAN_TOKENS + 3 * MIN_STEP_TOKENS:  # a plan of 2 titles, 2 steps, a conclusion
+        run.notes.append(
+            f"the model opened block {number}, but only {max(left, 0)} tokens of max_tokens="
+            f"{cfg.max_tokens} and the context window were left: the answer ends there"
+        )
+        return None
+    t = time.perf_counter()
+    crop_to(cache, len(end.context))  # the conclusion's own tokens make way for its text
+    with torch.inference_mode():
+        rest = torch.tensor(context[len(end.context) : -1], device=run.device)
+        if rest.numel():
+            forward_tokens(run.model, rest, cache, len(end.context))
+    try:
+        plan, plan_ids, attempts = run.plan(context, cache, cap=left // 2, preamble=False)
+    except PlanFormatError as e:
+        run.notes.append(f"block {number}'s plan did not validate ({e}): the answer ends there")
+        return None
+    run.timings["plan"] = time.perf_counter() - t
+    kept = [title for title in plan.titles if title.casefold() not in earlier]
+    if len(kept) < 2:
+        run.notes.append(
+            f"block {number}'s plan {plan.titles} repeats earlier steps: the answer ends there"
+        )
+        return None
+    if len(kept) < len(plan.titles):  # the cache gets the plan as it is kept
+        plan = plan.model_copy(update={"titles": kept})
+        plan_ids = run.encode(format_plan(plan))
+        crop_to(cache, len(context) - 1)
+    yield StageEvent("plan", {"titles": list(plan.titles), "preamble": "", "block": number - 1})
+    prefix = [*context, *plan_ids, *run.encode("\n")]
+    per_step, left_tokens, _ = _step_budget(run, plan.titles, prefix)
+    if per_step < MIN_STEP_TOKENS:
+        run.notes.append(
+            f"block {number}'s steps would get {per_step} tokens each ({left_tokens} of "
+            f"max_tokens={cfg.max_tokens} left): the answer ends there"
+        )
+        return None
+    return plan, prefix, per_step, attempts
+
+
+def block_report(report: ParallelReport) -> BlockReport:
+    """The `BlockReport` of a one-block answer's report."""
+    stages = ("plan", "steps", "conclusion")
+    return BlockReport(
+        steps=report.steps,
+        branch_tokens=report.branch_tokens,
+        decode_steps=report.decode_steps,
+        conclusion_tokens=report.conclusion_tokens,
+        plan_attempts=report.plan_attempts,
+        timings={k: report.timings[k] for k in stages if k in report.timings},
+    )
+
+
+def _merged_blocks(run: _Run, results: list[AnswerResult], t0: float) -> AnswerResult:
+    """One answer from its blocks: content joined, report totals plus ``blocks``."""
+    reports = [r.report for r in results]
+    blocks = [block_report(r) for r in reports]
+    last = results[-1]
+    if len(results) == 1:
+        # Notes written after the block's report (why no further block ran) join it here.
+        update = {"blocks": blocks, "notes": list(run.notes)}
+        return replace(last, report=last.report.model_copy(update=update))
+    passes = sum(r.decode_steps for r in reports)
+    tokens = sum((r.tokens_per_forward or 0) * r.decode_steps for r in reports)
+    timings = dict(reports[-1].timings)
+    for stage in ("plan", "steps", "conclusion"):
+        timings[stage] = sum(b.timings.get(stage, 0.0) for b in blocks)
+    timings["total"] = time.perf_counter() - t0
+    report = ParallelReport.model_validate(
+        reports[0].model_dump()
+        | {
+            "steps": [t for r in reports for t in r.steps],
+            "branch_tokens": [t for r in reports for t in r.branch_tokens],
+            "branch_finish_reasons": [f for r in reports for f in r.branch_finish_reasons],
+            "decode_steps": passes,
+            "tokens_per_forward": round(tokens) / passes if passes else None,
+            "plan_attempts": sum(r.plan_attempts for r in reports),
+            "conclusion_tokens": sum(r.conclusion_tokens for r in reports),
+            "timings": timings,
+            "notes": list(run.notes),
+            "blocks": [b.model_dump() for b in blocks],
+        }
+    )
+    content = "".join(r.content for r in results)
+    return AnswerResult(content, report, run.input_tokens, run.output_tokens, last.finish_reason)
 
 
 def _whole_sentences(text: str) -> str:

@@ -199,7 +199,11 @@ def format_plan(plan: Plan) -> str:
 
 
 def plan_grammar_ebnf(
-    max_branches: int, max_title_chars: int = 60, max_preamble_chars: int = 160
+    max_branches: int,
+    max_title_chars: int = 60,
+    max_preamble_chars: int = 160,
+    *,
+    preamble: bool = True,
 ) -> str:
     """Return an xgrammar EBNF grammar that forces the exact Stage-1 plan shape.
 
@@ -217,6 +221,8 @@ def plan_grammar_ebnf(
         max_title_chars: Longest title; at least 1. Keep it at most the
             ``max_title_chars`` given to `parse_plan`.
         max_preamble_chars: Longest preamble; at least 1 (`Plan` accepts up to 400).
+        preamble: False leaves the preamble line out: the text starts with the first step
+            line (a later block, which the model opens by writing ``####`` after a conclusion).
 
     Raises:
         ValueError: If a limit is out of range.
@@ -225,11 +231,17 @@ def plan_grammar_ebnf(
     _check_limit("max_title_chars", max_title_chars, 1)
     _check_limit("max_preamble_chars", max_preamble_chars, 1)
     preamble_char = f"[^#{_CONTROL_CLASS}]"
+    head = f"preamble {_ebnf_string(chr(10))} " if preamble else ""
     rules = [
-        f"root ::= preamble {_ebnf_string(chr(10))} step{{2,{max_branches}}} "
-        f"{_ebnf_string(END_MARKER)}",
-        f"preamble ::= {preamble_char} preamble_rest",
-        *_bounded_repeat("preamble_rest", preamble_char, max_preamble_chars - 1),
+        f"root ::= {head}step{{2,{max_branches}}} {_ebnf_string(END_MARKER)}",
+        *(
+            [
+                f"preamble ::= {preamble_char} preamble_rest",
+                *_bounded_repeat("preamble_rest", preamble_char, max_preamble_chars - 1),
+            ]
+            if preamble
+            else []
+        ),
         f"step ::= {_ebnf_string(STEP_MARKER)} title {_ebnf_string(f':{PLACEHOLDER}' + chr(10))}",
     ]
     if max_title_chars == 1:

@@ -21,6 +21,7 @@ __all__ = [
     "conclusion_cue",
     "example_titles",
     "load_prompt",
+    "route_question",
     "stage1_system_prompt",
     "step_header",
 ]
@@ -34,7 +35,7 @@ END_MARKER = "####%%%%"
 PLACEHOLDER = "......"
 """Written after each title's colon in the Stage-1 plan instead of the step itself."""
 
-PROMPT_NAMES: tuple[str, ...] = ("stage1_plan", "step", "conclusion")
+PROMPT_NAMES: tuple[str, ...] = ("stage1_plan", "step", "conclusion", "route")
 """Names accepted by `load_prompt`, one per ``prompts/<name>.txt`` file."""
 
 _PACKAGE = "langchain_parallel_reason"
@@ -83,7 +84,8 @@ def load_prompt(name: str) -> PromptTemplate:
     """Return the prompt ``prompts/<name>.txt`` as an f-string ``PromptTemplate``.
 
     Names: ``"stage1_plan"`` (system prompt, variable ``max_branches``), ``"step"`` (a branch
-    instruction, variable ``title``) and ``"conclusion"`` (the Stage-3 cue, no variables).
+    instruction, variable ``title``), ``"conclusion"`` (the Stage-3 cue, no variables) and
+    ``"route"`` (the router's yes/no question, variable ``question``).
     The file's final newline is not part of the template. Each call returns a new template;
     the file itself is read once per process.
 
@@ -108,6 +110,12 @@ def stage1_system_prompt(max_branches: int) -> str:
         msg = f"max_branches must be an integer >= 2, got {max_branches!r}"
         raise ValueError(msg)
     return load_prompt("stage1_plan").format(max_branches=max_branches)
+
+
+def route_question(question: str) -> str:
+    """Return the router's question about ``question``: should its answer be split into
+    independent parts? The model answers yes (plan) or no (direct answer)."""
+    return load_prompt("route").format(question=question)
 
 
 def example_titles() -> frozenset[str]:

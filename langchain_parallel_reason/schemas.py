@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_MAX_BRANCHES",
     "DEFAULT_MAX_TITLE_CHARS",
     "MAX_PREAMBLE_CHARS",
+    "BlockReport",
     "ParallelReport",
     "Plan",
 ]
@@ -123,6 +124,30 @@ class Plan(BaseModel):
         return titles
 
 
+class BlockReport(BaseModel):
+    """One parallel block of an answer: its plan, its parallel steps and its conclusion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: list[str]
+    """The block's step titles, in order."""
+
+    branch_tokens: list[int] = Field(default_factory=list)
+    """Tokens each of the block's steps generated (one entry per step)."""
+
+    decode_steps: int = Field(default=0, ge=0)
+    """The block's Stage-2 forward passes (its steps decoded in parallel)."""
+
+    conclusion_tokens: int = Field(default=0, ge=0)
+    """Tokens of the block's conclusion (cut where the model opened the next block)."""
+
+    plan_attempts: int = Field(default=0, ge=0)
+    """Stage-1 attempts of the block's plan (0 when the caller gave the steps)."""
+
+    timings: dict[str, float] = Field(default_factory=dict)
+    """Wall-clock seconds of the block's ``"plan"``, ``"steps"`` and ``"conclusion"``."""
+
+
 class ParallelReport(BaseModel):
     """What one call did, for ``AIMessage.response_metadata["parallel"]``.
 
@@ -169,6 +194,20 @@ class ParallelReport(BaseModel):
 
     notes: list[str] = Field(default_factory=list)
     """Other things worth knowing, e.g. steps decoded in smaller groups after out-of-memory."""
+
+    route: Literal["plan", "direct"] | None = None
+    """How the call began: ``"plan"`` (Stage 1 ran or the caller gave the steps) or
+    ``"direct"`` (answered by ordinary decoding from the start; not a fallback)."""
+
+    route_reason: str | None = None
+    """Why that route: the model's own choice in ``mode="auto"`` (with its yes/no log-odds),
+    or what forced it (``mode="parallel"``, ``steps=``, ``mode="sequential"``, tools...)."""
+
+    blocks: list[BlockReport] = Field(default_factory=list)
+    """One entry per parallel block, in order (empty when no steps were decoded in parallel).
+    The top-level ``steps``, ``branch_tokens``, ``branch_finish_reasons``, ``decode_steps``,
+    ``plan_attempts``, ``conclusion_tokens`` and the stage ``timings`` are totals over the
+    blocks (lists concatenated in block order)."""
 
     engine: dict[str, float | int] = Field(default_factory=dict)
     """How the engine served the call: ``queue_wait_s`` (seconds queued before it ran),

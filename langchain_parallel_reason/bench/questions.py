@@ -1,11 +1,13 @@
-"""`parallel-reason bench questions`: does the model plan by itself, and are its answers usable?
+"""`parallel-reason bench questions`: does the model route, plan by itself, and answer usably?
 
 Contract: `run_question_bench(model, tokenizer, questions, config)` answers every question with
-the model's own plan (no `steps`) through `pipeline.answer` and returns a JSON-able dict: per
-question the plan, branch finish reasons and checks, and in total how many plans validated,
-looked sensible (`sensible_titles`), had a step still stuck in a loop, or ended without a
-conclusion although budget was left. `load_questions()` reads the question set kept in the
-package (`questions.txt`, one question a line).
+the model's own route and plan (no `steps`) through `pipeline.answer` and returns a JSON-able
+dict: per question its label, route, plan, branch finish reasons and checks, and in total how
+many were routed as labelled (`route`), how many plans validated, looked sensible
+(`sensible_titles`), had a step still stuck in a loop, or ended without a conclusion although
+budget was left. `run_route_bench` only asks the router (one forward a question).
+`load_questions()` / `load_labeled_questions()` read the question set kept in the package
+(`questions.txt`, one ``label: question`` a line).
 """
 
 from __future__ import annotations
@@ -18,26 +20,49 @@ from importlib import resources
 from typing import Any
 
 __all__ = [
+    "LABELS",
     "QUESTIONS_FILE",
     "add_arguments",
+    "load_labeled_questions",
     "load_questions",
+    "route_totals",
     "run",
     "run_question_bench",
+    "run_route_bench",
     "sensible_titles",
 ]
 
 QUESTIONS_FILE = "questions.txt"
 """The question set, next to this module; `#` lines are comments."""
 
+LABELS = ("plan", "direct")
+"""Question labels: the route a sensible router takes (independent parts, or one answer)."""
 
-def load_questions(path: str | None = None) -> list[str]:
-    """The questions of ``path`` (default: the package's `questions.txt`), one a line."""
+
+def load_labeled_questions(path: str | None = None) -> list[tuple[str, str]]:
+    """(label, question) pairs of ``path`` (default: the package's `questions.txt`): one
+    ``plan: question`` or ``direct: question`` a line; a line without a label is "plan"."""
     if path is None:
         text = (resources.files(__package__) / QUESTIONS_FILE).read_text(encoding="utf-8")
     else:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        label, colon, rest = line.partition(":")
+        if colon and label in LABELS:
+            pairs.append((label, rest.strip()))
+        else:
+            pairs.append(("plan", line))
+    return pairs
+
+
+def load_questions(path: str | None = None, label: str = "plan") -> list[str]:
+    """The questions of ``path`` (default: the package's set) labelled ``label``."""
+    return [q for lab, q in load_labeled_questions(path) if lab == label]
 
 
 def sensible_titles(titles: list[str], question: str) -> bool:
@@ -67,14 +92,50 @@ def _looping(tokenizer: Any, text: str) -> bool:
     return find_loop(tokenizer.encode(text, add_special_tokens=False)) is not None
 
 
-def run_question_bench(
-    model: Any, tokenizer: Any, questions: list[str], config: Any, progress: bool = False
+def _labeled(questions: list[str] | list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [("plan", q) if isinstance(q, str) else q for q in questions]
+
+
+def route_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per label, questions and how many were routed that way; ``rate``: the share routed as
+    labelled over all questions."""
+    totals: dict[str, Any] = {}
+    for label in LABELS:
+        mine = [r for r in rows if r["label"] == label]
+        totals[label] = {"questions": len(mine), "routed": sum(r["route"] == label for r in mine)}
+    routed = sum(t["routed"] for t in totals.values())
+    totals["rate"] = round(routed / len(rows), 3) if rows else None
+    return totals
+
+
+def run_route_bench(
+    model: Any, tokenizer: Any, questions: list[tuple[str, str]], config: Any
 ) -> dict[str, Any]:
-    """Answer each question with its own plan; return per-question rows and totals."""
+    """Only the router's choice (`pipeline.choose_route`) for each labelled question."""
+    from langchain_parallel_reason.pipeline import choose_route
+
+    rows = []
+    for label, question in _labeled(questions):
+        messages = [{"role": "user", "content": question}]
+        route, reason = choose_route(model, tokenizer, messages, config)
+        rows.append({"label": label, "question": question, "route": route, "reason": reason})
+    return {"questions": len(rows), "route": route_totals(rows), "rows": rows}
+
+
+def run_question_bench(
+    model: Any,
+    tokenizer: Any,
+    questions: list[str] | list[tuple[str, str]],
+    config: Any,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Answer each question (a plain string is labelled "plan") with its own route and plan;
+    return per-question rows and totals. Plan checks count answers with a plan."""
     from langchain_parallel_reason.pipeline import answer
 
     rows = []
-    for i, question in enumerate(questions):
+    questions = _labeled(questions)
+    for i, (label, question) in enumerate(questions):
         t = time.perf_counter()
         result = answer(model, tokenizer, [{"role": "user", "content": question}], config)
         report = result.report
@@ -82,7 +143,10 @@ def run_question_bench(
         bodies = _step_bodies(result.content, report.steps) if parallel else []
         budget_left = result.output_tokens < config.max_tokens
         row = {
+            "label": label,
             "question": question,
+            "route": report.route,
+            "route_reason": report.route_reason,
             "mode_used": report.mode_used,
             "fallback_reason": report.fallback_reason,
             "plan_attempts": report.plan_attempts,
@@ -94,6 +158,7 @@ def run_question_bench(
             "stuck_in_loop": any(_looping(tokenizer, body) for body in bodies),
             "conclusion_tokens": report.conclusion_tokens,
             "empty_conclusion": parallel and budget_left and report.conclusion_tokens == 0,
+            "blocks": [block.steps for block in report.blocks],
             "output_tokens": result.output_tokens,
             "seconds": round(time.perf_counter() - t, 2),
             "content": result.content,
@@ -101,10 +166,17 @@ def run_question_bench(
         rows.append(row)
         if progress:
             mark = "ok " if row["sensible"] else ("val" if parallel else "---")
-            print(f"[{i + 1}/{len(questions)}] {mark} {report.steps} {question}", file=sys.stderr)
+            print(
+                f"[{i + 1}/{len(questions)}] {label}->{report.route} {mark} {report.steps} "
+                f"{question}",
+                file=sys.stderr,
+            )
     n = len(rows)
     return {
         "questions": n,
+        "route": route_totals(rows),
+        "planned": sum(r["route"] == "plan" for r in rows),
+        "later_blocks": sum(max(0, len(r["blocks"]) - 1) for r in rows),
         "validated": sum(r["validated"] for r in rows),
         "sensible": sum(r["sensible"] for r in rows),
         "stuck_in_loop": sum(r["stuck_in_loop"] for r in rows),
@@ -136,6 +208,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=512, help="per answer (default 512)")
     parser.add_argument("--step-max-tokens", type=int, default=96, help="per step (default 96)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    parser.add_argument(
+        "--label", choices=(*LABELS, "all"), default="all", help="questions of this label"
+    )
+    parser.add_argument(
+        "--mode", choices=("auto", "parallel"), default="auto", help="parallel forces a plan"
+    )
+    parser.add_argument("--max-blocks", type=int, default=1, help="parallel blocks (default 1)")
+    parser.add_argument(
+        "--route-only", action="store_true", help="only ask the router (one forward a question)"
+    )
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
 
 
@@ -145,19 +227,38 @@ def run(args: argparse.Namespace) -> int:
     from langchain_parallel_reason.pipeline import PipelineConfig
     from langchain_parallel_reason.runtime.threads import apply_threads
 
-    questions = load_questions(args.file)[: args.limit]
-    config = PipelineConfig(max_tokens=args.max_tokens, step_max_tokens=args.step_max_tokens)
+    questions = [
+        (label, q) for label, q in load_labeled_questions(args.file) if args.label in ("all", label)
+    ][: args.limit]
+    config = PipelineConfig(
+        mode=args.mode,
+        max_tokens=args.max_tokens,
+        step_max_tokens=args.step_max_tokens,
+        max_blocks=args.max_blocks,
+    )
     apply_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, progress=True)
-    result = run_question_bench(model, tokenizer, questions, config, progress=True)  # stderr
+    if args.route_only:
+        result = run_route_bench(model, tokenizer, questions, config)
+    else:
+        result = run_question_bench(model, tokenizer, questions, config, progress=True)  # stderr
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
     n = result["questions"]
+    route = result["route"]
     print(
-        f"{n} questions: own plan validated {result['validated']}/{n}, sensible "
+        f"{n} questions: routed as labelled {round(route['rate'] * n)}/{n} (plan "
+        f"{route['plan']['routed']}/{route['plan']['questions']}, direct "
+        f"{route['direct']['routed']}/{route['direct']['questions']})"
+    )
+    if args.route_only:
+        return 0
+    print(
+        f"planned {result['planned']}/{n}: own plan validated {result['validated']}, sensible "
         f"{result['sensible']}/{n}; steps stuck in a loop {result['stuck_in_loop']} "
         f"(loops cut by the guard {result['loops_cut']}); empty conclusions "
-        f"{result['empty_conclusions']}; most output tokens {result['max_output_tokens']}"
+        f"{result['empty_conclusions']}; most output tokens {result['max_output_tokens']}; "
+        f"later blocks {result['later_blocks']}"
     )
     return 0

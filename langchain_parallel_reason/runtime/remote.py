@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import queue
 import threading
@@ -41,6 +42,8 @@ from ..pipeline import (
     PipelineConfig,
     StageEvent,
     StepDelta,
+    block_report,
+    forced_route,
     merged_steps_text,
     resample_settings,
     step_token_budget,
@@ -52,7 +55,7 @@ from ..prompts import END_MARKER, STEP_MARKER, conclusion_cue, stage1_system_pro
 from ..schemas import ParallelReport, Plan
 from .base import Item, Request
 
-__all__ = ["STEP_OPENING_REGEX", "RemoteEngine", "ServerError"]
+__all__ = ["STEP_OPENING_REGEX", "RemoteEngine", "ServerError", "remote_route"]
 
 _END = object()  # end of one call's item queue
 # Server error texts (vLLM, SGLang) that mean "the prompt does not fit the context window".
@@ -63,6 +66,21 @@ _GRAMMAR_WORDS = ("grammar", "structured", "guided", "ebnf", "xgrammar", "regex"
 # model tends to copy the placeholder ("......") or start the next title ("\n####..."), so the
 # first character is a word character and the first 30 hold no "#" and no newline.
 STEP_OPENING_REGEX = "[ ]?[^\\s#.\u2026]([^#\\n]{0,30}|[^#\\n]{30}[\\s\\S]*)"
+
+
+def remote_route(config: PipelineConfig) -> tuple[str, str | None, list[str]]:
+    """(route, reason, notes) of a call on the remote engine, which has neither the router
+    nor later blocks yet: mode "auto" plans, and one block runs whatever ``max_blocks``."""
+    route, reason = forced_route(config)
+    notes = []
+    if reason is None:
+        reason = (
+            "not routed: the remote engine has no router yet, so mode='auto' plans (pass "
+            "mode='sequential' for a direct answer)"
+        )
+    if config.max_blocks > 1 and route == "plan":
+        notes.append(f"max_blocks={config.max_blocks}: the remote engine runs one block")
+    return route, reason, notes
 
 
 class ServerError(RuntimeError):
@@ -248,15 +266,25 @@ class RemoteEngine:
         async with httpx.AsyncClient(headers=self._headers, timeout=self._timeout) as client:
             info = await self._server_info(client)
             call = _Call(cfg, messages, emit, client, info, max(self.retries, request.max_retries))
-            t0 = time.perf_counter()
-            if cfg.mode == "sequential":
-                return await self._sequential(call, None, 0, t0)
-            reason = cfg.sequential_reason
-            if reason is None and cfg.grammar is not None:
-                reason = "an output grammar is set: the answer is decoded sequentially"
-            if reason is not None:
-                return await self._sequential(call, reason, 0, t0)
-            return await self._parallel(call, t0)
+            route, route_reason, call.notes = remote_route(cfg)
+            result = await self._routed(call)
+        report = result.report
+        update: dict[str, Any] = {"route": route, "route_reason": route_reason}
+        if report.mode_used == "parallel":
+            update["blocks"] = [block_report(report)]
+        return dataclasses.replace(result, report=report.model_copy(update=update))
+
+    async def _routed(self, call: _Call) -> AnswerResult:
+        cfg = call.cfg
+        t0 = time.perf_counter()
+        if cfg.mode == "sequential":
+            return await self._sequential(call, None, 0, t0)
+        reason = cfg.sequential_reason
+        if reason is None and cfg.grammar is not None:
+            reason = "an output grammar is set: the answer is decoded sequentially"
+        if reason is not None:
+            return await self._sequential(call, reason, 0, t0)
+        return await self._parallel(call, t0)
 
     async def _server_info(self, client: httpx.AsyncClient) -> _ServerInfo:
         """The served models (checked once per engine): the fix for a wrong name lists them."""

@@ -178,5 +178,7 @@ def test_any_user_text_gives_an_answer_or_a_value_error(
     if "steps" in options:
         assert report["mode_used"] == "parallel"
         assert report["steps"] == options["steps"]
-    elif report["mode_used"] == "sequential" and options.get("mode") != "sequential":
-        assert report["fallback_reason"]
+    elif report["mode_used"] == "sequential" and report["route"] == "plan":
+        assert report["fallback_reason"]  # a plan was tried: why it fell back
+    elif report["mode_used"] == "sequential":
+        assert report["route_reason"]  # answered directly by choice (router or mode)

@@ -42,6 +42,7 @@ def test_template_variables() -> None:
     assert load_prompt("stage1_plan").input_variables == ["max_branches"]
     assert load_prompt("step").input_variables == ["title"]
     assert load_prompt("conclusion").input_variables == []
+    assert load_prompt("route").input_variables == ["question"]
     assert "Taste" in load_prompt("step").format(title="Taste")
 
 

@@ -486,7 +486,7 @@ def test_a_plan_that_fails_validation_frees_the_kv_cache(
         return real_parse("Intro\n####Taste:......\n####taste:......\n####%%%%", **kwargs)
 
     monkeypatch.setattr(pipeline, "parse_plan", duplicate_titles)
-    message = chat.invoke(QUESTION, plan_retries=1)
+    message = chat.invoke(QUESTION, plan_retries=1, mode="parallel")  # the plan, not the route
     assert "fewer than 2 usable titles" in _report(message)["fallback_reason"]
     assert not _wait_for_workers()
     # The garbage collector can free everything the failed attempts touched.

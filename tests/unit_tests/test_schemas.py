@@ -106,6 +106,9 @@ def test_sequential_report_defaults() -> None:
         "timings": {},
         "attention": None,
         "notes": [],
+        "route": None,
+        "route_reason": None,
+        "blocks": [],
         "engine": {},
     }
 
