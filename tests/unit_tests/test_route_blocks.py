@@ -229,10 +229,14 @@ def _parallel(message: Any) -> dict[str, Any]:
 def _same_answer(message: Any, expected: Any) -> None:
     report = _parallel(message)
     assert message.content == expected.content
-    assert (report["route"], report["route_reason"]) == (
-        expected.report.route,
-        expected.report.route_reason,
-    )
+    assert report["route"] == expected.report.route
+    # The reason quotes the router's log-odds to 2 decimals: batched forwards (and KV served
+    # from the engine's prefix cache) may move them by float rounding, never the decision.
+    odds = r"[+-]\d+\.\d+"
+    got, want = report["route_reason"], expected.report.route_reason
+    assert re.sub(odds, "#", got) == re.sub(odds, "#", want)
+    for a, b in zip(re.findall(odds, got), re.findall(odds, want), strict=True):
+        assert abs(float(a) - float(b)) <= 0.011
     assert [b["steps"] for b in report["blocks"]] == [b.steps for b in expected.report.blocks]
     assert [b["branch_tokens"] for b in report["blocks"]] == [
         b.branch_tokens for b in expected.report.blocks
