@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -134,28 +133,11 @@ def ragged_attention(
     if sliding_window is not None:
         extra["sliding_window"] = sliding_window
     segments = ragged_layout.segments
-    outs: list[torch.Tensor | None] = [None] * len(segments)
-    # One-token steps over plain caches (plans, conclusions, sequential answers: most rows of
-    # a busy step) are attended together, a handful of ops per layer instead of a few per
-    # call: on a CPU every small op costs a parallel region, and on a loaded machine that is
-    # the step's bottleneck.
-    single = [i for i, seg in enumerate(segments) if _single_token(seg)]
-    if single:
-        dense = _attend_single_tokens(
-            query,
-            key,
-            value,
-            [segments[i] for i in single],
-            layer,
-            scaling,
-            softcap,
-            sliding_window,
-        )
-        for i, out in zip(single, dense, strict=True):
-            outs[i] = out
-    for i, seg in enumerate(segments):
-        if outs[i] is not None:
-            continue
+    outs: list[torch.Tensor] = []
+    # One small attention per segment, on the function the model was loaded with (so each
+    # segment computes exactly what its call computes alone). A padded batch of the one-token
+    # segments was tried: padding copies every call's KV at every layer, 3x slower per step.
+    for seg in segments:
         a, b = seg.start, seg.stop
         q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
         if seg.split is not None:
@@ -171,55 +153,8 @@ def ragged_attention(
             else:
                 mask = _causal_mask(seg.positions, keys.shape[-2], sliding_window, query.dtype)
             out, _ = base(module, q, keys, values, mask, scaling=scaling, dropout=dropout, **extra)
-        outs[i] = out  # [1, S, H, d]
+        outs.append(out)  # [1, S, H, d]
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], None
-
-
-def _single_token(seg: Segment) -> bool:
-    return seg.stop - seg.start == 1 and seg.split is None and seg.mask is None
-
-
-def _attend_single_tokens(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    segments: list[Segment],
-    layer: int,
-    scaling: float | None,
-    softcap: float | None,
-    sliding_window: int | None,
-) -> list[torch.Tensor]:
-    """Attention of G one-token segments, each over its own plain cache (key j at position j).
-
-    query ``[1, H, T, d]``; returns one ``[1, 1, H, d]`` output per segment.
-    """
-    heads, dim = query.shape[1], query.shape[3]
-    ks, vs = [], []
-    for seg in segments:
-        k, v = seg.cache.update(
-            key[:, :, seg.start : seg.stop], value[:, :, seg.start : seg.stop], layer
-        )
-        ks.append(k[0].transpose(0, 1))  # [L_i, kvh, d]
-        vs.append(v[0].transpose(0, 1))
-    kvh = ks[0].shape[1]
-    k_pad = pad_sequence(ks, batch_first=True).permute(0, 2, 3, 1)  # [G, kvh, d, Lmax]
-    v_pad = pad_sequence(vs, batch_first=True).transpose(1, 2)  # [G, kvh, Lmax, d]
-    rows = torch.tensor([seg.start for seg in segments], device=query.device)
-    q = query[0][:, rows].transpose(0, 1).reshape(len(segments), kvh, heads // kvh, dim)
-    scale = dim**-0.5 if scaling is None else scaling
-    scores = torch.matmul(q, k_pad).float() * scale  # [G, kvh, g, Lmax]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    lens = torch.tensor([k.shape[0] for k in ks], device=query.device)
-    idx = torch.arange(k_pad.shape[-1], device=query.device)
-    allowed = idx[None, :] < lens[:, None]  # [G, Lmax]: padding is not a key
-    if sliding_window is not None:
-        pos = torch.cat([seg.positions for seg in segments])  # [G]
-        allowed &= (pos[:, None] - idx[None, :]) < sliding_window
-    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).to(v_pad.dtype)
-    out = torch.matmul(probs, v_pad).reshape(len(segments), heads, dim)  # [G, H, d]
-    return [out[i][None, None] for i in range(len(segments))]
 
 
 AttentionInterface.register(RAGGED_ATTENTION, ragged_attention)
