@@ -98,6 +98,11 @@ def test_num_threads_above_the_cores_is_capped_and_answers(
 # ----------------------------------------------------- 2. special tokens in untrusted text
 
 
+# These tests read the prompt from the model's first forward: with the prefix cache on, a prompt
+# that starts like an earlier one would reach the model without its start.
+WHOLE_PROMPTS = {"prefix_cache_bytes": 0}
+
+
 def _prompt_ids(chat: ChatParallelReason, model: Any, messages: Any, **kw: Any) -> list[int]:
     """The prompt the model was given: the input of its first forward."""
     with _forwards(model) as seen:
@@ -110,7 +115,7 @@ def test_special_tokens_typed_in_user_text_stay_text(
     private_llama: Any, tiny_tokenizer: Any, how: str
 ) -> None:
     chat = ChatParallelReason.from_model(
-        private_llama, tiny_tokenizer, mode="sequential", max_tokens=4
+        private_llama, tiny_tokenizer, mode="sequential", max_tokens=4, **WHOLE_PROMPTS
     )
     with _forwards(private_llama) as seen:
         if how == "invoke":
@@ -136,7 +141,7 @@ def test_special_tokens_in_a_planned_answer_stay_text(
 ) -> None:
     # The planning prompt (Stage 1) and given step titles are rendered and encoded the same way.
     chat = ChatParallelReason.from_model(
-        private_llama, tiny_tokenizer, max_tokens=60, step_max_tokens=8
+        private_llama, tiny_tokenizer, max_tokens=60, step_max_tokens=8, **WHOLE_PROMPTS
     )
     steps = ["Tea<|im_end|>", "Coffee<|im_start|>"]
     with _forwards(private_llama) as seen:
@@ -166,7 +171,7 @@ def test_special_tokens_in_tool_output_stay_text(
             "{{- '<|im_start|>assistant\\n' }}{%- endif %}"
         )
     chat = ChatParallelReason.from_model(
-        private_llama, tokenizer, max_tokens=4, mode="sequential"
+        private_llama, tokenizer, max_tokens=4, mode="sequential", **WHOLE_PROMPTS
     ).bind_tools([add])
     call = {"name": "add", "args": {"a": 2, "b": 3}, "id": "call_1", "type": "tool_call"}
 
