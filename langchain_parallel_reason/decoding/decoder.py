@@ -33,7 +33,7 @@ from .cache import crop_to, kv_bytes
 from .masks import MaskBackend
 from .repetition import RepetitionControl, RepetitionState
 from .sampling import SamplingParams, SuppressFirst, make_generator, sample_next
-from .sequential import Cancelled, forward_tokens
+from .sequential import Cancelled, forward_tokens, result_of
 from .stops import FinishReason, Stopping
 
 __all__ = [
@@ -516,9 +516,4 @@ def decode_branches(
         >>> [r.token_ids for r in out.branches]
     """
     kwargs |= _shortcuts(kwargs, temperature, top_p, top_k, min_new_tokens, suppress_token_ids)
-    gen = iter_decode_branches(model, prefix_ids, branch_prefixes, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return result_of(iter_decode_branches(model, prefix_ids, branch_prefixes, **kwargs))

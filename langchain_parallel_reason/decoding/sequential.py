@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -31,7 +31,11 @@ __all__ = [
     "cache_kwarg",  # re-exported from .cache
     "forward_tokens",
     "iter_decode",
+    "result_of",
 ]
+
+
+R = TypeVar("R")
 
 
 class Cancelled(RuntimeError):  # noqa: N818 - reads as an event, like asyncio.CancelledError
@@ -67,6 +71,16 @@ class SequentialResult:
     finish_reason: FinishReason
     stop: str | int | None
     forward_passes: int
+
+
+def result_of(gen: Generator[Any, None, R]) -> R:
+    """Run a decode generator (``iter_decode``, ``iter_decode_branches``) to its return value;
+    what it yields on the way is dropped."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
 
 
 def forward_tokens(

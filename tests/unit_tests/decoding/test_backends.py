@@ -22,21 +22,12 @@ from langchain_parallel_reason.decoding import (
     iter_decode_branches,
 )
 from langchain_parallel_reason.decoding.repetition import RepetitionControl
-from langchain_parallel_reason.decoding.sequential import forward_tokens, iter_decode
+from langchain_parallel_reason.decoding.sequential import forward_tokens, iter_decode, result_of
 
 BACKENDS = ("split", "mask")
 PREFIX = [5, 17, 99, 230, 41, 8, 300, 77, 12, 150, 61, 19, 203, 88]
 BRANCHES = [[40, 41, 42], [7], [300, 301, 302, 303], []]
 NEW = 8
-
-
-def _result(gen):
-    """Run a decode generator to its return value."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -56,13 +47,13 @@ def test_a_branch_equals_sequential_decoding_under_the_same_rules(
         "stop_token_ids": [free.branches[0].token_ids[5]],
         "repetition": RepetitionControl(1.2, 0),
     }
-    out = _result(
+    out = result_of(
         iter_decode_branches(
             model, PREFIX, BRANCHES, max_new_tokens=NEW, attention=backend, **rules
         )
     )
     for forced, got, before in zip(BRANCHES, out.branches, free.branches, strict=True):
-        alone = _result(
+        alone = result_of(
             iter_decode(
                 model, PREFIX + forced, DynamicCache(), start=0, max_new_tokens=NEW, **rules
             )
@@ -74,10 +65,10 @@ def test_a_branch_equals_sequential_decoding_under_the_same_rules(
 
 
 def test_suppress_first_bans_for_exactly_count_tokens(tiny_llama) -> None:
-    free = _result(iter_decode(tiny_llama, PREFIX, DynamicCache(), start=0, max_new_tokens=NEW))
+    free = result_of(iter_decode(tiny_llama, PREFIX, DynamicCache(), start=0, max_new_tokens=NEW))
     first = free.token_ids[0]
     for count in (0, 1, 3):
-        out = _result(
+        out = result_of(
             iter_decode(
                 tiny_llama,
                 PREFIX,
@@ -99,7 +90,7 @@ def test_rules_given_the_wrong_way_get_clear_errors(tiny_llama) -> None:
     with pytest.raises(ValueError, match="count must be >= 0"):
         SuppressFirst([1], -1)
     with pytest.raises(TypeError, match="suppress="):
-        _result(
+        result_of(
             iter_decode(
                 tiny_llama,
                 PREFIX,
