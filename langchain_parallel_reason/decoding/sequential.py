@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-R = TypeVar("R")
+_R = TypeVar("_R")
 
 
 class Cancelled(RuntimeError):  # noqa: N818 - reads as an event, like asyncio.CancelledError
@@ -73,7 +73,7 @@ class SequentialResult:
     forward_passes: int
 
 
-def result_of(gen: Generator[Any, None, R]) -> R:
+def result_of(gen: Generator[Any, None, _R]) -> _R:
     """Run a decode generator (``iter_decode``, ``iter_decode_branches``) to its return value;
     what it yields on the way is dropped."""
     while True:
