@@ -35,7 +35,6 @@ ALLOWED_LONG_MODULES: dict[str, str] = {
     "pipeline": "split into pipeline/ (settings, events, stages) by the settings/events work",
     "chat_models": "the runtime and output forms move out with the one-door work",
     "bench.tasks": "its copy of the stepped pipeline goes when it calls the public pipeline",
-    "runtime.engine": "the engine's scheduler; owned by the serving-engine work",
     "runtime.remote": "the remote engine; owned by the remote-runtime work",
 }
 
