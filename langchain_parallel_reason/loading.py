@@ -40,6 +40,7 @@ from transformers import (
 )
 
 __all__ = [
+    "DTYPES",
     "EMBEDDED_MODEL_NAME",
     "default_cache_dir",
     "embedded_gguf_path",
@@ -72,7 +73,7 @@ _SMOLLM2_CHAT_TEMPLATE = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_DTYPES: dict[str, torch.dtype] = {
+DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -80,6 +81,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+"""The dtype names `resolve_dtype` (and `--dtype`) accept, and the torch dtype of each."""
 
 # The parallel decoder passes custom 4D float masks; FlashAttention kernels take none.
 _REFUSED_ATTENTION = ("flash_attention", "flash-attn", "flash_attn")
@@ -353,7 +355,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     "torch." prefix); a floating torch.dtype passes through. Anything else is a `ValueError`.
     """
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
+        if dtype not in DTYPES.values():
             msg = f"Unsupported dtype {dtype}: use torch.float32, torch.bfloat16 or torch.float16."
             raise ValueError(msg)
         return dtype
@@ -361,9 +363,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if isinstance(dtype, str):
         key = dtype.strip().lower().removeprefix("torch.")
-        if key in _DTYPES:
-            return _DTYPES[key]
-    msg = f"Unknown dtype {dtype!r}: pass one of {', '.join(_DTYPES)}, 'auto', or None."
+        if key in DTYPES:
+            return DTYPES[key]
+    msg = f"Unknown dtype {dtype!r}: pass one of {', '.join(DTYPES)}, 'auto', or None."
     raise ValueError(msg)
 
 

@@ -1149,7 +1149,7 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
             cancel=run.cancel,
             # Right after the steps a small model tends to end the answer at once (EOS) or
             # start another step: neither may come before a few words of conclusion.
-            constraint=SuppressFirst(
+            suppress=SuppressFirst(
                 [*run.stop_ids, *marker_token_ids(tok)], min(MIN_CONCLUSION_TOKENS, budget)
             ),
             repetition=run.repetition,
@@ -1422,9 +1422,7 @@ def _decode_steps(run, titles, prefix, branch_prefixes, per_step, cache, prefix_
             prefix,
             [branch_prefixes[i] for i in group],
             max_new_tokens=per_step,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
+            params=run.params,
             seed=None if cfg.seed is None else cfg.seed + group[0],
             stop_token_ids=run.stop_ids,
             stop_strings=step_stops,
@@ -1435,8 +1433,10 @@ def _decode_steps(run, titles, prefix, branch_prefixes, per_step, cache, prefix_
             cancel=run.cancel,
             # Right after the plan's title list a small model tends to start the next title at
             # once ("\n####...") or copy the placeholder: a step may not open with those.
-            min_new_tokens=min(MIN_STEP_TOKENS, per_step // 2),
-            suppress_token_ids=step_opening_banned_ids(run.tok),
+            suppress=SuppressFirst(
+                [*run.stop_ids, *step_opening_banned_ids(run.tok)],
+                min(MIN_STEP_TOKENS, per_step // 2),
+            ),
             # ... nor restate another step's title; every step runs under the loop guard.
             opening_banned_ids=[opening[i] for i in group],
             repetition=run.repetition,

@@ -17,9 +17,7 @@ parallel decoding could reach if nothing but the forward passes cost time.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +28,18 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
-from langchain_parallel_reason.decoding.sequential import cache_kwarg
+from langchain_parallel_reason.bench.machine import (
+    cpu_snapshot,
+    load_average,
+    machine_description,
+    other_cores,
+    package_version,
+)
+from langchain_parallel_reason.decoding.cache import crop_to, kv_bytes
+from langchain_parallel_reason.decoding.decoder import prefill
+from langchain_parallel_reason.decoding.masks import ColumnLayout, model_mask_kind
+from langchain_parallel_reason.decoding.sequential import forward_tokens
+from langchain_parallel_reason.loading import DTYPES
 
 __all__ = [
     "ATTENTIONS",
@@ -38,6 +47,8 @@ __all__ = [
     "DecodeBenchConfig",
     "build_branch_prefixes",
     "build_prefix_ids",
+    "load_average",
+    "machine_description",
     "render_table",
     "run_decode_bench",
 ]
@@ -45,15 +56,7 @@ __all__ = [
 ATTENTIONS: tuple[str, ...] = ("auto", "split", "mask")
 """Stage-2 attention layouts `decode_branches` accepts."""
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-DTYPE_CHOICES: tuple[str, ...] = ("auto", *_DTYPES)
+DTYPE_CHOICES: tuple[str, ...] = ("auto", *DTYPES)
 """`auto` times one step in float32 and bfloat16 and runs each mode in its faster dtype."""
 _AUTO_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -113,6 +116,9 @@ class DecodeBenchConfig:
             raise ValueError(msg)
 
 
+_load_avg = load_average  # the old private name, still imported by bench/tasks.py
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -161,71 +167,6 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def _kv_bytes(cache: DynamicCache) -> int:
-    """Bytes held by a DynamicCache's key and value tensors."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-def _crop(cache: DynamicCache, length: int) -> None:
-    """Drop every cached token after the first `length` (crop takes a negative count)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
-def _forward(
-    model: Any,
-    input_ids: torch.Tensor,
-    cache: DynamicCache,
-    start: int,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    *,
-    every_token: bool = False,
-) -> torch.Tensor:
-    """One forward over `input_ids` [B, q] at positions start..start+q-1.
-
-    Returns the last position's logits [B, V], or with `every_token` all of them [B, q, V].
-    """
-    batch, q_len = input_ids.shape
-    if position_ids is None:
-        # Explicit positions: the defaults are only right for a plain causal continuation.
-        position_ids = torch.arange(start, start + q_len, device=input_ids.device).expand(batch, -1)
-    if every_token:
-        keep: int | torch.Tensor = 0
-    elif q_len == 1:
-        keep = 1
-    else:
-        # An index tensor, not logits_to_keep=1: the int slices the hidden states to a strided
-        # [B, 1, H] view, and a bfloat16 Linear with frozen weights takes a slow path on such a
-        # view on CPU (torch 2.13: SmolLM2's lm_head 85 ms instead of 2 ms). Indexing copies.
-        keep = torch.tensor([q_len - 1], device=input_ids.device)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        logits_to_keep=keep,
-        **{cache_kwarg(model): cache},
-    )
-    return out.logits if every_token else out.logits[:, -1]
-
-
-def prefill(model: Any, prefix_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-    """Run the prefix [1, P]; return a DynamicCache holding exactly it and its last logits [1, V].
-
-    The cache is built without `config` so sliding-window layers keep every prefix token.
-    """
-    cache = DynamicCache()
-    logits = _forward(model, prefix_ids, cache, 0)
-    return cache, logits
-
-
 @contextlib.contextmanager
 def _as_dtype(model: Any, dtype: torch.dtype) -> Iterator[None]:
     """Cast the model's parameters and buffers to `dtype` for the block, then put the originals back.
@@ -248,30 +189,20 @@ def _as_dtype(model: Any, dtype: torch.dtype) -> Iterator[None]:
             m._buffers[name] = b
 
 
-def _has_sliding_window(config: Any) -> bool:
-    layer_types = getattr(config, "layer_types", None) or ()
-    if "sliding_attention" in layer_types:
-        return True
-    window = getattr(config, "sliding_window", None)
-    return window is not None and getattr(config, "use_sliding_window", True)
-
-
 def _belt_step_inputs(
     model: Any, prefix_len: int, n: int, device: torch.device
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Mask [1, 1, n, P+n] and positions [1, n] for n tokens of n branches at one position.
+) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
+    """The belt mask(s) and positions ``[1, n]`` for n tokens of n branches at one position.
 
-    Each token sees the prefix and itself (an additive float mask: 0 attends, finfo.min blocks).
-    Sliding-window models want a dict of masks per layer type; for a timing the plain causal
-    mask over positions P..P+n-1 scans the same keys, so those get no mask.
+    Each token sees the prefix and itself: the decoder's own masks (``decoding.masks``), a
+    ``[1, 1, n, P+n]`` tensor or a dict per layer type, as the model takes them.
     """
-    if _has_sliding_window(model.config):
-        return None, torch.arange(prefix_len, prefix_len + n, device=device)[None]
+    q_branch = torch.arange(n, device=device)
+    q_pos = torch.full((n,), prefix_len, device=device)
+    cols = ColumnLayout.for_prefix(prefix_len, prefix_len + n, device)
+    cols.append(q_branch, q_pos)
     dtype = next(model.parameters()).dtype
-    mask = torch.full((n, prefix_len + n), torch.finfo(dtype).min, dtype=dtype, device=device)
-    mask[:, :prefix_len] = 0
-    mask[:, prefix_len:].fill_diagonal_(0)
-    return mask[None, None], torch.full((1, n), prefix_len, device=device)
+    return cols.masks(q_branch, q_pos, dtype, *model_mask_kind(model)), q_pos[None]
 
 
 def _fork(cache: DynamicCache, n: int) -> DynamicCache:
@@ -314,21 +245,21 @@ def decode_sequential(
     device = last_logits.device
     results, passes, peak = [], 0, 0
     for forced in branch_prefixes:
-        pos, logits = prefix_len, last_logits  # [1, V]
+        pos, logits = prefix_len, last_logits  # [V]
         if forced:
-            logits = _forward(model, torch.tensor([list(forced)], device=device), cache, pos)
+            logits = forward_tokens(model, torch.tensor(list(forced), device=device), cache, pos)
             pos, passes = pos + len(forced), passes + 1
         tokens = []
         for i in range(new_tokens):
-            token = logits.argmax(-1, keepdim=True)  # [1, 1]; stays on device: no sync per step
+            token = logits.argmax(-1, keepdim=True)  # [1]; stays on device: no sync per step
             tokens.append(token)
             tick(1)
             if i + 1 < new_tokens:  # the last token needs no forward of its own
-                logits = _forward(model, token, cache, pos)
+                logits = forward_tokens(model, token, cache, pos)
                 pos, passes = pos + 1, passes + 1
-        peak = max(peak, _kv_bytes(cache))
-        _crop(cache, prefix_len)
-        results.append(torch.cat(tokens, dim=-1)[0].tolist())
+        peak = max(peak, kv_bytes(cache))
+        crop_to(cache, prefix_len)
+        results.append(torch.cat(tokens).tolist())
     return results, passes, peak
 
 
@@ -352,7 +283,7 @@ def decode_batch_fork(
     logits = last_logits.expand(n, -1)  # [N, V]
     if branch_prefixes[0]:
         forced = torch.tensor([list(p) for p in branch_prefixes], device=device)  # [N, Lb]
-        logits = _forward(model, forced, fork, pos)
+        logits = forward_tokens(model, forced, fork, pos)
         pos, passes = pos + forced.shape[1], 1
     tokens = []
     for i in range(new_tokens):
@@ -360,9 +291,9 @@ def decode_batch_fork(
         tokens.append(token)
         tick(n)
         if i + 1 < new_tokens:
-            logits = _forward(model, token, fork, pos)
+            logits = forward_tokens(model, token, fork, pos)
             pos, passes = pos + 1, passes + 1
-    peak = _kv_bytes(fork)
+    peak = kv_bytes(fork)
     return torch.cat(tokens, dim=-1).tolist(), passes, peak
 
 
@@ -387,7 +318,6 @@ def decode_parallel(
         prefix_ids,
         [list(p) for p in branch_prefixes],
         max_new_tokens=new_tokens,
-        temperature=0.0,
         prefix_cache=cache,
         prefix_logits=prefix_logits,  # [V]; only used for an empty forced prefix
         attention=attention,
@@ -421,24 +351,32 @@ def measure_steps(
     device = next(model.parameters()).device
     one = torch.tensor([[token_id]], device=device)
     t1 = _median_step(
-        lambda: _forward(model, one, cache, prefix_len),
-        lambda: _crop(cache, prefix_len),
+        lambda: forward_tokens(model, one, cache, prefix_len),
+        lambda: crop_to(cache, prefix_len),
         device,
         samples,
     )
     mask, positions = _belt_step_inputs(model, prefix_len, n, device)
     row = torch.full((1, n), token_id, device=device)
     tn = _median_step(  # N logits, as a decode step of N branches needs
-        lambda: _forward(model, row, cache, prefix_len, mask, positions, every_token=True),
-        lambda: _crop(cache, prefix_len),
+        lambda: forward_tokens(
+            model,
+            row,
+            cache,
+            prefix_len,
+            position_ids=positions,
+            attention_mask=mask,
+            every_token=True,
+        ),
+        lambda: crop_to(cache, prefix_len),
         device,
         samples,
     )
     fork = _fork(cache, n)
     column = torch.full((n, 1), token_id, device=device)
     tb = _median_step(
-        lambda: _forward(model, column, fork, prefix_len),
-        lambda: _crop(fork, prefix_len),
+        lambda: forward_tokens(model, column, fork, prefix_len),
+        lambda: crop_to(fork, prefix_len),
         device,
         samples,
     )
@@ -452,59 +390,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def machine_description() -> str:
-    """Platform, CPU model and core count (plus the GPU name when CUDA is present)."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    parts = [f"{platform.system()} {platform.machine()}", cpu, f"{os.cpu_count()} cores"]
-    if torch.cuda.is_available():
-        parts.append(torch.cuda.get_device_name())
-    return ", ".join(parts)
-
-
-def _load_avg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall s, CPU s busy on the whole machine, CPU s of this process), from /proc/stat."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    own = os.times()
-    return time.monotonic(), busy, own.user + own.system
-
-
-def _other_cores(start: tuple[float, float, float] | None) -> float | None:
-    """Mean cores other processes kept busy since `start`: the contention behind the timings."""
-    end = _cpu_snapshot()
-    if start is None or end is None or end[0] <= start[0]:
-        return None
-    others = (end[1] - start[1]) - (end[2] - start[2])
-    return round(max(others, 0.0) / (end[0] - start[0]), 2)
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _pick_dtypes(config: DecodeBenchConfig, steps: dict[str, dict[str, float]]) -> dict[str, str]:
     """Dtype per mode: the fixed one, or with "auto" the fastest at that mode's step."""
     if config.dtype != "auto":
-        name = _dtype_name(_DTYPES[config.dtype])
+        name = _dtype_name(DTYPES[config.dtype])
         return dict.fromkeys(_MODES, name)
     step_of_mode = {"sequential": "t1", "parallel": "tn", "batch": "batch_n"}
     return {mode: min(steps, key=lambda d: steps[d][key]) for mode, key in step_of_mode.items()}
@@ -548,10 +437,10 @@ def run_decode_bench(
     prefix_ids = build_prefix_ids(tokenizer, p)
     branch_prefixes = build_branch_prefixes(tokenizer, n)
     _check_positions(model, p + len(branch_prefixes[0]) + t)
-    prefix_t = torch.tensor([prefix_ids], device=device)  # [1, P]
-    load_start, cpu_start = _load_avg(), _cpu_snapshot()
+    prefix_t = torch.tensor(prefix_ids, device=device)  # [P]
+    load_start, cpu_start = load_average(), cpu_snapshot()
 
-    candidates = list(_AUTO_DTYPES) if config.dtype == "auto" else [_DTYPES[config.dtype]]
+    candidates = list(_AUTO_DTYPES) if config.dtype == "auto" else [DTYPES[config.dtype]]
     by_name = {_dtype_name(d): d for d in candidates}
     parallel_modes = [f"parallel:{a}" for a in config.attention]
     modes = ["sequential", *parallel_modes, "batch"]
@@ -572,8 +461,9 @@ def run_decode_bench(
         for name, dtype in by_name.items():
             bar.set_description(f"step timings {name}")
             with _as_dtype(model, dtype):
-                cache, _ = prefill(model, prefix_t)
-                token_bytes[name] = _kv_bytes(cache) / p
+                cache = DynamicCache()  # without config: sliding layers keep every prefix token
+                prefill(model, prefix_t, cache)
+                token_bytes[name] = kv_bytes(cache) / p
                 steps[name] = measure_steps(model, cache, n, config.step_samples, prefix_ids[-1])
         chosen = _pick_dtypes(config, steps)
 
@@ -581,7 +471,8 @@ def run_decode_bench(
         for name in dict.fromkeys(chosen.values()):
             group = [m for m in modes if chosen[m.split(":")[0]] == name]
             with _as_dtype(model, by_name[name]):
-                cache, last_logits = prefill(model, prefix_t)
+                cache = DynamicCache()
+                last_logits = prefill(model, prefix_t, cache)  # [V]
                 for r in range(config.repeats):
                     for mode in group:
                         bar.set_description(f"{mode} {name} {r + 1}/{config.repeats}")
@@ -603,7 +494,7 @@ def run_decode_bench(
         "model": model_name,
         "device": device,
         "load_start": load_start,
-        "other_cores": _other_cores(cpu_start),
+        "other_cores": other_cores(cpu_start),
     }
     return _summarize(config, runs, steps, chosen, token_bytes, len(branch_prefixes[0]), meta)
 
@@ -621,16 +512,10 @@ def _run_mode(
 ) -> _Run:
     """Time one run of `mode`; `cache` (the prefix) is the same before and after."""
     n = len(branch_prefixes)
-    if mode == "sequential":
+    if mode in ("sequential", "batch"):
+        decode = decode_sequential if mode == "sequential" else decode_batch_fork
         (tokens, passes, kv), seconds = _timed(
-            lambda: decode_sequential(model, cache, last_logits, branch_prefixes, new_tokens, tick),
-            device,
-        )
-        return _Run(seconds, tokens, passes, kv)
-    if mode == "batch":
-        (tokens, passes, kv), seconds = _timed(
-            lambda: decode_batch_fork(model, cache, last_logits, branch_prefixes, new_tokens, tick),
-            device,
+            lambda: decode(model, cache, last_logits, branch_prefixes, new_tokens, tick), device
         )
         return _Run(seconds, tokens, passes, kv)
     attention = mode.split(":", 1)[1]
@@ -639,7 +524,7 @@ def _run_mode(
     own = _fork(cache, 1)
     (tokens, passes, kv, used), seconds = _timed(
         lambda: decode_parallel(
-            model, own, prefix_ids, branch_prefixes, new_tokens, attention, last_logits[0]
+            model, own, prefix_ids, branch_prefixes, new_tokens, attention, last_logits
         ),
         device,
     )
@@ -702,8 +587,8 @@ def _summarize(
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_version": torch.__version__,
-        "transformers_version": _version("transformers"),
-        "load_avg": [meta["load_start"], _load_avg()],
+        "transformers_version": package_version("transformers"),
+        "load_avg": [meta["load_start"], load_average()],
         "other_cpu_cores": meta["other_cores"],
         "branches": n,
         "new_tokens": t,

@@ -203,11 +203,13 @@ def _step_bodies(content: str, titles: list[str]) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the command's own options (the registry adds --model, --device, --debug)."""
+    from langchain_parallel_reason.cli_options import add_threads_option
+
     parser.add_argument("--file", default=None, help="question file (default: the built-in set)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--max-tokens", type=int, default=512, help="per answer (default 512)")
     parser.add_argument("--step-max-tokens", type=int, default=96, help="per step (default 96)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    add_threads_option(parser)
     parser.add_argument(
         "--label", choices=(*LABELS, "all"), default="all", help="questions of this label"
     )

@@ -256,7 +256,7 @@ def decode_steps_sequentially(
                 stop_token_ids=stop_ids,
                 stop_strings=stops,
                 tokenizer=tokenizer,
-                constraint=SuppressFirst(banned, opening),
+                suppress=SuppressFirst(banned, opening),
             )
         )
         tokens = result.token_ids

@@ -1,8 +1,9 @@
 """Belt-mask parallel decoding for stock transformers causal LMs (no LangChain here).
 
-Modules: ``masks`` (belt masks, positions), ``cache`` (split-attention cache), ``attention``
-(shared-prefix + per-branch attention), ``sampling`` (next-token choice), ``stops`` (stop
-strings), ``sequential`` (ordinary decoding with constraints), ``decoder`` (the Stage-2 loop).
+Modules: ``masks`` (belt masks, positions, the mask backend), ``cache`` (split-attention cache),
+``attention`` (the backend contract; shared-prefix + per-branch attention, the split backend),
+``sampling`` (``SamplingParams``, ``SuppressFirst``, next-token choice), ``stops`` (stop strings,
+end rules), ``sequential`` (ordinary decoding with constraints), ``decoder`` (the Stage-2 loop).
 """
 
 from .decoder import (
@@ -16,7 +17,7 @@ from .decoder import (
     model_device,
     prefill,
 )
-from .sampling import SamplingParams, make_generator, sample_next
+from .sampling import SamplingParams, SuppressFirst, make_generator, sample_next
 
 __all__ = [
     "SPLIT_ARCHITECTURES",
@@ -24,6 +25,7 @@ __all__ = [
     "BranchesOutput",
     "SamplingParams",
     "StepEvent",
+    "SuppressFirst",
     "choose_attention",
     "decode_branches",
     "iter_decode_branches",

@@ -5,15 +5,35 @@ an existing ``DynamicCache`` (stored once, never copied) and keeps each branch's
 preallocated, contiguous ``[slots, kv_heads, max_len, head_dim]`` buffer per layer, so a decode
 step neither concatenates nor copies the growing cache. Before each forward the decoder sets the
 write targets (slot and index of every query token); ``update`` scatters the new keys there.
-Helpers ``prefix_kv``, ``kv_bytes`` and ``crop_to`` work on stock ``DynamicCache`` objects.
+Helpers ``prefix_kv``, ``kv_bytes`` and ``crop_to`` work on stock ``DynamicCache`` objects;
+``cache_kwarg`` names the forward argument a cache is passed in.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-__all__ = ["BranchCache", "crop_to", "kv_bytes", "prefix_kv"]
+__all__ = ["BranchCache", "cache_kwarg", "crop_to", "kv_bytes", "prefix_kv"]
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature: the old name
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name of the forward's KV-cache argument: ``"cache"`` (transformers >= 5.23, where
+    ``past_key_values`` is deprecated, with a FutureWarning per call) or ``"past_key_values"``
+    (older releases and models that keep the old name)."""
+    return _cache_kwarg_of(type(model))
 
 
 def prefix_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

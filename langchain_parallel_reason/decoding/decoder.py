@@ -5,7 +5,9 @@ forced token list per branch, and yields a ``StepEvent`` per forward pass (which
 which token) before returning a ``BranchesOutput``; ``decode_branches`` collects it. Token k of
 branch b (forced tokens included) has position ``len(prefix) + k`` and attends to the prefix and
 to tokens ``0..k`` of branch b only, so under greedy float32 decoding each branch equals decoding
-``prefix + branch_prefix`` alone. Finished branches leave the batch at once. Two backends:
+``prefix + branch_prefix`` alone. Finished branches leave the batch at once. Sampling rules
+come in as in ``sequential.iter_decode`` (``params=``, ``seed=``, ``suppress=``); each branch's
+state is one ``_Branch`` row. Two attention backends (``attention.AttentionBackend`` objects):
 
 * ``"split"``: prefix referenced once, each branch's keys contiguous in a preallocated buffer,
   attention split into a shared-prefix part and a per-branch part (no masked key scanned, no
@@ -21,18 +23,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-from .attention import SplitLayout, use_split_attention
-from .cache import BranchCache, crop_to, kv_bytes
-from .masks import ColumnLayout, model_mask_kind
-from .repetition import RepetitionControl, find_loop
-from .sampling import SamplingParams, make_generator, sample_next
-from .sequential import Cancelled, cache_kwarg, forward_tokens
-from .stops import StopStrings
+from .attention import AttentionBackend, SplitBackend
+from .cache import crop_to, kv_bytes
+from .masks import MaskBackend
+from .repetition import RepetitionControl, RepetitionState
+from .sampling import SamplingParams, SuppressFirst, make_generator, sample_next
+from .sequential import Cancelled, forward_tokens, result_of
+from .stops import FinishReason, Stopping
 
 __all__ = [
     "SPLIT_ARCHITECTURES",
@@ -46,7 +48,6 @@ __all__ = [
     "prefill",
 ]
 
-FinishReason = Literal["stop", "length", "repetition"]
 Attention = Literal["auto", "split", "mask"]
 
 # model_type values whose attention modules the split backend is tested against (exact vs eager).
@@ -174,63 +175,14 @@ def _check_full_prefix(cache: DynamicCache, length: int) -> None:
             raise ValueError(msg)
 
 
-def iter_decode_branches(
-    model: torch.nn.Module,
+def _check_inputs(
     prefix_ids: Sequence[int] | torch.Tensor,
     branch_prefixes: Sequence[Sequence[int]],
-    *,
     max_new_tokens: int | Sequence[int],
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-    stop_token_ids: Sequence[int] = (),
-    stop_strings: Sequence[str] = (),
-    tokenizer=None,
-    prefix_cache: DynamicCache | None = None,
-    prefix_logits: torch.Tensor | None = None,
-    attention: Attention = "auto",
-    cancel: threading.Event | None = None,
-    min_new_tokens: int = 0,
-    suppress_token_ids: Sequence[int] = (),
-    opening_banned_ids: Sequence[Sequence[int]] | None = None,
-    repetition: RepetitionControl | None = None,
-    loop_guard: bool = False,
-) -> Generator[StepEvent, None, BranchesOutput]:
-    """Decode every branch at once; yield one ``StepEvent`` per forward; return the results.
-
-    Args:
-        model: a stock transformers causal LM (eval mode).
-        prefix_ids: ``[P]`` shared prefix token ids (P >= 1).
-        branch_prefixes: forced token ids per branch (e.g. the step title); may be empty lists.
-        max_new_tokens: new tokens per branch (one int, or one per branch).
-        temperature, top_p, top_k: sampling; temperature 0 is greedy.
-        seed: branch b samples from its own generator seeded ``seed + b``, so a branch's draws do
-            not depend on the other branches (None: unseeded).
-        stop_token_ids: ids that end a branch (e.g. EOS); included in its ``token_ids``.
-        stop_strings: strings that end a branch once its generated text contains one (needs
-            ``tokenizer``). Only that branch stops.
-        prefix_cache: a DynamicCache holding exactly ``prefix_ids`` (e.g. from Stage 1), reused
-            instead of a new prefill; it holds exactly the prefix again when this returns.
-        prefix_logits: ``[V]`` logits after the last prefix token, if the caller has them (only
-            needed when a branch has an empty forced prefix).
-        attention: "auto", "split" or "mask" (see the module docstring).
-        cancel: checked before every forward; ``decoding.sequential.Cancelled`` is raised when
-            it is set (the prefix cache is restored first).
-        min_new_tokens: a branch cannot produce a stop id or one of ``suppress_token_ids``
-            before it has this many tokens (e.g. keeps a small model from ending a step at
-            once with the next step marker).
-        suppress_token_ids: tokens banned until ``min_new_tokens`` (see above).
-        opening_banned_ids: per branch, tokens its first new token may not be (e.g. the start
-            of another step's title), or None.
-        repetition: transformers' ``repetition_penalty`` / ``no_repeat_ngram_size``, applied
-            per branch over that branch's own context (prefix + its forced and new tokens),
-            as ``generate`` would over ``prefix + branch_prefix`` alone.
-        loop_guard: end a branch whose new tokens end in a loop (``repetition.find_loop``),
-            finish reason "repetition".
-    """
-    params = SamplingParams(temperature, top_p, top_k)
-    device = model_device(model)
+    opening_banned_ids: Sequence[Sequence[int]] | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+    """The prefix ``[P]``, the forced ids and the budget of every branch, or a ValueError."""
     prefix = _as_ids(prefix_ids, device, "prefix_ids")
     if prefix.numel() == 0:
         raise ValueError("prefix_ids is empty: the branches need at least one shared token")
@@ -247,240 +199,321 @@ def iter_decode_branches(
     if len(budgets) != n or any(int(b) < 1 for b in budgets):
         msg = f"max_new_tokens must be >= 1 (one int, or one per branch), got {max_new_tokens!r}"
         raise ValueError(msg)
-    backend = choose_attention(model, attention)
-    stops = StopStrings(tokenizer, stop_strings)
-    stop_ids = frozenset(int(t) for t in stop_token_ids)
-    # Tokens a branch may not produce before min_new_tokens: the stop ids and the caller's.
-    banned = sorted(stop_ids | {int(t) for t in suppress_token_ids}) if min_new_tokens > 0 else []
-    suppress = torch.tensor(banned, device=device) if banned else None
+    return prefix, forced, budgets
+
+
+@dataclass
+class _Branch:
+    """One branch's state while the loop runs (a row of the batch, as in nanochat's engine)."""
+
+    index: int
+    forced: list[int]
+    budget: int
+    generator: torch.Generator | None  # its own draws, seeded seed + index; None when greedy
+    opening: torch.Tensor | None  # [K] ids its first new token may not be
+    repetition: RepetitionState | None  # over the prefix and this branch's tokens only
+    generated: list[int] = field(default_factory=list)
+    forward_passes: int = 0
+    finish: tuple[FinishReason, str | int | None] | None = None
+    logits: torch.Tensor | None = None  # [V] after the branch's last fed token
+
+    @property
+    def length(self) -> int:
+        """Tokens the branch holds after the prefix (forced + generated)."""
+        return len(self.forced) + len(self.generated)
+
+    def result(self) -> BranchResult:
+        """The finished branch as a ``BranchResult``."""
+        reason, stop = self.finish
+        return BranchResult(self.generated, reason, self.forward_passes, stop)
+
+
+@dataclass
+class _Forwards:
+    """The Stage-2 forwards of one call: its backend, cancel check and totals."""
+
+    backend: AttentionBackend
+    cancel: threading.Event | None
+    peak: int  # most KV bytes held so far, the prefix included
+    count: int = 0
+
+    def run(self, branch_ids: list[int], token_idx: list[int], tokens: list[int]) -> torch.Tensor:
+        """One forward (``AttentionBackend.forward``); raises ``Cancelled`` first if asked to."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("decoding cancelled")
+        logits = self.backend.forward(branch_ids, token_idx, tokens)  # [Q, V]
+        self.count += 1
+        self.peak = max(self.peak, kv_bytes(self.backend.cache))
+        return logits
+
+
+def _open_prefix(
+    model: torch.nn.Module,
+    prefix: torch.Tensor,
+    prefix_cache: DynamicCache | None,
+    prefix_logits: torch.Tensor | None,
+    need_logits: bool,
+) -> tuple[DynamicCache, torch.Tensor | None]:
+    """Phase 1: the prefix KV (the caller's, checked, or a new prefill) and, when some branch
+    has no forced token, the logits ``[V]`` after the last prefix token."""
+    plen = prefix.shape[0]
+    with torch.inference_mode():
+        if prefix_cache is None:
+            cache = DynamicCache()
+            return cache, prefill(model, prefix, cache)
+        _check_full_prefix(prefix_cache, plen)
+        if prefix_logits is None and need_logits:
+            # Recompute the last prefix token's logits: drop it and feed it again.
+            crop_to(prefix_cache, plen - 1)
+            prefix_logits = prefill(model, prefix[-1:], prefix_cache, start=plen - 1)
+    return prefix_cache, prefix_logits
+
+
+def _new_branches(
+    model: torch.nn.Module,
+    prefix: torch.Tensor,
+    forced: list[list[int]],
+    budgets: list[int],
+    params: SamplingParams,
+    seed: int | None,
+    opening_banned_ids: Sequence[Sequence[int]] | None,
+    repetition: RepetitionControl | None,
+) -> list[_Branch]:
+    """One ``_Branch`` per forced list: its generator, opening ban and repetition state."""
+    device = prefix.device
+    rep_on = repetition is not None and repetition.active
+    vocab = model.get_output_embeddings().weight.shape[0] if rep_on else 0
+    prefix_list = prefix.tolist()
+    rows = []
+    for b, (ids, budget) in enumerate(zip(forced, budgets, strict=True)):
+        gen = None if params.greedy else make_generator(None if seed is None else seed + b, device)
+        ban = sorted(set(opening_banned_ids[b])) if opening_banned_ids is not None else []
+        opening = torch.tensor(ban, dtype=torch.long, device=device) if ban else None
+        # The branch's repetition context is the prefix and its own tokens, as if decoded alone.
+        rep = repetition.start(prefix_list + ids, vocab) if rep_on else None
+        rows.append(_Branch(b, ids, int(budget), gen, opening, rep))
+    return rows
+
+
+def _open_backend(
+    name: str, model: torch.nn.Module, cache: DynamicCache, branches: list[_Branch]
+) -> AttentionBackend:
+    """The ``name`` backend sized for ``branches`` after the prefix in ``cache``."""
+    device = model_device(model)
+    if name == "split":
+        max_len = max(len(b.forced) + b.budget for b in branches)
+        return SplitBackend(model, cache, len(branches), max_len, device)
+    capacity = cache.get_seq_length() + sum(len(b.forced) + b.budget for b in branches)
+    return MaskBackend(model, cache, capacity, device)
+
+
+def _feed_forced(
+    forwards: _Forwards, branches: list[_Branch], prefix_logits: torch.Tensor | None
+) -> None:
+    """Phase 2: every forced token of every branch in ONE forward; a branch without forced
+    tokens starts from the prefix logits."""
+    branch_ids: list[int] = []
+    token_idx: list[int] = []
+    tokens: list[int] = []
+    last: list[tuple[_Branch, int]] = []  # (branch, row of its last forced token)
+    for b in branches:
+        if not b.forced:
+            b.logits = prefix_logits
+            continue
+        branch_ids += [b.index] * len(b.forced)
+        token_idx += range(len(b.forced))
+        tokens += b.forced
+        last.append((b, len(tokens) - 1))
+        b.forward_passes += 1
+    if tokens:
+        logits = forwards.run(branch_ids, token_idx, tokens)  # [Q, V]
+        for b, row in last:
+            b.logits = logits[row]
+
+
+def _pick_tokens(
+    live: list[_Branch], params: SamplingParams, suppress: SuppressFirst | None
+) -> list[int]:
+    """The next token of every live branch, after its rules (suppress, opening, repetition)."""
+    logits = torch.stack([b.logits for b in live])  # [L, V]: row i is live[i]'s
+    if suppress is not None:
+        suppress.apply(logits, [i for i, b in enumerate(live) if suppress.active(len(b.generated))])
+    for i, b in enumerate(live):
+        if b.opening is not None and not b.generated:
+            logits[i, b.opening] = float("-inf")
+        if b.repetition is not None:
+            logits[i] = b.repetition.apply(logits[i])
+    if params.greedy:
+        return sample_next(logits, params).tolist()
+    # Each branch draws from its own generator, so its draws do not depend on the others.
+    return [int(sample_next(logits[i : i + 1], params, b.generator)[0]) for i, b in enumerate(live)]
+
+
+def _record(branch: _Branch, token: int, stopping: Stopping) -> bool:
+    """Append ``token`` to ``branch``; True when the branch ends with it."""
+    branch.generated.append(token)
+    if branch.repetition is not None:
+        branch.repetition.push(token)
+    branch.finish = stopping.check(branch.generated)
+    if branch.finish is None and len(branch.generated) >= branch.budget:
+        branch.finish = ("length", None)
+    return branch.finish is not None
+
+
+def _feed_last(forwards: _Forwards, live: list[_Branch]) -> None:
+    """Phase 3's forward: the last new token of every live branch, one per branch."""
+    logits = forwards.run(
+        [b.index for b in live], [b.length - 1 for b in live], [b.generated[-1] for b in live]
+    )
+    for i, b in enumerate(live):
+        b.forward_passes += 1
+        b.logits = logits[i]
+
+
+def iter_decode_branches(
+    model: torch.nn.Module,
+    prefix_ids: Sequence[int] | torch.Tensor,
+    branch_prefixes: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int | Sequence[int],
+    params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen dataclass
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    suppress: SuppressFirst | None = None,
+    opening_banned_ids: Sequence[Sequence[int]] | None = None,
+    repetition: RepetitionControl | None = None,
+    loop_guard: bool = False,
+    prefix_cache: DynamicCache | None = None,
+    prefix_logits: torch.Tensor | None = None,
+    attention: Attention = "auto",
+    cancel: threading.Event | None = None,
+) -> Generator[StepEvent, None, BranchesOutput]:
+    """Decode every branch at once; yield one ``StepEvent`` per forward; return the results.
+
+    Args:
+        model: a stock transformers causal LM (eval mode).
+        prefix_ids: ``[P]`` shared prefix token ids (P >= 1).
+        branch_prefixes: forced token ids per branch (e.g. the step title); may be empty lists.
+        max_new_tokens: new tokens per branch (one int, or one per branch).
+        params: sampling (temperature 0 is greedy), as in ``sequential.iter_decode``.
+        seed: branch b samples from its own generator seeded ``seed + b``, so a branch's draws do
+            not depend on the other branches (None: unseeded).
+        stop_token_ids: ids that end a branch (e.g. EOS); included in its ``token_ids``.
+        stop_strings: strings that end a branch once its generated text contains one (needs
+            ``tokenizer``). Only that branch stops.
+        suppress: ids a branch may not produce before it has ``suppress.count`` new tokens
+            (e.g. EOS and the next step marker, which a small model writes at once).
+        opening_banned_ids: per branch, tokens its first new token may not be (e.g. the start
+            of another step's title), or None.
+        repetition: transformers' ``repetition_penalty`` / ``no_repeat_ngram_size``, applied
+            per branch over that branch's own context (prefix + its forced and new tokens),
+            as ``generate`` would over ``prefix + branch_prefix`` alone.
+        loop_guard: end a branch whose new tokens end in a loop (``repetition.find_loop``),
+            finish reason "repetition".
+        prefix_cache: a DynamicCache holding exactly ``prefix_ids`` (e.g. from Stage 1), reused
+            instead of a new prefill; it holds exactly the prefix again when this returns.
+        prefix_logits: ``[V]`` logits after the last prefix token, if the caller has them (only
+            needed when a branch has an empty forced prefix).
+        attention: "auto", "split" or "mask" (see the module docstring).
+        cancel: checked before every forward; ``decoding.sequential.Cancelled`` is raised when
+            it is set (the prefix cache is restored first).
+    """
+    device = model_device(model)
+    prefix, forced, budgets = _check_inputs(
+        prefix_ids, branch_prefixes, max_new_tokens, opening_banned_ids, device
+    )
+    name = choose_attention(model, attention)
+    stopping = Stopping.build(stop_token_ids, stop_strings, tokenizer, loop_guard)
     plen = prefix.shape[0]
 
-    # Phase 1: the prefix KV (reused when given) and, if some branch has no forced token, the
-    # logits after the last prefix token.
-    own_cache = prefix_cache is None
-    cache = DynamicCache() if own_cache else prefix_cache
-    with torch.inference_mode():
-        if own_cache:
-            prefix_logits = prefill(model, prefix, cache)
-        else:
-            _check_full_prefix(cache, plen)
-            if prefix_logits is None and any(not f for f in forced):
-                crop_to(cache, plen - 1)
-                prefix_logits = prefill(model, prefix[-1:], cache, start=plen - 1)
-
-    gens = [make_generator(None if seed is None else seed + b, device) for b in range(n)]
-    vocab = model.get_output_embeddings().weight.shape[0]
-    prefix_list = prefix.tolist()
-    # One repetition state per branch: its context is the prefix and its own tokens only, as
-    # if the branch were decoded alone.
-    rep = (
-        [repetition.start(prefix_list + forced[b], vocab) for b in range(n)]
-        if repetition is not None and repetition.active
-        else None
+    # Phase 1: the prefix (prefilled or the caller's) and the per-branch state.
+    need_logits = any(not f for f in forced)
+    cache, prefix_logits = _open_prefix(model, prefix, prefix_cache, prefix_logits, need_logits)
+    branches = _new_branches(
+        model, prefix, forced, budgets, params, seed, opening_banned_ids, repetition
     )
-    opening = (
-        [
-            torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
-            for ids in opening_banned_ids
-        ]
-        if opening_banned_ids is not None
-        else None
-    )
-    generated: list[list[int]] = [[] for _ in range(n)]
-    passes = [0] * n
-    finish: list[tuple[FinishReason, str | int | None] | None] = [None] * n
-    live = list(range(n))  # branch ids; in the split backend, live[i] occupies slot i
-    forwards = 0
-    peak = kv_bytes(cache)
-
-    max_len = max(len(f) + b for f, b in zip(forced, budgets, strict=True))
-    kind, window = model_mask_kind(model)
-    if backend == "split":
-        stage_cache = BranchCache(cache, num_slots=n, max_len=max_len)
-        slot_of = list(range(n))
-        cols = None
-        dummy = torch.zeros(1, 1, 1, 1, device=device)
-        split_mask = (
-            {"full_attention": dummy, "sliding_attention": dummy} if kind == "dict" else dummy
-        )
-    else:
-        stage_cache = cache
-        slot_of = None
-        capacity = plen + sum(len(f) for f in forced) + sum(budgets)
-        cols = ColumnLayout.for_prefix(plen, capacity, device)
-
-    cache_kw = cache_kwarg(model)
-
-    def forward(q_branch: list[int], q_idx: list[int], tokens: list[int]) -> torch.Tensor:
-        # One Stage-2 forward over Q tokens (any mix of branches); returns logits [Q, V].
-        nonlocal forwards, peak
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("decoding cancelled")
-        qb = torch.tensor(q_branch, device=device)
-        qi = torch.tensor(q_idx, device=device)
-        qpos = qi + plen
-        ids = torch.tensor(tokens, device=device)[None]
-        if backend == "split":
-            q_slot = torch.tensor([slot_of[b] for b in q_branch], device=device)
-            stage_cache.write_slot, stage_cache.write_idx = q_slot, qi
-            contiguous = len(q_branch) == len(live) and all(
-                slot_of[b] == i for i, b in enumerate(q_branch)
-            )
-            layout = SplitLayout(stage_cache, q_slot, qi, qpos, max(q_idx) + 1, contiguous)
-            with use_split_attention(model):
-                out = model(
-                    input_ids=ids,
-                    position_ids=qpos[None],
-                    attention_mask=split_mask,
-                    use_cache=True,
-                    belt_layout=layout,
-                    **{cache_kw: stage_cache},
-                )
-        else:
-            cols.append(qb, qpos)
-            dtype = model.get_input_embeddings().weight.dtype
-            mask = cols.masks(qb, qpos, dtype, kind, window)
-            out = model(
-                input_ids=ids,
-                position_ids=qpos[None],
-                attention_mask=mask,
-                use_cache=True,
-                **{cache_kw: stage_cache},
-            )
-        forwards += 1
-        peak = max(peak, kv_bytes(stage_cache))
-        return out.logits[0]
-
+    forwards = _Forwards(_open_backend(name, model, cache, branches), cancel, kv_bytes(cache))
     try:
         with torch.inference_mode():
-            # Phase 2: every forced token of every branch in one forward; branches without a
-            # forced prefix start from the prefix logits.
-            pending: dict[int, torch.Tensor] = {}
-            qb, qi, toks, last_at = [], [], [], {}
-            for b in range(n):
-                for k, tok in enumerate(forced[b]):
-                    qb.append(b)
-                    qi.append(k)
-                    toks.append(tok)
-                if forced[b]:
-                    last_at[b] = len(toks) - 1
-                    passes[b] += 1
-                else:
-                    pending[b] = prefix_logits
-            if toks:
-                logits = forward(qb, qi, toks)
-                for b, i in last_at.items():
-                    pending[b] = logits[i]
-
+            _feed_forced(forwards, branches, prefix_logits)  # Phase 2
             # Phase 3: one token per live branch per forward until every branch has finished.
-            step = 0
+            live, step = branches, 0
             while live:
-                logits = torch.stack([pending[b] for b in live])  # [L, V]
-                if suppress is not None:
-                    young = [i for i, b in enumerate(live) if len(generated[b]) < min_new_tokens]
-                    if young:
-                        rows = torch.tensor(young, device=device)
-                        logits[rows[:, None], suppress[None, :]] = float("-inf")
-                for i, b in enumerate(live):  # per-branch rules: row i is branch b's logits
-                    if opening is not None and not generated[b] and opening[b].numel():
-                        logits[i, opening[b]] = float("-inf")
-                    if rep is not None:
-                        logits[i] = rep[b].apply(logits[i])
-                if params.greedy:
-                    new = sample_next(logits, params).tolist()
-                else:
-                    new = [
-                        int(sample_next(logits[i : i + 1], params, gens[b])[0])
-                        for i, b in enumerate(live)
-                    ]
-                ended: list[tuple[int, FinishReason]] = []
-                for b, tok in zip(live, new, strict=True):
-                    generated[b].append(tok)
-                    if rep is not None:
-                        rep[b].push(tok)
-                    if tok in stop_ids:
-                        finish[b] = ("stop", tok)
-                    elif stops and (hit := stops.find(generated[b])) is not None:
-                        finish[b] = ("stop", hit)
-                    elif loop_guard and find_loop(generated[b]) is not None:
-                        finish[b] = ("repetition", None)
-                    elif len(generated[b]) >= budgets[b]:
-                        finish[b] = ("length", None)
-                    if finish[b] is not None:
-                        ended.append((b, finish[b][0]))
-                yield StepEvent(step, tuple(live), tuple(new), tuple(ended))
+                tokens = _pick_tokens(live, params, suppress)
+                ended = [
+                    (b.index, b.finish[0])
+                    for b, tok in zip(live, tokens, strict=True)
+                    if _record(b, tok, stopping)
+                ]
+                yield StepEvent(step, tuple(b.index for b in live), tuple(tokens), tuple(ended))
                 step += 1
                 if ended:
-                    live = _retire(
-                        live,
-                        {b for b, _ in ended},
-                        backend,
-                        stage_cache,
-                        slot_of,
-                        forced,
-                        generated,
-                    )
-                if not live:
-                    break
-                logits = forward(
-                    live,
-                    [len(forced[b]) + len(generated[b]) - 1 for b in live],
-                    [generated[b][-1] for b in live],
-                )
-                for i, b in enumerate(live):
-                    passes[b] += 1
-                    pending[b] = logits[i]
+                    live = [b for b in live if b.finish is None]
+                    forwards.backend.retire([b.index for b in live], [b.length for b in live])
+                if live:
+                    _feed_last(forwards, live)
     finally:
         # The caller's cache holds exactly the prefix again, whatever happened.
         crop_to(cache, plen)
-        if backend == "split":
-            stage_cache.keys.clear()
-            stage_cache.values.clear()
+        forwards.backend.close()
 
-    results = [BranchResult(generated[b], finish[b][0], passes[b], finish[b][1]) for b in range(n)]
-    return BranchesOutput(results, forwards, peak, backend, sum(len(g) for g in generated))
+    results = [b.result() for b in branches]
+    total = sum(len(b.generated) for b in branches)
+    return BranchesOutput(results, forwards.count, forwards.peak, name, total)
 
 
-def _retire(
-    live: list[int],
-    done: set[int],
-    backend: str,
-    cache,
-    slot_of: list[int] | None,
-    forced: list[list[int]],
-    generated: list[list[int]],
-) -> list[int]:
-    """Drop finished branches from the live list.
-
-    In the split backend live branch i must sit in slot i (so a decode step reads the buffers
-    as views): the survivors are packed to the front by moving their slots, one copy per
-    branch that changes slot (not per step).
-    """
-    survivors = [b for b in live if b not in done]
-    if backend == "split":
-        for i, b in enumerate(survivors):
-            if slot_of[b] != i:
-                cache.move_slot(slot_of[b], i, len(forced[b]) + len(generated[b]))
-                slot_of[b] = i
-    return survivors
+def _shortcuts(
+    kwargs: dict[str, Any],
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    min_new_tokens: int,
+    suppress_token_ids: Sequence[int],
+) -> dict[str, Any]:
+    """``params`` / ``suppress`` built from ``decode_branches``' scalar shortcuts."""
+    out: dict[str, Any] = {}
+    given = (("temperature", temperature), ("top_p", top_p), ("top_k", top_k))
+    scalars = {k: v for k, v in given if v is not None}
+    if scalars:
+        if "params" in kwargs:
+            msg = "pass either params=SamplingParams(...) or temperature/top_p/top_k, not both"
+            raise ValueError(msg)
+        out["params"] = SamplingParams(**scalars)
+    if min_new_tokens > 0:
+        if "suppress" in kwargs:
+            msg = "pass either suppress=SuppressFirst(...) or min_new_tokens, not both"
+            raise ValueError(msg)
+        # As generate's min_new_tokens bans EOS: the stop ids too, not only the listed ids.
+        banned = [*kwargs.get("stop_token_ids", ()), *suppress_token_ids]
+        out["suppress"] = SuppressFirst(banned, min_new_tokens)
+    return out
 
 
 def decode_branches(
     model: torch.nn.Module,
     prefix_ids: Sequence[int] | torch.Tensor,
     branch_prefixes: Sequence[Sequence[int]],
-    **kwargs,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_new_tokens: int = 0,
+    suppress_token_ids: Sequence[int] = (),
+    **kwargs: Any,
 ) -> BranchesOutput:
     """Decode all branches at once and return their tokens (see ``iter_decode_branches``).
+
+    Takes ``iter_decode_branches``' keywords, plus shortcuts for scripts and tests:
+    ``temperature`` / ``top_p`` / ``top_k`` build ``params``; ``min_new_tokens`` (with
+    ``suppress_token_ids``) builds ``suppress`` banning those ids and the stop ids, as
+    ``generate``'s ``min_new_tokens`` bans EOS.
 
     Example:
         >>> out = decode_branches(model, prefix, [tok("####A:"), tok("####B:")],
         ...                       max_new_tokens=64, stop_token_ids=[tok.eos_token_id])
         >>> [r.token_ids for r in out.branches]
     """
-    gen = iter_decode_branches(model, prefix_ids, branch_prefixes, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    kwargs |= _shortcuts(kwargs, temperature, top_p, top_k, min_new_tokens, suppress_token_ids)
+    return result_of(iter_decode_branches(model, prefix_ids, branch_prefixes, **kwargs))

@@ -5,6 +5,8 @@ query of branch ``b`` at position ``p`` may attend a column iff the column is pr
 to ``b`` at a position ``<= p``; sliding-window layers further require ``p - col_pos < window``
 (window measured in positions, not columns). Masks are float and additive (0 attend, dtype-min
 block) because transformers adds boolean masks as 0/1 under eager attention (FACTS.md).
+``MaskBackend`` is the Stage-2 backend (``attention.AttentionBackend``) that appends the branches
+to a stock ``DynamicCache`` and hands these masks to the model's own eager/sdpa attention.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicCache
 
-__all__ = ["ColumnLayout", "belt_allowed", "model_mask_kind", "to_additive"]
+from .cache import cache_kwarg
+
+__all__ = ["ColumnLayout", "MaskBackend", "belt_allowed", "model_mask_kind", "to_additive"]
 
 PREFIX_BRANCH = -1
 
@@ -118,3 +123,53 @@ class ColumnLayout:
         if kind == "dict":
             return {"full_attention": full, "sliding_attention": sliding}
         return sliding
+
+
+class MaskBackend:
+    """Branches appended to the caller's ``DynamicCache``, a float 4D belt mask per forward.
+
+    Works for any model whose attention takes a 4D mask (eager, sdpa). Finished branches keep
+    their columns (no query attends them again); the caller crops the cache back to the prefix.
+
+    Args:
+        model: the causal LM (or an engine's view of it).
+        prefix: DynamicCache holding exactly the prefix; branch keys are appended to it.
+        capacity: columns the cache will hold at most (prefix + every forced and new token).
+        device: where the token tensors go (the input embeddings' device).
+    """
+
+    name = "mask"
+
+    def __init__(
+        self, model: torch.nn.Module, prefix: DynamicCache, capacity: int, device: torch.device
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.cache = prefix
+        self.prefix_len = prefix.get_seq_length()
+        self.cols = ColumnLayout.for_prefix(self.prefix_len, capacity, device)
+        self.kind, self.window = model_mask_kind(model)
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.cache_kw = cache_kwarg(model)
+
+    def forward(
+        self, branch_ids: list[int], token_idx: list[int], tokens: list[int]
+    ) -> torch.Tensor:
+        """See ``AttentionBackend.forward``; logits ``[Q, V]``."""
+        q_branch = torch.tensor(branch_ids, device=self.device)  # [Q]
+        q_pos = torch.tensor(token_idx, device=self.device) + self.prefix_len  # [Q]
+        self.cols.append(q_branch, q_pos)
+        out = self.model(
+            input_ids=torch.tensor(tokens, device=self.device)[None],
+            position_ids=q_pos[None],
+            attention_mask=self.cols.masks(q_branch, q_pos, self.dtype, self.kind, self.window),
+            use_cache=True,
+            **{self.cache_kw: self.cache},
+        )
+        return out.logits[0]
+
+    def retire(self, survivors: list[int], lengths: list[int]) -> None:
+        """Nothing to move: the mask keeps later queries off a finished branch's columns."""
+
+    def close(self) -> None:
+        """Nothing to free: the branch columns go when the caller crops the cache."""

@@ -1,6 +1,7 @@
 """Next-token selection as pure functions over logits.
 
-Contract: ``sample_next(logits, params, generator)`` maps logits ``[B, V]`` to token ids ``[B]``.
+Contract: ``sample_next(logits, params, generator)`` maps logits ``[B, V]`` to token ids ``[B]``;
+``SamplingParams`` and ``SuppressFirst`` are how both decode loops take their sampling rules.
 Temperature 0 is argmax (no randomness consumed); otherwise top-k, then top-p (nucleus), then a
 multinomial draw from the caller's ``torch.Generator``, so a seed reproduces the draw exactly.
 Numerically safe for every finite temperature > 0 and top_p in (0, 1]: the math runs in float64
@@ -12,11 +13,12 @@ top-p.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "make_generator", "sample_next"]
+__all__ = ["SamplingParams", "SuppressFirst", "make_generator", "sample_next"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,42 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when decoding is argmax (temperature 0)."""
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SuppressFirst:
+    """Ban ``token_ids`` while a sequence has fewer than ``count`` new tokens.
+
+    The one way both loops delay tokens (``iter_decode(suppress=...)``,
+    ``iter_decode_branches(suppress=...)``), e.g. so a small model cannot end a step at once
+    with EOS or the next step marker. Nothing is banned implicitly: list the stop ids here to
+    keep a sequence from stopping early (what ``generate``'s ``min_new_tokens`` does for EOS).
+
+    Attributes:
+        token_ids: the banned ids (stored sorted, without repeats).
+        count: new tokens a sequence must have before they are allowed (0: never banned).
+    """
+
+    token_ids: Sequence[int]
+    count: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "token_ids", tuple(sorted({int(t) for t in self.token_ids})))
+        if self.count < 0:
+            msg = f"SuppressFirst count must be >= 0 new tokens, got {self.count}"
+            raise ValueError(msg)
+
+    def active(self, produced: int) -> bool:
+        """True while a sequence with ``produced`` new tokens may not pick ``token_ids``."""
+        return produced < self.count and bool(self.token_ids)
+
+    def apply(self, logits: torch.Tensor, rows: Sequence[int]) -> None:
+        """Set the banned ids of ``rows`` of ``logits`` ``[B, V]`` to -inf, in place."""
+        if not rows or not self.token_ids:
+            return
+        r = torch.tensor(list(rows), device=logits.device)
+        ids = torch.tensor(self.token_ids, device=logits.device)
+        logits[r[:, None], ids[None, :]] = float("-inf")
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

@@ -3,34 +3,39 @@
 Contract: ``iter_decode`` appends ``input_ids`` to ``cache`` (which already holds ``start``
 tokens), then samples until a stop id, a stop string, the budget, or a terminated grammar; it
 yields every new token id and returns a ``SequentialResult``. The last sampled token is never fed
-back, so on return the cache holds the input plus all generated tokens but the last.
+back, so on return the cache holds the input plus all generated tokens but the last. Sampling
+rules come in as in ``decoder.iter_decode_branches``: ``params=``, ``seed=``, ``suppress=``.
+(``SuppressFirst`` and ``cache_kwarg`` are re-exported here for existing imports.)
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-from .repetition import RepetitionControl, find_loop
-from .sampling import SamplingParams, make_generator, sample_next
-from .stops import StopStrings
+from .cache import cache_kwarg
+from .repetition import RepetitionControl
+from .sampling import SamplingParams, SuppressFirst, make_generator, sample_next
+from .stops import FinishReason, Stopping
 
 __all__ = [
     "Cancelled",
     "LogitsConstraint",
     "SequentialResult",
-    "SuppressFirst",
-    "cache_kwarg",
+    "SuppressFirst",  # re-exported from .sampling
+    "cache_kwarg",  # re-exported from .cache
     "forward_tokens",
     "iter_decode",
+    "result_of",
 ]
+
+
+_R = TypeVar("_R")
 
 
 class Cancelled(RuntimeError):  # noqa: N818 - reads as an event, like asyncio.CancelledError
@@ -50,35 +55,6 @@ class LogitsConstraint(Protocol):
         """True once the grammar is complete."""
 
 
-class SuppressFirst:
-    """A ``LogitsConstraint`` that bans ``token_ids`` for the first ``count`` tokens.
-
-    The sequential twin of ``iter_decode_branches(min_new_tokens=..., suppress_token_ids=...)``:
-    a step written by ordinary decoding gets the same opening rule as a parallel branch.
-    """
-
-    def __init__(self, token_ids: Sequence[int], count: int) -> None:
-        self.banned = sorted({int(t) for t in token_ids})
-        self.count = count
-        self.seen = 0
-
-    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Return ``logits`` with the banned ids at -inf while fewer than ``count`` were seen."""
-        if self.seen >= self.count or not self.banned:
-            return logits
-        out = logits.clone()
-        out[..., self.banned] = float("-inf")
-        return out
-
-    def advance(self, token_id: int) -> None:
-        """Count one accepted token."""
-        self.seen += 1
-
-    def is_terminated(self) -> bool:
-        """Never ends decoding by itself."""
-        return False
-
-
 @dataclass(frozen=True)
 class SequentialResult:
     """Outcome of ``iter_decode``.
@@ -92,43 +68,55 @@ class SequentialResult:
     """
 
     token_ids: list[int]
-    finish_reason: Literal["stop", "length", "repetition"]
+    finish_reason: FinishReason
     stop: str | int | None
     forward_passes: int
 
 
-@functools.cache
-def _cache_kwarg_of(cls: type) -> str:
-    try:
-        params = inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):  # a forward without a readable signature: the old name
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def cache_kwarg(model: torch.nn.Module) -> str:
-    """The name of the forward's KV-cache argument: ``"cache"`` (transformers >= 5.23, where
-    ``past_key_values`` is deprecated, with a FutureWarning per call) or ``"past_key_values"``
-    (older releases and models that keep the old name)."""
-    return _cache_kwarg_of(type(model))
+def result_of(gen: Generator[Any, None, _R]) -> _R:
+    """Run a decode generator (``iter_decode``, ``iter_decode_branches``) to its return value;
+    what it yields on the way is dropped."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
 
 
 def forward_tokens(
-    model: torch.nn.Module, ids: torch.Tensor, cache: DynamicCache, start: int
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    cache: DynamicCache,
+    start: int,
+    *,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
+    every_token: bool = False,
 ) -> torch.Tensor:
-    """Append ``ids`` ``[S]`` at positions ``start..`` to ``cache``; return last-token logits [V]."""
-    pos = torch.arange(start, start + ids.shape[0], device=ids.device)
+    """Append ``ids`` at positions ``start..`` to ``cache``; return the last token's logits.
+
+    ``ids`` is ``[S]`` (logits ``[V]``) or a batch ``[B, S]`` (logits ``[B, V]``); with
+    ``every_token`` every token's logits come back (``[S, V]`` / ``[B, S, V]``).
+    ``position_ids`` ``[B, S]`` replaces ``start..`` (e.g. N branch tokens at one position);
+    ``attention_mask`` goes to the model as is (None: the model's own causal mask).
+    """
+    batch = ids[None] if ids.dim() == 1 else ids  # [B, S]
+    size, length = batch.shape
+    if position_ids is None:
+        position_ids = torch.arange(start, start + length, device=ids.device).expand(size, -1)
     # An index tensor, not logits_to_keep=1: for S > 1 the int form hands lm_head a strided
-    # [1, 1, H] view, which a frozen bf16 Linear on CPU (torch 2.13) runs about 40x slower.
-    keep = torch.tensor([ids.shape[0] - 1], device=ids.device)
+    # [B, 1, H] view, which a frozen bf16 Linear on CPU (torch 2.13) runs about 40x slower.
+    keep = 0 if every_token else torch.tensor([length - 1], device=ids.device)
     out = model(
-        input_ids=ids[None],
-        position_ids=pos[None],
+        input_ids=batch,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
         use_cache=True,
         logits_to_keep=keep,
         **{cache_kwarg(model): cache},
     )
-    return out.logits[0, -1]
+    logits = out.logits if every_token else out.logits[:, -1]  # [B, S, V] or [B, V]
+    return logits[0] if ids.dim() == 1 else logits
 
 
 def _forced_ids(constraint: LogitsConstraint, tokenizer, limit: int) -> list[int]:
@@ -162,6 +150,7 @@ def iter_decode(
     stop_token_ids: Sequence[int] = (),
     stop_strings: Sequence[str] = (),
     tokenizer=None,
+    suppress: SuppressFirst | None = None,
     constraint: LogitsConstraint | None = None,
     cancel: threading.Event | None = None,
     jump_forward: bool = False,
@@ -177,6 +166,7 @@ def iter_decode(
         max_new_tokens: budget (0 returns at once after the prefill).
         params, seed: sampling; the generator is seeded once per call.
         stop_token_ids, stop_strings, tokenizer: when to stop (stop strings need the tokenizer).
+        suppress: ids banned for the first new tokens (e.g. EOS right after a step).
         constraint: optional grammar; its mask applies before sampling, and decoding stops as
             soon as it terminates.
         cancel: checked before every forward; raises ``Cancelled`` when set.
@@ -186,10 +176,12 @@ def iter_decode(
             yielded and count as new tokens; when decoding ends right after them, the cache
             lacks them as well as the last sampled token.
     """
+    if isinstance(constraint, SuppressFirst):
+        msg = "SuppressFirst is a sampling rule, not a grammar: pass it as suppress=..."
+        raise TypeError(msg)
     device = model.get_input_embeddings().weight.device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    stops = StopStrings(tokenizer, stop_strings)
-    stop_ids = frozenset(int(t) for t in stop_token_ids)
+    stopping = Stopping.build(stop_token_ids, stop_strings, tokenizer, loop_guard)
     gen = None if params.greedy else make_generator(seed, device)
     rep = None
     if repetition is not None and repetition.active:
@@ -209,6 +201,9 @@ def iter_decode(
             pos += ids.shape[0]
             if rep is not None:
                 logits = rep.apply(logits)
+            if suppress is not None and suppress.active(len(tokens)):
+                logits = logits.clone()  # [V]; may be a view of a batched forward's output
+                suppress.apply(logits[None], [0])
             if constraint is not None:
                 logits = constraint.mask_logits(logits)
             tok = int(sample_next(logits[None], params, gen)[0])
@@ -220,12 +215,8 @@ def iter_decode(
                 constraint.advance(tok)
                 if constraint.is_terminated():
                     return SequentialResult(tokens, "stop", None, passes)
-            if tok in stop_ids:
-                return SequentialResult(tokens, "stop", tok, passes)
-            if stops and (hit := stops.find(tokens)) is not None:
-                return SequentialResult(tokens, "stop", hit, passes)
-            if loop_guard and find_loop(tokens) is not None:
-                return SequentialResult(tokens, "repetition", None, passes)
+            if (end := stopping.check(tokens)) is not None:
+                return SequentialResult(tokens, end[0], end[1], passes)
             forced: list[int] = []
             if jump_forward and constraint is not None and tokenizer is not None:
                 for f in _forced_ids(constraint, tokenizer, max_new_tokens - len(tokens)):

@@ -3,15 +3,22 @@
 Contract: ``StopStrings(tokenizer, strings).find(tokens)`` returns the first stop string that the
 decoded tail of ``tokens`` contains, or None. Only a bounded tail is decoded each step (enough
 tokens to spell the longest stop string even one byte per token), so checking stays O(1) per
-token instead of re-decoding the whole branch.
+token instead of re-decoding the whole branch. ``Stopping`` bundles the end rules both decode
+loops share (stop ids, stop strings, the loop guard); each loop checks its own budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-__all__ = ["StopStrings", "cut_at_stop"]
+from .repetition import find_loop
+
+__all__ = ["FinishReason", "StopStrings", "Stopping", "cut_at_stop"]
+
+FinishReason = Literal["stop", "length", "repetition"]
+"""Why a sequence ended: a stop id or string, its budget, or the loop guard."""
 
 
 class StopStrings:
@@ -42,6 +49,46 @@ class StopStrings:
         for s in self.strings:
             if s in tail:
                 return s
+        return None
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """When a sequence ends before its budget, checked after every new token.
+
+    Attributes:
+        ids: stop token ids (the id that ends a sequence is part of its output).
+        strings: stop strings, matched on the decoded tail.
+        loop_guard: end a sequence whose tokens end in a loop (``repetition.find_loop``).
+    """
+
+    ids: frozenset[int]
+    strings: StopStrings
+    loop_guard: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        stop_token_ids: Sequence[int],
+        stop_strings: Sequence[str],
+        tokenizer: Any,
+        loop_guard: bool = False,
+    ) -> Stopping:
+        """The rules from a decode call's arguments (stop strings need ``tokenizer``)."""
+        ids = frozenset(int(t) for t in stop_token_ids)
+        return cls(ids, StopStrings(tokenizer, stop_strings), loop_guard)
+
+    def check(self, tokens: Sequence[int]) -> tuple[FinishReason, str | int | None] | None:
+        """``(reason, stop)`` when ``tokens`` (new tokens, the latest last) must end, else None.
+
+        A stop id wins over a stop string, which wins over the loop guard.
+        """
+        if tokens[-1] in self.ids:
+            return "stop", tokens[-1]
+        if self.strings and (hit := self.strings.find(tokens)) is not None:
+            return "stop", hit
+        if self.loop_guard and find_loop(tokens) is not None:
+            return "repetition", None
         return None
 
 
