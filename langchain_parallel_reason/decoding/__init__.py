@@ -2,7 +2,8 @@
 
 Modules: ``masks`` (belt masks, positions), ``cache`` (split-attention cache), ``attention``
 (shared-prefix + per-branch attention), ``sampling`` (next-token choice), ``stops`` (stop
-strings), ``sequential`` (ordinary decoding with constraints), ``decoder`` (the Stage-2 loop).
+strings), ``sequential`` (ordinary decoding with constraints), ``decoder`` (the Stage-2 loop), ``merge``
+(Stage 3 over the branches' own KV, laid out in a row).
 """
 
 from .decoder import (

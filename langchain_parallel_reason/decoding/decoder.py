@@ -98,6 +98,10 @@ class BranchesOutput:
         forward_passes: model forward calls made in Stage 2 (the prefix prefill excluded).
         kv_bytes: peak bytes of keys/values held during Stage 2, the prefix included.
         attention: the backend that ran ("split" or "mask").
+        tokens: new tokens of every branch together.
+        branch_kv: with ``keep_kv``, per branch its keys/values in the cache (forced tokens and
+            every new token but the last, which was never fed), per layer ``[1, kv_heads, L_b,
+            head_dim]`` with token k at position ``len(prefix) + k``; else None.
     """
 
     branches: list[BranchResult]
@@ -105,6 +109,7 @@ class BranchesOutput:
     kv_bytes: int
     attention: str
     tokens: int = field(default=0)
+    branch_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -196,6 +201,7 @@ def iter_decode_branches(
     opening_banned_ids: Sequence[Sequence[int]] | None = None,
     repetition: RepetitionControl | None = None,
     loop_guard: bool = False,
+    keep_kv: bool = False,
 ) -> Generator[StepEvent, None, BranchesOutput]:
     """Decode every branch at once; yield one ``StepEvent`` per forward; return the results.
 
@@ -228,6 +234,8 @@ def iter_decode_branches(
             as ``generate`` would over ``prefix + branch_prefix`` alone.
         loop_guard: end a branch whose new tokens end in a loop (``repetition.find_loop``),
             finish reason "repetition".
+        keep_kv: return each branch's keys/values (``BranchesOutput.branch_kv``), e.g. for a
+            Stage 3 that reuses them (``decoding.merge``) instead of prefilling the steps again.
     """
     params = SamplingParams(temperature, top_p, top_k)
     device = model_device(model)
@@ -290,6 +298,7 @@ def iter_decode_branches(
     passes = [0] * n
     finish: list[tuple[FinishReason, str | int | None] | None] = [None] * n
     live = list(range(n))  # branch ids; in the split backend, live[i] occupies slot i
+    kept_kv: list = [None] * n  # with keep_kv: branch b's KV, per layer (split: copied at its end)
     forwards = 0
     peak = kv_bytes(cache)
 
@@ -410,6 +419,10 @@ def iter_decode_branches(
                         ended.append((b, finish[b][0]))
                 yield StepEvent(step, tuple(live), tuple(new), tuple(ended))
                 step += 1
+                if ended and keep_kv and backend == "split":
+                    for b, _ in ended:  # its slot is reused by a survivor from now on
+                        fed = len(forced[b]) + len(generated[b]) - 1
+                        kept_kv[b] = stage_cache.slot_kv(slot_of[b], fed)
                 if ended:
                     live = _retire(
                         live,
@@ -430,6 +443,15 @@ def iter_decode_branches(
                 for i, b in enumerate(live):
                     passes[b] += 1
                     pending[b] = logits[i]
+            if keep_kv and backend != "split":
+                # Branch b's columns, in the order they were appended (= by position).
+                col_branch = cols.col_branch[: cols.length]
+                for b in range(n):
+                    idx = (col_branch == b).nonzero().squeeze(1)
+                    kept_kv[b] = [
+                        (layer.keys.index_select(-2, idx), layer.values.index_select(-2, idx))
+                        for layer in stage_cache.layers
+                    ]
     finally:
         # The caller's cache holds exactly the prefix again, whatever happened.
         crop_to(cache, plen)
@@ -438,7 +460,14 @@ def iter_decode_branches(
             stage_cache.values.clear()
 
     results = [BranchResult(generated[b], finish[b][0], passes[b], finish[b][1]) for b in range(n)]
-    return BranchesOutput(results, forwards, peak, backend, sum(len(g) for g in generated))
+    return BranchesOutput(
+        results,
+        forwards,
+        peak,
+        backend,
+        sum(len(g) for g in generated),
+        kept_kv if keep_kv else None,
+    )
 
 
 def _retire(

@@ -51,23 +51,30 @@ class LogitsConstraint(Protocol):
 
 
 class SuppressFirst:
-    """A ``LogitsConstraint`` that bans ``token_ids`` for the first ``count`` tokens.
+    """A ``LogitsConstraint`` that bans ``token_ids`` for the first ``count`` tokens, and
+    ``first_ids`` for the first token only.
 
-    The sequential twin of ``iter_decode_branches(min_new_tokens=..., suppress_token_ids=...)``:
-    a step written by ordinary decoding gets the same opening rule as a parallel branch.
+    The sequential twin of ``iter_decode_branches(min_new_tokens=..., suppress_token_ids=...,
+    opening_banned_ids=...)``: a step written by ordinary decoding gets the same opening rules
+    as a parallel branch.
     """
 
-    def __init__(self, token_ids: Sequence[int], count: int) -> None:
+    def __init__(self, token_ids: Sequence[int], count: int, first_ids: Sequence[int] = ()) -> None:
         self.banned = sorted({int(t) for t in token_ids})
         self.count = count
+        self.first = sorted({int(t) for t in first_ids})
         self.seen = 0
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Return ``logits`` with the banned ids at -inf while fewer than ``count`` were seen."""
-        if self.seen >= self.count or not self.banned:
+        """Return ``logits`` with the banned ids at -inf while fewer than ``count`` were seen
+        (and the ``first_ids`` at -inf before the first token)."""
+        ban = self.banned if self.seen < self.count else []
+        if self.seen == 0:
+            ban = [*ban, *self.first]
+        if not ban:
             return logits
         out = logits.clone()
-        out[..., self.banned] = float("-inf")
+        out[..., ban] = float("-inf")
         return out
 
     def advance(self, token_id: int) -> None:
