@@ -5,8 +5,8 @@ Contract: `add_arguments(parser)` declares the options (the command registry in 
 rich Live view shows the plan, one panel per step filling in side by side, then the conclusion;
 when stdout is not a terminal the same content comes as plain, complete lines. `--json` prints one
 JSON object instead. Errors propagate to `cli.main`, which prints them as one line.
-`AnswerView` folds the pipeline's events into plan / steps / final answer; the task benchmark
-reuses it to score the conclusion alone. Heavy imports (torch, transformers) happen in `run`.
+`AnswerView` folds the pipeline's events into plan / steps / final answer. Heavy imports (torch,
+transformers) happen in `run`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-__all__ = ["AnswerView", "add_arguments", "format_report", "run"]
+from langchain_parallel_reason.cli_options import EMBEDDED_LABEL
 
-EMBEDDED_LABEL = "embedded SmolLM2-135M-Instruct"
+__all__ = ["AnswerView", "add_arguments", "format_report", "run"]
 
 
 # ----------------------------------------------------------------------------- events -> parts

@@ -38,6 +38,8 @@ __all__ = [
     "DecodeBenchConfig",
     "build_branch_prefixes",
     "build_prefix_ids",
+    "load_avg",
+    "machine_description",
     "render_table",
     "run_decode_bench",
 ]
@@ -466,7 +468,8 @@ def machine_description() -> str:
     return ", ".join(parts)
 
 
-def _load_avg() -> float | None:
+def load_avg() -> float | None:
+    """The 1-minute load average, rounded (None where the platform has none)."""
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
@@ -549,7 +552,7 @@ def run_decode_bench(
     branch_prefixes = build_branch_prefixes(tokenizer, n)
     _check_positions(model, p + len(branch_prefixes[0]) + t)
     prefix_t = torch.tensor([prefix_ids], device=device)  # [1, P]
-    load_start, cpu_start = _load_avg(), _cpu_snapshot()
+    load_start, cpu_start = load_avg(), _cpu_snapshot()
 
     candidates = list(_AUTO_DTYPES) if config.dtype == "auto" else [_DTYPES[config.dtype]]
     by_name = {_dtype_name(d): d for d in candidates}
@@ -703,7 +706,7 @@ def _summarize(
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_version": torch.__version__,
         "transformers_version": _version("transformers"),
-        "load_avg": [meta["load_start"], _load_avg()],
+        "load_avg": [meta["load_start"], load_avg()],
         "other_cpu_cores": meta["other_cores"],
         "branches": n,
         "new_tokens": t,

@@ -212,3 +212,15 @@ def test_chat_model_validates_the_new_options(tiny_llama, tiny_tokenizer) -> Non
         chat.invoke("hi", mode="stepwise")
     with pytest.raises(ValueError, match="conclusion_kv"):
         PipelineConfig(conclusion_kv="never")
+
+
+@pytest.mark.parametrize("mode", ["parallel", "stepped"])
+def test_the_steps_stream_as_one_chunk_before_the_conclusion(chat, mode) -> None:
+    # bench tasks scores the conclusion as the content after that chunk.
+    chunks = [c.content for c in chat.stream("Compare tea and coffee.", mode=mode, steps=STEPS)]
+    contents = [c for c in chunks if c]
+    first = contents[0]
+    assert first.startswith(f"**{STEPS[0]}**: ")
+    assert all(f"\n\n**{title}**: " in first for title in STEPS[1:])
+    assert first.endswith("\n\n")
+    assert len(contents) > 1  # then the conclusion
