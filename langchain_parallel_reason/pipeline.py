@@ -981,10 +981,12 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     laid = _reuse_steps_kv(run, prefix, cache, branch_prefixes, out) if out.branch_kv else None
     if laid is None:
         stage3 = run.encode(merged_steps_text(headers, bodies) + conclusion_cue())
-        start, context = len(prefix), prefix
+        start, context, logits = len(prefix), prefix, None
     else:
-        stage3, start, context = laid
-    stream, finish_reason = yield from _conclusion(run, cache, stage3, start, context, t)
+        stage3, (start, logits), context = [], laid[:2], laid[2]
+    stream, finish_reason = yield from _conclusion(
+        run, cache, stage3, start, context, t, logits=logits
+    )
     run.timings["total"] = time.perf_counter() - t0
     content = steps_md + stream.text
     report = ParallelReport(
@@ -1091,11 +1093,12 @@ def _stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, at
     return AnswerResult(content, report, run.input_tokens, run.output_tokens, finish_reason)
 
 
-def _conclusion(run, cache, feed, start, context, t):
+def _conclusion(run, cache, feed, start, context, t, logits=None):
     """Stage 3's decoding: ``feed`` (the token ids the cache still lacks, ending with the
     conclusion cue) at position ``start``, then the conclusion; yields its ContentDelta items
     and returns ``(stream, finish_reason)``. ``context`` is the sequence before ``feed`` (for
-    the repetition controls); ``t`` is when Stage 3 began.
+    the repetition controls); ``t`` is when Stage 3 began; ``logits``: those after the cue
+    when the cache holds it already (``feed`` is then empty).
 
     The steps are content already, so nothing here falls back: when the context is full (the
     merged steps can re-tokenize longer than decoded) or the conclusion fails, the answer ends
@@ -1135,6 +1138,7 @@ def _conclusion(run, cache, feed, start, context, t):
             repetition=run.repetition,
             context_ids=context,
             loop_guard=True,
+            logits=logits,
         )
         try:
             timed = _first_timed(gen3, run.timings, "merge", t)
@@ -1192,9 +1196,9 @@ def _reuse_requested(run: _Run) -> bool:
 
 
 def _reuse_steps_kv(run, prefix, cache, branch_prefixes, out):
-    """Lay the steps' own KV out after the prefix (``decoding.merge``); returns (the last cue
-    token, to feed, its position, the row before it), or None after a failure (noted; the
-    cache holds the prefix again and the steps are re-prefilled)."""
+    """Lay the steps' own KV and the cue out after the prefix (``decoding.merge``); returns
+    (the row's length, the logits after the cue, the row), or None after a failure (noted;
+    the cache holds the prefix again and the steps are re-prefilled)."""
     from .decoding.merge import lay_out_branches
 
     tok = run.tok
@@ -1208,9 +1212,8 @@ def _reuse_steps_kv(run, prefix, cache, branch_prefixes, out):
         glues.append(_glue(tok, result.token_ids, keep, text))
     glues[-1] += conclusion_cue()
     glue_ids = [run.encode(g) for g in glues]
-    last = glue_ids[-1].pop()  # fed by the conclusion's own decoding
     try:
-        end = lay_out_branches(run.model, cache, kvs, glue_ids, cancel=run.cancel)
+        end, logits = lay_out_branches(run.model, cache, kvs, glue_ids, cancel=run.cancel)
     except Cancelled:
         raise
     except Exception as e:
@@ -1220,7 +1223,7 @@ def _reuse_steps_kv(run, prefix, cache, branch_prefixes, out):
     row = list(prefix)  # in position order: each step's kept tokens, then its glue
     for ids, glue in zip(kept, glue_ids, strict=True):
         row += [*ids, *glue]
-    return [last], end, row
+    return end, logits, row
 
 
 def _whole_sentences(text: str) -> str:

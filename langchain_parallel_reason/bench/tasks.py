@@ -61,10 +61,10 @@ WAYS: tuple[str, ...] = ("sequential", "stepped", "parallel", "parallel_reuse")
 
 # Short: the table must fit 80 columns when stdout is not a terminal.
 _WAY_LABELS = {
-    "sequential": "plain sequential",
-    "stepped": "stepped (paper)",
+    "sequential": "plain",
+    "stepped": "stepped",
     "parallel": "parallel",
-    "parallel_reuse": "parallel, KV reuse",
+    "parallel_reuse": "par+reuse",
 }
 _EXCERPT_CHARS = 160
 _NO_MATPLOTLIB = "--plot needs matplotlib: pip install 'langchain-parallel-reason[plot]'"
@@ -409,6 +409,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 def render_table(result: dict[str, Any], console: Any = None) -> None:
     """Print one table per item count, plus the speedups and the Stage-3 comparison, with rich."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -419,9 +420,14 @@ def render_table(result: dict[str, Any], console: Any = None) -> None:
         f"threads, load {result['load_avg_start']} -> {result['load_avg_end']}",
         markup=False,
     )
-    columns = ("way", "wall s", "tokens", "tok/s", "acc", "plan", "tok/fwd", "merge s", "stage3 s")
+    # Times in seconds; "merge": Stage 3 until its first token, "stage3": all of Stage 3.
+    columns = ("way", "wall", "tokens", "tok/s", "acc", "plan", "tok/fwd", "merge", "stage3")
     for entry in result["by_items"]:
-        table = Table(title=f"N = {entry['items']} (max_tokens {entry['max_tokens']})")
+        table = Table(
+            title=f"N = {entry['items']} (max_tokens {entry['max_tokens']}; times in s)",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
         for col in columns:
             table.add_column(col, justify="left" if col == "way" else "right", no_wrap=True)
         for way in WAYS:

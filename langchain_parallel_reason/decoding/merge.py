@@ -8,7 +8,8 @@ branch 1, glue 1, ...`` as if it had been written in that order: each branch's k
 the row, and the glue tokens (separators, the conclusion cue) run in ONE forward whose mask lets
 each see exactly what precedes it in the row. The cache's columns are then a permutation of the
 positions 0..T-1, so decoding goes on at position T with a plain causal forward (every column is
-visible to it). ``kv_reuse_problem(model)`` says why a model cannot do this (None when it can).
+visible to it), from the logits the glue forward returns. ``kv_reuse_problem(model)`` says why a
+model cannot do this (None when it can).
 
 What is not exact: a branch's KV was computed while it saw the prefix and itself only, where a
 re-prefill of the row lets step b's tokens attend to steps 0..b-1. Branch 0 and the glue right
@@ -103,7 +104,7 @@ def lay_out_branches(
     glue_ids: Sequence[Sequence[int]],
     *,
     cancel: threading.Event | None = None,
-) -> int:
+) -> tuple[int, torch.Tensor | None]:
     """Lay the branches and their glue out in ``cache`` as one row (see the module docstring).
 
     Args:
@@ -114,7 +115,8 @@ def lay_out_branches(
         cancel: checked before the glue forward.
 
     Returns:
-        T, the row's length: the cache holds T columns and the next token sits at position T.
+        (T, logits): the row's length (the cache holds T columns and the next token sits at
+        position T) and the ``[V]`` logits after the last glue token (None without glue).
     """
     if len(branch_kv) != len(glue_ids):
         msg = f"one glue list per branch: {len(branch_kv)} branches, {len(glue_ids)} glue lists"
@@ -137,7 +139,7 @@ def lay_out_branches(
         pos += len(glue)
     glue = [int(t) for g in glue_ids for t in g]
     if not glue:
-        return pos
+        return pos, None
     if cancel is not None and cancel.is_set():
         raise Cancelled("decoding cancelled")
     q_pos = torch.tensor(glue_pos, device=device)  # [G]
@@ -149,7 +151,7 @@ def lay_out_branches(
         mask = {"full_attention": mask, "sliding_attention": mask}
     ids = torch.tensor(glue, device=device)
     with torch.inference_mode():
-        model(
+        out = model(
             input_ids=ids[None],
             position_ids=q_pos[None],
             attention_mask=mask,
@@ -157,4 +159,4 @@ def lay_out_branches(
             logits_to_keep=torch.tensor([ids.shape[0] - 1], device=device),
             **{cache_kwarg(model): cache},
         )
-    return pos
+    return pos, out.logits[0, -1]

@@ -175,11 +175,13 @@ def iter_decode(
     repetition: RepetitionControl | None = None,
     context_ids: Sequence[int] = (),
     loop_guard: bool = False,
+    logits: torch.Tensor | None = None,
 ) -> Generator[int, None, SequentialResult]:
     """Decode after ``input_ids``; yield each new token; return the result.
 
     Args:
-        model: stock causal LM. input_ids: ``[S]`` (S >= 1) tokens to append first.
+        model: stock causal LM. input_ids: ``[S]`` (S >= 1) tokens to append first, or none
+            when ``logits`` are given.
         cache: DynamicCache already holding ``start`` tokens (its own contents are not checked).
         max_new_tokens: budget (0 returns at once after the prefill).
         params, seed: sampling; the generator is seeded once per call.
@@ -192,6 +194,9 @@ def iter_decode(
             pass with the sampled token, instead of one pass per token. Those tokens are
             yielded and count as new tokens; when decoding ends right after them, the cache
             lacks them as well as the last sampled token.
+        logits: ``[V]`` logits after the cache's last token, when the caller's own forward
+            produced them (e.g. ``decoding.merge``): the first token is sampled from them, with
+            no forward of its own.
     """
     device = model.get_input_embeddings().weight.device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
@@ -211,9 +216,10 @@ def iter_decode(
                 raise Cancelled("decoding cancelled")
             if len(tokens) >= max_new_tokens:
                 return SequentialResult(tokens, "length", None, passes)
-            logits = forward_tokens(model, ids, cache, pos)
-            passes += 1
-            pos += ids.shape[0]
+            if logits is None or tokens:
+                logits = forward_tokens(model, ids, cache, pos)
+                passes += 1
+                pos += ids.shape[0]
             if rep is not None:
                 logits = rep.apply(logits)
             if constraint is not None:

@@ -287,7 +287,7 @@ def test_bench_tasks_table_and_progress(tiny_model_dir, capsys):
     )
     captured = capsys.readouterr()
     assert "parallel speedup" in captured.out
-    assert "stepped (paper)" in captured.out
+    assert "stepped" in captured.out
     assert "stage 3, steps re-prefilled -> KV reused" in captured.out
     assert "N=2 sample 1/1" in captured.err  # the progress bar
 

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from langchain_parallel_reason.decoding import iter_decode_branches, prefill
+from langchain_parallel_reason.decoding.cache import crop_to
 from langchain_parallel_reason.decoding.merge import (
     kv_reuse_problem,
     lay_out_branches,
@@ -88,7 +89,7 @@ def test_laid_out_cache_equals_a_plain_prefill_where_both_saw_the_same(arch, bac
     rows = [[*f, *r.token_ids[:-1]] for f, r in zip(BRANCHES, out.branches, strict=True)]
     for row, kv in zip(rows, out.branch_kv, strict=True):
         assert all(k.shape[-2] == v.shape[-2] == len(row) for k, v in kv)
-    end = lay_out_branches(model, cache, out.branch_kv, GLUE)
+    end, last_logits = lay_out_branches(model, cache, out.branch_kv, GLUE)
     seq = list(PREFIX)
     for row, glue in zip(rows, GLUE, strict=True):
         seq += [*row, *glue]
@@ -115,6 +116,12 @@ def test_laid_out_cache_equals_a_plain_prefill_where_both_saw_the_same(arch, bac
     deep_k = _kv(cache)[-1][0][..., torch.argsort(order), :]
     assert not torch.allclose(deep_k[..., exact:, :], _kv(plain)[-1][0][..., exact:, :])
 
+    # The logits after the last glue token are those of a forward over the laid-out cache:
+    # re-run that token at its position against the cache without it.
+    crop_to(cache, len(seq) - 1)
+    with torch.inference_mode():
+        again = forward_tokens(model, torch.tensor(seq[-1:]), cache, len(seq) - 1)
+    torch.testing.assert_close(last_logits, again, atol=1e-4, rtol=1e-4)
     # Decoding goes on at position len(seq) with a plain forward that sees every column.
     with torch.inference_mode():
         logits = forward_tokens(model, torch.tensor([9]), cache, len(seq))
