@@ -981,9 +981,10 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     laid = _reuse_steps_kv(run, prefix, cache, branch_prefixes, out) if out.branch_kv else None
     if laid is None:
         stage3 = run.encode(merged_steps_text(headers, bodies) + conclusion_cue())
-        start, context, logits = len(prefix), prefix, None
-    else:
-        stage3, (start, logits), context = [], laid[:2], laid[2]
+        start, logits, context = len(prefix), None, prefix
+    else:  # the cache holds the steps and the cue already
+        stage3 = []
+        start, logits, context = laid
     stream, finish_reason = yield from _conclusion(
         run, cache, stage3, start, context, t, logits=logits
     )
