@@ -93,6 +93,7 @@ _CALL_OPTIONS = (
     "repetition_penalty",
     "no_repeat_ngram_size",
     "attention",
+    "conclusion_kv",
     "constrain_plan",
     "timeout",
     "max_blocks",
@@ -412,7 +413,7 @@ class ChatParallelReason(BaseChatModel):
             0 is greedy; with `seed` sampling is reproducible.
         steps: list[str] | None
             Step titles to decode in parallel; skips Stage 1.
-        mode: "auto" | "parallel" | "sequential"
+        mode: "auto" | "parallel" | "sequential" | "stepped"
 
     Key init args — client params:
         model: str | None
@@ -433,7 +434,7 @@ class ChatParallelReason(BaseChatModel):
         ```python
         msg = llm.invoke("Compare Paris and Rome as holiday destinations.")
         msg.content
-        msg.response_metadata["parallel"]["mode_used"]  # "parallel" or "sequential"
+        msg.response_metadata["parallel"]["mode_used"]  # "parallel", "sequential" or "stepped"
         msg.usage_metadata  # {"input_tokens": ..., "output_tokens": ..., "total_tokens": ...}
         ```
 
@@ -500,11 +501,13 @@ class ChatParallelReason(BaseChatModel):
     trust_remote_code: bool = False
     """Allow model code from the model's folder or repository (only for models you trust)."""
 
-    mode: Literal["auto", "parallel", "sequential"] = "auto"
+    mode: Literal["auto", "parallel", "sequential", "stepped"] = "auto"
     """"auto": the model first chooses between a plan and a direct answer (see
     `route_bias`); "parallel": always a plan. A plan's steps are decoded in parallel, falling
     back to ordinary decoding when it does not validate ("parallel" reports that as a failure
-    of the requested mode); "sequential" never plans. `steps` forces a plan."""
+    of the requested mode); "sequential" never plans; "stepped" is the paper's baseline: always
+    a plan, its steps written one after another by ordinary decoding, the same conclusion.
+    `steps` forces a plan."""
 
     steps: list[str] | None = None
     """Step titles to decode in parallel, in order; Stage 1 (planning) is skipped."""
@@ -583,6 +586,12 @@ class ChatParallelReason(BaseChatModel):
     attention: Literal["auto", "split", "mask"] = "auto"
     """Stage-2 attention backend: "split" (shared prefix + per-branch, merged), "mask" (one
     4D belt mask) or "auto"."""
+
+    conclusion_kv: Literal["reprefill", "reuse"] = "reprefill"
+    """How the conclusion sees the parallel steps: "reprefill" prefills their text after the
+    prefix (as the paper does); "reuse" lays their own KV from Stage 2 out in a row (keys
+    re-rotated to sequential positions), skipping that prefill. Llama, Qwen2/3, Mistral and
+    Phi3 without a sliding window; other models re-prefill, with a note."""
 
     num_threads: int | None = Field(default=None, ge=1, le=4096)
     """CPU threads for the model's forwards; None = the cores this process may use
@@ -823,6 +832,7 @@ class ChatParallelReason(BaseChatModel):
             no_repeat_ngram_size=values["no_repeat_ngram_size"],
             stop=tuple(s for s in stops or () if s),
             attention=values["attention"],
+            conclusion_kv=values["conclusion_kv"],
             constrain_plan=values["constrain_plan"],
             parse_special_tokens=self.parse_special_tokens,
             max_blocks=values["max_blocks"],

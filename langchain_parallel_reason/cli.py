@@ -20,7 +20,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from langchain_parallel_reason.cli_options import add_threads_option, positive_int
+from langchain_parallel_reason.cli_options import (
+    add_server_options,
+    add_threads_option,
+    positive_int,
+    print_remote_result,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -67,27 +72,6 @@ def _attention_list(text: str) -> tuple[str, ...]:
         msg = f"expected one or more of {','.join(_ATTENTIONS)} separated by commas, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return values
-
-
-def add_server_options(parser: argparse.ArgumentParser) -> None:
-    """--base-url / --served-model: run the benchmark on an OpenAI-compatible server."""
-    parser.add_argument(
-        "--base-url",
-        default=None,
-        metavar="URL",
-        help="run on a vLLM/SGLang server instead, e.g. http://127.0.0.1:8000/v1",
-    )
-    parser.add_argument(
-        "--served-model",
-        default=None,
-        metavar="NAME",
-        help="the server's model name (default: the only one it serves)",
-    )
-
-
-def print_remote_result(result: dict[str, Any], as_json: bool) -> None:
-    """A remote benchmark's figures: one JSON object, or indented JSON for reading."""
-    print(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
 def _add_bench_decode(subparsers: _SubParsers) -> None:
@@ -251,11 +235,13 @@ def _add_bench_tasks(subparsers: _SubParsers) -> None:
         subparsers,
         "tasks",
         "tasks",
-        "accuracy and speed on generated tasks: sequential vs sequential steps vs parallel",
-        "Generate seeded retrieval, planning or multi-document tasks and answer each three "
-        "ways on one model in one run: plain sequential, the plan's steps written one after "
-        "another (the paper's baseline), and parallel steps in one sequence. Reports mean "
-        "wall time, tokens, tokens/s, accuracy, Stage-1 format success and speedups.",
+        "accuracy and speed on generated tasks: sequential vs stepped vs parallel",
+        "Generate seeded retrieval, planning or multi-document tasks and answer each four "
+        "ways on one model in one run, through the chat model: plain sequential, "
+        "mode=\"stepped\" (the plan's steps written one after another, the paper's "
+        "baseline), and parallel steps in one sequence with Stage 3 re-prefilling the steps "
+        "or reusing their KV. Reports mean wall time, tokens, tokens/s, accuracy, plan "
+        "success and score, Stage-3 times and speedups.",
     )
 
 

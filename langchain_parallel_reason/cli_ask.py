@@ -5,8 +5,8 @@ Contract: `add_arguments(parser)` declares the options (the command registry in 
 rich Live view shows the plan, one panel per step filling in side by side, then the conclusion;
 when stdout is not a terminal the same content comes as plain, complete lines. `--json` prints one
 JSON object instead. Errors propagate to `cli.main`, which prints them as one line.
-`AnswerView` folds the pipeline's events into plan / steps / final answer; the task benchmark
-reuses it to score the conclusion alone. Heavy imports (torch, transformers) happen in `run`.
+`AnswerView` folds the pipeline's events into plan / steps / final answer. Heavy imports (torch,
+transformers) happen in `run`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-__all__ = ["AnswerView", "add_arguments", "format_report", "run"]
+from langchain_parallel_reason.cli_options import EMBEDDED_LABEL
 
-EMBEDDED_LABEL = "embedded SmolLM2-135M-Instruct"
+__all__ = ["AnswerView", "add_arguments", "format_report", "run"]
 
 
 # ----------------------------------------------------------------------------- events -> parts
@@ -110,7 +110,7 @@ def format_report(result: Any, view: AnswerView) -> list[str]:
     report = result.report
     mode = report.mode_used + (f" (attention {report.attention})" if report.attention else "")
     parts = [f"mode: {mode}"]
-    if report.mode_used == "parallel":
+    if report.mode_used in ("parallel", "stepped"):
         parts.append(f"steps: {len(report.steps)}")
         if report.tokens_per_forward is not None:
             parts.append(
@@ -128,7 +128,9 @@ def format_report(result: Any, view: AnswerView) -> list[str]:
     if times:
         lines.append("times: " + ", ".join(f"{k} {v:.2f} s" for k, v in times))
     conclusion = (
-        f" (conclusion {report.conclusion_tokens})" if report.mode_used == "parallel" else ""
+        f" (conclusion {report.conclusion_tokens})"
+        if report.mode_used in ("parallel", "stepped")
+        else ""
     )
     lines.append(
         f"tokens: prompt {result.input_tokens}, generated {result.output_tokens}{conclusion}"
@@ -142,8 +144,11 @@ def format_report(result: Any, view: AnswerView) -> list[str]:
 class _PlainRenderer:
     """Complete lines on a non-terminal stream: plan, step lines as they end, answer lines."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, stepped: bool = False) -> None:
         self.out = out
+        self.steps_header = (
+            "Steps (written one after another):" if stepped else "Steps (decoded in parallel):"
+        )
         self.view = AnswerView()
         self.step_buf: list[str] = []
         self.final_buf = ""
@@ -162,7 +167,7 @@ class _PlainRenderer:
             self._write(f"Plan: {view.preamble}" if view.preamble else "Plan:")
             for i, title in enumerate(view.titles, start=1):
                 self._write(f"  {i}. {title}")
-            self._write("Steps (decoded in parallel):")
+            self._write(self.steps_header)
             self.step_buf = [""] * len(view.titles)
         elif kind == "StepDelta":
             self.step_buf[event.step] += event.text
@@ -278,10 +283,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("question", help="the question to answer")
     parser.add_argument(
         "--mode",
-        choices=("auto", "parallel", "sequential"),
+        choices=("auto", "parallel", "sequential", "stepped"),
         default="auto",
         help="auto (default): parallel steps when the plan validates, else sequential; "
-        "parallel: the same, a fallback is reported; sequential: no plan",
+        "parallel: the same, a fallback is reported; sequential: no plan; stepped: the "
+        "paper's baseline, the plan's steps written one after another",
+    )
+    parser.add_argument(
+        "--conclusion-kv",
+        choices=("reprefill", "reuse"),
+        default="reprefill",
+        help="Stage 3: prefill the merged steps again (default), or reuse their KV",
     )
     parser.add_argument(
         "--steps",
@@ -359,6 +371,7 @@ def _config(args: argparse.Namespace) -> Any:
         seed=args.seed,
         repetition_penalty=args.repetition_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size,
+        conclusion_kv=args.conclusion_kv,
     )
 
 
@@ -383,7 +396,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(file=sys.stdout, highlight=False)
-    renderer: Any = _LiveRenderer(console) if console.is_terminal else _PlainRenderer(sys.stdout)
+    renderer: Any = (
+        _LiveRenderer(console)
+        if console.is_terminal
+        else _PlainRenderer(sys.stdout, stepped=args.mode == "stepped")
+    )
     try:
         result = _consume(gen, renderer.feed)
     finally:
@@ -416,7 +433,7 @@ def _json_result(args: argparse.Namespace, result: Any, view: AnswerView) -> dic
             {"title": title, "text": text.strip()}
             for title, text in zip(view.titles, view.steps, strict=True)
         ]
-        if result.report.mode_used == "parallel"
+        if result.report.mode_used in ("parallel", "stepped")
         else [],
         "report": result.report.model_dump(),
         "usage": {

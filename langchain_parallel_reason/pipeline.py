@@ -66,7 +66,7 @@ __all__ = [
     "steps_content",
 ]
 
-Mode = Literal["auto", "parallel", "sequential"]
+Mode = Literal["auto", "parallel", "sequential", "stepped"]
 # Fewest new tokens a parallel step gets before the context/max_tokens budget makes parallel
 # decoding pointless; below it the answer is decoded sequentially and the reason recorded.
 MIN_STEP_TOKENS = 8
@@ -118,7 +118,10 @@ class PipelineConfig:
 
     Attributes:
         mode: "auto" (parallel when the plan validates), "parallel" (same, but a fallback is
-            reported as a failure of the requested mode), "sequential" (no plan at all).
+            reported as a failure of the requested mode), "sequential" (no plan at all),
+            "stepped" (the paper's baseline: the same plan, its steps written one after
+            another in one sequence by ordinary decoding under the same step rules, then the
+            same conclusion).
         steps: caller-given step titles; Stage 1 is skipped.
         max_branches: most parallel steps (>= 2).
         max_tokens: new-token budget of the whole answer (plan + steps + conclusion).
@@ -133,6 +136,10 @@ class PipelineConfig:
         stop: stop strings; one inside a step ends that step only, one in the conclusion or a
             sequential answer ends the answer.
         attention: Stage-2 backend, "auto", "split" or "mask".
+        conclusion_kv: how Stage 3 gets the parallel steps into the cache: "reprefill" (their
+            text is prefilled after the prefix, as the paper does) or "reuse" (their own KV from
+            Stage 2 is laid out in a row, keys re-rotated, see ``decoding.merge``; models it
+            does not support re-prefill, with a note).
         constrain_plan: force the plan's shape with a grammar (xgrammar).
         grammar: the whole answer must match this grammar (decoded sequentially).
         sequential_reason: decode sequentially for this reason, recorded in the report as
@@ -164,6 +171,7 @@ class PipelineConfig:
     no_repeat_ngram_size: int | None = None
     stop: tuple[str, ...] = ()
     attention: Literal["auto", "split", "mask"] = "auto"
+    conclusion_kv: Literal["reprefill", "reuse"] = "reprefill"
     constrain_plan: bool = True
     grammar: OutputGrammar | None = None
     sequential_reason: str | None = None
@@ -176,8 +184,12 @@ class PipelineConfig:
         RepetitionControl(self.repetition_penalty, self.no_repeat_ngram_size)  # validates
         checks = [
             (
-                self.mode in ("auto", "parallel", "sequential"),
-                "mode must be auto|parallel|sequential",
+                self.mode in ("auto", "parallel", "sequential", "stepped"),
+                "mode must be auto|parallel|sequential|stepped",
+            ),
+            (
+                self.conclusion_kv in ("reprefill", "reuse"),
+                "conclusion_kv must be reprefill|reuse",
             ),
             (self.max_branches >= 2, f"max_branches must be >= 2, got {self.max_branches}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
@@ -553,6 +565,20 @@ def _stream_content(gen: Generator[int, None, Any], stream: TextStream) -> Gener
             return stop.value
         if delta := stream.push(token):
             yield ContentDelta(delta)
+
+
+def _first_timed(gen: Generator, timings: dict[str, float], key: str, since: float) -> Generator:
+    """``gen`` passed through; ``timings[key]`` = seconds from ``since`` to its first item."""
+    first = True
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if first:
+            timings[key] = time.perf_counter() - since
+            first = False
+        yield item
 
 
 class _DistinctTitles:
@@ -1101,7 +1127,15 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     # back to sequential decoding, and content already sent could not be taken back.
     preamble = plan.preamble.strip()
     out = yield from _decode_steps(
-        run, plan.titles, prefix, branch_prefixes, per_step, cache, prefix_logits, streams
+        run,
+        plan.titles,
+        prefix,
+        branch_prefixes,
+        per_step,
+        cache,
+        prefix_logits,
+        streams,
+        keep_kv=_reuse_requested(run),
     )
     for b in range(n):
         if tail := streams[b].finish():
@@ -1115,16 +1149,142 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     yield StageEvent("steps_done", {"branch_tokens": branch_tokens})
 
     # Stage 3: the steps laid out in plan order, as if written one after another, then the
-    # conclusion. The prefix cache is reused; only the merged steps are prefilled.
+    # conclusion. The prefix cache is reused; the merged steps are prefilled, or with
+    # conclusion_kv="reuse" their own KV from Stage 2 is laid out in a row (decoding.merge).
     t = time.perf_counter()
-    merged = merged_steps_text(headers, bodies)
     steps_md = steps_content(preamble, plan.titles, bodies)
     yield ContentDelta(steps_md)
-    stage3 = run.encode(merged + conclusion_cue())
-    # The steps are content now, so nothing below falls back: when the context is full (the
-    # merged steps can re-tokenize longer than decoded) or the conclusion fails, the answer
-    # ends after the steps, finish_reason "length", with a note.
-    room = run.ctx - len(prefix) - len(stage3)
+    laid = _reuse_steps_kv(run, prefix, cache, branch_prefixes, out) if out.branch_kv else None
+    if laid is None:
+        stage3 = run.encode(merged_steps_text(headers, bodies) + conclusion_cue())
+        start, logits, context = len(prefix), None, prefix
+    else:  # the cache holds the steps and the cue already
+        stage3 = []
+        start, logits, context = laid
+    stream, finish_reason = yield from _conclusion(
+        run, cache, stage3, start, context, t, logits=logits
+    )
+    run.timings["total"] = time.perf_counter() - t0
+    content = steps_md + stream.text
+    report = ParallelReport(
+        mode_used="parallel",
+        steps=list(plan.titles),
+        branch_tokens=branch_tokens,
+        branch_finish_reasons=[r.finish_reason for r in out.branches],
+        decode_steps=out.forward_passes,
+        tokens_per_forward=(out.tokens / out.forward_passes) if out.forward_passes else None,
+        plan_attempts=attempts,
+        conclusion_tokens=len(stream.tokens),
+        conclusion_kv="reprefill" if laid is None else "reuse",
+        timings=run.timings,
+        attention=out.attention,
+        notes=run.notes,
+    )
+    return AnswerResult(content, report, run.input_tokens, run.output_tokens, finish_reason)
+
+
+def _stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t0):
+    """Mode "stepped", the paper's baseline: the plan's steps written one after another in ONE
+    sequence by ordinary decoding (step b sees the earlier ones), then the same conclusion.
+
+    Each step gets what a parallel branch gets: its header forced, the same budget, seed + b,
+    stop strings, opening bans (``step_opening_banned_ids`` and EOS for its first tokens, the
+    other titles' first tokens as its first token), repetition controls and loop guard. The
+    cache holds the sequence as text would lay it out: each step's tokens up to its stop
+    marker (the marker's tokens are cropped), a newline, the next header, ... the cue.
+    """
+    cfg, tok = run.cfg, run.tok
+    n = len(plan.titles)
+    t = time.perf_counter()
+    step_stops = (STEP_MARKER, *cfg.stop)
+    headers = [step_header(title) for title in plan.titles]
+    opening = title_opening_ids(tok, plan.titles)
+    banned = [*step_opening_banned_ids(tok), *run.stop_ids]
+    # Stage 1 left prompt + plan minus its last token in the cache (nothing with steps=).
+    pos = cache.get_seq_length()
+    row = list(prefix[:pos])  # the sequence the cache holds, in order
+    feed = [*prefix[pos:], *run.encode(headers[0])]
+    results, bodies = [], []
+    for b, title in enumerate(plan.titles):
+        stream = TextStream(tok, step_stops, lstrip=True)
+        gen = iter_decode(
+            run.model,
+            feed,
+            cache,
+            start=pos,
+            max_new_tokens=per_step,
+            params=run.params,
+            seed=None if cfg.seed is None else cfg.seed + b,
+            stop_token_ids=run.stop_ids,
+            stop_strings=step_stops,
+            tokenizer=tok,
+            suppress=SuppressFirst(banned, min(MIN_STEP_TOKENS, per_step // 2), opening[b]),
+            cancel=run.cancel,
+            repetition=run.repetition,
+            context_ids=row,
+            loop_guard=True,
+        )
+        while True:
+            try:
+                token = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            if delta := stream.push(token):
+                yield StepDelta(b, title, delta)
+        if tail := stream.finish():
+            yield StepDelta(b, title, tail)
+        results.append(result)
+        bodies.append(_body(tok, stream, result, step_stops))
+        # Keep the step's tokens that spell its text; the rest of the text, a newline and the
+        # next header (or the cue) are fed with the next step.
+        keep, text = _kept_tokens(tok, result, step_stops)
+        row += [*feed, *result.token_ids[:keep]]
+        pos = len(row)
+        crop_to(cache, pos)
+        glue = _glue(tok, result.token_ids, keep, text)
+        feed = run.encode(glue + (headers[b + 1] if b + 1 < n else conclusion_cue()))
+    run.timings["steps"] = time.perf_counter() - t
+    branch_tokens = [len(r.token_ids) for r in results]
+    run.output_tokens += sum(branch_tokens)
+    yield StageEvent("steps_done", {"branch_tokens": branch_tokens})
+
+    t = time.perf_counter()
+    steps_md = steps_content(plan.preamble.strip(), plan.titles, bodies)
+    yield ContentDelta(steps_md)
+    stream, finish_reason = yield from _conclusion(run, cache, feed, pos, row, t)
+    run.timings["total"] = time.perf_counter() - t0
+    report = ParallelReport(
+        mode_used="stepped",
+        steps=list(plan.titles),
+        branch_tokens=branch_tokens,
+        branch_finish_reasons=[r.finish_reason for r in results],
+        decode_steps=sum(branch_tokens),
+        tokens_per_forward=1.0 if sum(branch_tokens) else None,
+        plan_attempts=attempts,
+        conclusion_tokens=len(stream.tokens),
+        timings=run.timings,
+        notes=run.notes,
+    )
+    content = steps_md + stream.text
+    return AnswerResult(content, report, run.input_tokens, run.output_tokens, finish_reason)
+
+
+def _conclusion(run, cache, feed, start, context, t, logits=None):
+    """Stage 3's decoding: ``feed`` (the token ids the cache still lacks, ending with the
+    conclusion cue) at position ``start``, then the conclusion; yields its ContentDelta items
+    and returns ``(stream, finish_reason)``. ``context`` is the sequence before ``feed`` (for
+    the repetition controls); ``t`` is when Stage 3 began; ``logits``: those after the cue
+    when the cache holds it already (``feed`` is then empty).
+
+    The steps are content already, so nothing here falls back: when the context is full (the
+    merged steps can re-tokenize longer than decoded) or the conclusion fails, the answer ends
+    after the steps, finish_reason "length", with a note. Sets ``timings["merge"]`` (Stage 3
+    until the first conclusion token: the steps laid out in the cache, the cue prefilled) and
+    ``timings["conclusion"]`` (all of Stage 3).
+    """
+    cfg, tok = run.cfg, run.tok
+    room = run.ctx - start - len(feed)
     budget = min(cfg.max_tokens - run.output_tokens, room)
     stream = TextStream(tok, (*cfg.stop, STEP_MARKER), lstrip=True)
     finish_reason = "length"
@@ -1137,9 +1297,9 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     else:
         gen3 = iter_decode(
             run.model,
-            stage3,
+            feed,
             cache,
-            start=len(prefix),
+            start=start,
             max_new_tokens=budget,
             params=run.params,
             seed=cfg.seed,
@@ -1153,12 +1313,14 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
                 [*run.stop_ids, *marker_token_ids(tok)], min(MIN_CONCLUSION_TOKENS, budget)
             ),
             repetition=run.repetition,
-            context_ids=prefix,
+            context_ids=context,
             loop_guard=True,
+            logits=logits,
         )
         try:
-            out3 = yield from _stream_content(gen3, stream)
-            run.block_end = _BlockEnd([*prefix, *stage3], stream.tokens, out3.stop)
+            timed = _first_timed(gen3, run.timings, "merge", t)
+            out3 = yield from _stream_content(timed, stream)
+            run.block_end = _BlockEnd([*context, *feed], stream.tokens, out3.stop)
             finish_reason = out3.finish_reason
             if finish_reason == "repetition":
                 run.notes.append("the conclusion began to repeat itself; the guard ended it")
@@ -1173,22 +1335,74 @@ def _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, 
     if budget >= 1 and room >= 1 and not stream.text.strip():
         run.notes.append("the conclusion came out empty")
     run.timings["conclusion"] = time.perf_counter() - t
-    run.timings["total"] = time.perf_counter() - t0
-    content = steps_md + stream.text
-    report = ParallelReport(
-        mode_used="parallel",
-        steps=list(plan.titles),
-        branch_tokens=branch_tokens,
-        branch_finish_reasons=[r.finish_reason for r in out.branches],
-        decode_steps=out.forward_passes,
-        tokens_per_forward=(out.tokens / out.forward_passes) if out.forward_passes else None,
-        plan_attempts=attempts,
-        conclusion_tokens=len(stream.tokens),
-        timings=run.timings,
-        attention=out.attention,
-        notes=run.notes,
-    )
-    return AnswerResult(content, report, run.input_tokens, run.output_tokens, finish_reason)
+    return stream, finish_reason
+
+
+def _kept_tokens(tok: Any, result: Any, stops: Sequence[str]) -> tuple[int, str]:
+    """(k, text): how many of a step's first tokens stay in the cache, and the step's text as
+    it stands in the row (its stop string cut; after the loop guard, one copy of the loop).
+
+    The first k tokens spell a prefix of that text; the last sampled token is never in the
+    cache, and the tokens that spell the stop marker must leave it, so k < len(tokens).
+    """
+    tokens = result.token_ids
+    written = trim_loop(tokens) if result.finish_reason == "repetition" else tokens
+    text = cut_at_stop(tok.decode(written, skip_special_tokens=True), stops)[0]
+    for k in range(min(len(written), len(tokens) - 1), 0, -1):
+        spelled = tok.decode(tokens[:k], skip_special_tokens=True)
+        if text.startswith(spelled) and not spelled.endswith("\ufffd"):
+            return k, text
+    return 0, text
+
+
+def _glue(tok: Any, tokens: list[int], keep: int, text: str) -> str:
+    """The text that follows a step's kept tokens in the row: what of ``text`` they do not
+    spell, then a newline (unless the step ended with one), as ``merged_steps_text`` lays out."""
+    rest = text[len(tok.decode(tokens[:keep], skip_special_tokens=True)) :]
+    return rest if text.endswith("\n") else rest + "\n"
+
+
+def _reuse_requested(run: _Run) -> bool:
+    """Whether Stage 2 keeps the steps' KV for Stage 3 (a note says why not when asked)."""
+    if run.cfg.conclusion_kv != "reuse":
+        return False
+    from .decoding.merge import kv_reuse_problem
+
+    problem = kv_reuse_problem(run.model)
+    if problem is not None:
+        run.notes.append(f"conclusion_kv='reuse' unavailable ({problem}): steps re-prefilled")
+    return problem is None
+
+
+def _reuse_steps_kv(run, prefix, cache, branch_prefixes, out):
+    """Lay the steps' own KV and the cue out after the prefix (``decoding.merge``); returns
+    (the row's length, the logits after the cue, the row), or None after a failure (noted;
+    the cache holds the prefix again and the steps are re-prefilled)."""
+    from .decoding.merge import lay_out_branches
+
+    tok = run.tok
+    stops = (STEP_MARKER, *run.cfg.stop)
+    kvs, kept, glues = [], [], []
+    for forced, result, kv in zip(branch_prefixes, out.branches, out.branch_kv, strict=True):
+        keep, text = _kept_tokens(tok, result, stops)
+        length = len(forced) + keep
+        kvs.append([(k[..., :length, :], v[..., :length, :]) for k, v in kv])
+        kept.append([*forced, *result.token_ids[:keep]])
+        glues.append(_glue(tok, result.token_ids, keep, text))
+    glues[-1] += conclusion_cue()
+    glue_ids = [run.encode(g) for g in glues]
+    try:
+        end, logits = lay_out_branches(run.model, cache, kvs, glue_ids, cancel=run.cancel)
+    except Cancelled:
+        raise
+    except Exception as e:
+        crop_to(cache, len(prefix))
+        run.notes.append(f"conclusion_kv='reuse' failed ({type(e).__name__}: {e}): re-prefilled")
+        return None
+    row = list(prefix)  # in position order: each step's kept tokens, then its glue
+    for ids, glue in zip(kept, glue_ids, strict=True):
+        row += [*ids, *glue]
+    return end, logits, row
 
 
 @dataclass(frozen=True)
@@ -1213,9 +1427,10 @@ def _blocks(run, plan, prompt, prefix, cache, per_step, attempts, t0):
     results: list[AnswerResult] = []
     offset = 0
     sep = ""
+    steps = _stepped_steps_and_conclusion if run.cfg.mode == "stepped" else _steps_and_conclusion
     while True:
         run.block_end = None
-        gen = _steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t0)
+        gen = steps(run, plan, prompt, prefix, cache, per_step, attempts, t0)
         try:
             results.append((yield from _renumbered(gen, offset, sep)))
         except Cancelled:
@@ -1398,18 +1613,23 @@ class _StepsOutput:
     tokens: int
     attention: str
     width: int
+    branch_kv: list[Any] | None = None  # with keep_kv: each step's KV (decoder.BranchesOutput)
 
 
-def _decode_steps(run, titles, prefix, branch_prefixes, per_step, cache, prefix_logits, streams):
+def _decode_steps(
+    run, titles, prefix, branch_prefixes, per_step, cache, prefix_logits, streams, keep_kv=False
+):
     """Stage 2, with a memory fallback: on out-of-memory, decode the branches in halves.
 
     Branches are independent and branch b always samples with seed + b, so decoding them in
     groups gives exactly the same steps as decoding them all at once; only speed changes.
+    ``keep_kv`` keeps each step's KV for a Stage 3 that reuses it.
     """
     cfg = run.cfg
     n = len(branch_prefixes)
     width = n
     results: list[Any] = [None] * n
+    kvs: list[Any] = [None] * n
     forwards = tokens = 0
     attention = "split"
     step_stops = (STEP_MARKER, *cfg.stop)
@@ -1441,6 +1661,7 @@ def _decode_steps(run, titles, prefix, branch_prefixes, per_step, cache, prefix_
             opening_banned_ids=[opening[i] for i in group],
             repetition=run.repetition,
             loop_guard=True,
+            keep_kv=keep_kv,
         )
         try:
             while True:
@@ -1465,11 +1686,13 @@ def _decode_steps(run, titles, prefix, branch_prefixes, per_step, cache, prefix_
             continue
         for j, result in enumerate(out.branches):
             results[group[j]] = result
+            if keep_kv:
+                kvs[group[j]] = out.branch_kv[j]
         forwards += out.forward_passes
         tokens += out.tokens
         attention = out.attention
         start += len(group)
-    return _StepsOutput(results, forwards, tokens, attention, width)
+    return _StepsOutput(results, forwards, tokens, attention, width, kvs if keep_kv else None)
 
 
 def answer(

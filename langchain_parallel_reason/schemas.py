@@ -157,8 +157,10 @@ class ParallelReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode_used: Literal["parallel", "sequential"]
-    """``"parallel"`` when Stage 2 decoded the steps as branches, else ``"sequential"``."""
+    mode_used: Literal["parallel", "sequential", "stepped"]
+    """``"parallel"`` when Stage 2 decoded the steps as branches, ``"stepped"`` when it wrote
+    them one after another in one sequence (mode "stepped", the paper's baseline), else
+    ``"sequential"``."""
 
     fallback_reason: str | None = None
     """Why the call fell back to sequential decoding (e.g. a `PlanFormatError` reason)."""
@@ -175,7 +177,8 @@ class ParallelReport(BaseModel):
     its text keeps one copy of the repeated part)."""
 
     decode_steps: int = Field(default=0, ge=0)
-    """Stage-2 forward passes; sequential decoding would have needed ``sum(branch_tokens)``."""
+    """Stage-2 forward passes; sequential decoding would have needed ``sum(branch_tokens)``
+    (which is what mode "stepped" reports)."""
 
     tokens_per_forward: float | None = Field(default=None, ge=0)
     """Stage-2 tokens generated per forward pass (``sum(branch_tokens) / decode_steps``)."""
@@ -186,8 +189,15 @@ class ParallelReport(BaseModel):
     conclusion_tokens: int = Field(default=0, ge=0)
     """Tokens of the Stage-3 conclusion (0 when there was none; ``notes`` then says why)."""
 
+    conclusion_kv: Literal["reprefill", "reuse"] | None = None
+    """How Stage 3 of a parallel answer got the steps into the cache: ``"reprefill"`` (their
+    text prefilled after the prefix) or ``"reuse"`` (their Stage-2 KV laid out in a row);
+    None in the other modes."""
+
     timings: dict[str, float] = Field(default_factory=dict)
-    """Wall-clock seconds per stage: ``"plan"``, ``"steps"``, ``"conclusion"``, ``"total"``."""
+    """Wall-clock seconds per stage: ``"plan"``, ``"steps"``, ``"conclusion"``, ``"total"``;
+    ``"merge"`` is the part of ``"conclusion"`` before its first token (the steps laid out in
+    the cache and the cue prefilled: the cost ``conclusion_kv`` changes)."""
 
     attention: str | None = None
     """The Stage-2 attention backend that ran (None when Stage 2 did not run)."""

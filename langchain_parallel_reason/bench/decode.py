@@ -116,9 +116,6 @@ class DecodeBenchConfig:
             raise ValueError(msg)
 
 
-_load_avg = load_average  # the old private name, still imported by bench/tasks.py
-
-
 # ----------------------------------------------------------------------------- inputs
 
 

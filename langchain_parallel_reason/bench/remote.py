@@ -2,10 +2,10 @@
 
 Contract: ``run_remote_decode_bench`` times N completions of T tokens after one P-token prefix,
 sent one after another vs all at once; ``run_remote_task_bench`` answers generated tasks three
-ways on the server: plain (one completion), the given steps one after another (the paper's
-baseline: each step continues the prefix and the earlier steps, then the conclusion), and the
-parallel path (``RemoteEngine``: all steps at once). Both read the server's prefix-cache
-counters (``/metrics``, vLLM) and return JSON-able dicts. Nothing here loads a model.
+ways on the server through ``RemoteEngine``: plain (one completion), mode "stepped" (the
+paper's baseline: each step continues the prefix and the earlier steps, then the conclusion)
+and mode "parallel" (all steps at once). Both read the server's prefix-cache counters
+(``/metrics``, vLLM) and return JSON-able dicts. Nothing here loads a model.
 """
 
 from __future__ import annotations
@@ -19,24 +19,9 @@ from typing import Any
 import httpx
 
 from langchain_parallel_reason.bench.task_gen import generate_tasks, score_answer
-from langchain_parallel_reason.pipeline import (
-    MIN_STEP_TOKENS,
-    PipelineConfig,
-    StageEvent,
-    merged_steps_text,
-    steps_content,
-    with_system,
-)
-from langchain_parallel_reason.plan import format_plan
-from langchain_parallel_reason.prompts import (
-    STEP_MARKER,
-    conclusion_cue,
-    stage1_system_prompt,
-    step_header,
-)
+from langchain_parallel_reason.pipeline import PipelineConfig, StageEvent
 from langchain_parallel_reason.runtime.base import Request
-from langchain_parallel_reason.runtime.remote import STEP_OPENING_REGEX, RemoteEngine
-from langchain_parallel_reason.schemas import Plan
+from langchain_parallel_reason.runtime.remote import RemoteEngine
 
 __all__ = ["prefix_cache_counters", "run_remote_decode_bench", "run_remote_task_bench"]
 
@@ -151,56 +136,6 @@ def run_remote_decode_bench(
     }
 
 
-def _stepped(
-    client: httpx.Client,
-    base_url: str,
-    model: str,
-    messages: list[dict[str, Any]],
-    titles: list[str],
-    cfg: PipelineConfig,
-) -> tuple[str, str, int]:
-    """The paper's baseline on the server: each step continues the prefix and the earlier steps.
-
-    Same prompt, prefix, budgets, stops and step opening as the parallel path; returns
-    (content, conclusion, output tokens).
-    """
-    msgs = with_system(messages, stage1_system_prompt(cfg.max_branches))
-    prefix = format_plan(Plan(preamble="", titles=titles)) + "\n"
-    per_step = min(cfg.step_max_tokens, cfg.max_tokens // (len(titles) + 1))
-    written, bodies, spent = "", [], 0
-    base = {
-        "model": model,
-        "continue_final_message": True,
-        "add_generation_prompt": False,
-        "temperature": cfg.temperature,
-    }
-    for b, title in enumerate(titles):
-        header = step_header(title)
-        out = _chat(client, base_url, {
-            **base,
-            "messages": [*msgs, {"role": "assistant", "content": prefix + written + header}],
-            "max_tokens": per_step,
-            "min_tokens": min(MIN_STEP_TOKENS, per_step // 2),
-            "stop": [STEP_MARKER],
-            "seed": None if cfg.seed is None else cfg.seed + b,
-            "structured_outputs": {"regex": STEP_OPENING_REGEX},
-        })  # fmt: skip
-        body = out["choices"][0]["message"]["content"].strip()
-        spent += out["usage"]["completion_tokens"]
-        bodies.append(body)
-        written += merged_steps_text([header], [body])
-    out = _chat(client, base_url, {
-        **base,
-        "messages": [*msgs, {"role": "assistant", "content": prefix + written + conclusion_cue()}],
-        "max_tokens": max(1, cfg.max_tokens - spent),
-        "stop": [STEP_MARKER],
-        "seed": cfg.seed,
-    })  # fmt: skip
-    conclusion = out["choices"][0]["message"]["content"].strip()
-    spent += out["usage"]["completion_tokens"]
-    return steps_content("", titles, bodies) + conclusion, conclusion, spent
-
-
 def run_remote_task_bench(
     base_url: str,
     model: str | None,
@@ -215,57 +150,54 @@ def run_remote_task_bench(
     """
     model = _served_model(base_url, model)
     engine = RemoteEngine(base_url, model)
-    ways = ("sequential", "sequential_steps", "parallel")
+    ways = ("sequential", "stepped", "parallel")
     rows = []
-    with httpx.Client(timeout=600) as client:
-        for n in task_config.items:
-            tasks = generate_tasks(task_config.task, n, task_config.samples, seed=task_config.seed)
-            walls: dict[str, list[float]] = {w: [] for w in ways}
-            tokens: dict[str, list[int]] = {w: [] for w in ways}
-            correct: dict[str, int] = dict.fromkeys(ways, 0)
-            hits_stage2: list[float] = []
-            for i, task in enumerate(tasks):
-                if task.steps is None:
-                    msg = f"{task_config.task} tasks have no given steps: use --task retrieval or multidoc"
-                    raise ValueError(msg)
-                messages = [{"role": "user", "content": task.prompt}]
-                for way in ways:
-                    if progress:
-                        print(f"N={n} sample {i + 1}/{len(tasks)} {way}", file=sys.stderr)
-                    cfg = task_config.pipeline_config(
-                        task, "sequential" if way == "sequential" else "parallel"
-                    )
-                    t = time.perf_counter()
-                    if way == "sequential_steps":
-                        content, final, spent = _stepped(
-                            client, base_url, model, messages, list(task.steps), cfg
-                        )
-                    else:
-                        before = prefix_cache_counters(base_url)["hits"]
-                        result, seen = None, None
-                        for kind, value in engine.stream(Request(messages, cfg)):
-                            if kind == "done":
-                                result = value
-                            elif isinstance(value, StageEvent) and value.stage == "steps_done":
-                                seen = prefix_cache_counters(base_url)["hits"]
-                        if seen is not None:
-                            hits_stage2.append(seen - before)
-                        content, spent = result.content, result.output_tokens
-                        final = content.rsplit("\n\n", 1)[-1]
-                    walls[way].append(time.perf_counter() - t)
-                    tokens[way].append(spent)
-                    correct[way] += bool(score_answer(task, final, content))
-            med = {w: statistics.median(walls[w]) for w in ways}
-            rows.append({
-                "items": n,
-                "median_wall_s": {w: round(v, 3) for w, v in med.items()},
-                "tokens_per_s": {w: round(sum(tokens[w]) / sum(walls[w]), 1) for w in ways},
-                "accuracy": {w: round(correct[w] / len(tasks), 3) for w in ways},
-                "speedup_vs_sequential_steps": round(med["sequential_steps"] / med["parallel"], 2),
-                "speedup_vs_plain": round(med["sequential"] / med["parallel"], 2),
-                "stage2_prefix_cache_hit_tokens": hits_stage2,
-                "all_wall_s": {w: [round(x, 3) for x in walls[w]] for w in ways},
-            })  # fmt: skip
+    for n in task_config.items:
+        tasks = generate_tasks(task_config.task, n, task_config.samples, seed=task_config.seed)
+        walls: dict[str, list[float]] = {w: [] for w in ways}
+        tokens: dict[str, list[int]] = {w: [] for w in ways}
+        correct: dict[str, int] = dict.fromkeys(ways, 0)
+        hits_stage2: list[float] = []
+        for i, task in enumerate(tasks):
+            if task.steps is None or task_config.plans:
+                msg = (
+                    "the server benchmark runs given steps only: use --task retrieval or "
+                    "multidoc with --titles given"
+                )
+                raise ValueError(msg)
+            messages = [{"role": "user", "content": task.prompt}]
+            for way in ways:
+                if progress:
+                    print(f"N={n} sample {i + 1}/{len(tasks)} {way}", file=sys.stderr)
+                settings = task_config.settings(task, way)
+                if settings.get("steps") is not None:
+                    settings["steps"] = tuple(settings["steps"])
+                before = prefix_cache_counters(base_url)["hits"]
+                t = time.perf_counter()
+                result, seen = None, None
+                for kind, value in engine.stream(Request(messages, PipelineConfig(**settings))):
+                    if kind == "done":
+                        result = value
+                    elif isinstance(value, StageEvent) and value.stage == "steps_done":
+                        seen = prefix_cache_counters(base_url)["hits"]
+                if seen is not None and way == "parallel":
+                    hits_stage2.append(seen - before)
+                content = result.content
+                final = content.rsplit("\n\n", 1)[-1]
+                walls[way].append(time.perf_counter() - t)
+                tokens[way].append(result.output_tokens)
+                correct[way] += bool(score_answer(task, final, content))
+        med = {w: statistics.median(walls[w]) for w in ways}
+        rows.append({
+            "items": n,
+            "median_wall_s": {w: round(v, 3) for w, v in med.items()},
+            "tokens_per_s": {w: round(sum(tokens[w]) / sum(walls[w]), 1) for w in ways},
+            "accuracy": {w: round(correct[w] / len(tasks), 3) for w in ways},
+            "speedup_vs_stepped": round(med["stepped"] / med["parallel"], 2),
+            "speedup_vs_plain": round(med["sequential"] / med["parallel"], 2),
+            "stage2_prefix_cache_hit_tokens": hits_stage2,
+            "all_wall_s": {w: [round(x, 3) for x in walls[w]] for w in ways},
+        })  # fmt: skip
     return {
         "base_url": base_url,
         "model": model,

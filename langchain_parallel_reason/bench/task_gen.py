@@ -15,6 +15,11 @@ Scoring: retrieval and multidoc look at the final answer only (the conclusion, o
 the last "Answer:"): right when it names the expected person and no other candidate. A person
 counts as named by full name, first name or last name (all distinct within a task). Planning is
 right when the whole answer mentions every aspect name (case-insensitive).
+
+Plan score (`score_plan`, for answers whose model wrote its own step titles): the fraction of the
+task's N items that some title names, whole words, case-insensitive. An item is a record's
+student (full, first or last name), a document (its designer, or "Document i" / "Doc i") or an
+aspect (its name). Extra titles cost nothing; missing items do: 1.0 means one title per item.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = [
     "max_items",
     "mentioned",
     "score_answer",
+    "score_plan",
 ]
 
 TaskKind = Literal["retrieval", "planning", "multidoc"]
@@ -241,3 +247,19 @@ def score_answer(task: Task, final: str, content: str) -> bool:
     segment = final_segment(final)
     named = [c for c in task.candidates if mentioned(c, segment)]
     return named == [task.expected]
+
+
+def score_plan(task: Task, titles: list[str] | tuple[str, ...]) -> float:
+    """Fraction of the task's items that some step title names (see the module docstring)."""
+    text = "\n".join(titles)
+    if task.kind == "planning":
+        named = [_word_in(aspect, text) for aspect in task.aspects]
+    elif task.kind == "multidoc":
+        named = [
+            mentioned(person, text)
+            or re.search(rf"\bdoc(ument)?\s*#?{i}(?!\d)", text, re.IGNORECASE) is not None
+            for i, person in enumerate(task.candidates, start=1)
+        ]
+    else:
+        named = [mentioned(person, text) for person in task.candidates]
+    return sum(named) / len(named) if named else 0.0

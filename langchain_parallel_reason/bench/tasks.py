@@ -1,23 +1,30 @@
-"""Task benchmark: quality and speed of three ways to answer the same generated tasks.
+"""Task benchmark: quality and speed of four ways to answer the same generated tasks.
 
 Contract: `run_task_bench(model, tokenizer, config)` answers `samples` generated tasks per item
-count (see `task_gen`) three ways on one model in one run, interleaved per sample, and returns a
-JSON-able dict; `render_table` prints it and `plot_result` draws it. `add_arguments` / `run` are
-the `parallel-reason bench tasks` command. torch and the pipeline are imported on first use, so
+count (see `task_gen`) four ways through the public chat model (`ChatParallelReason.from_model`,
+one per-call `mode` each) on one model in one run, interleaved per sample, and returns a
+JSON-able dict read from each answer's report (`response_metadata["parallel"]`) and usage;
+`render_table` prints it and `plot_result` draws it. `add_arguments` / `run` are the
+`parallel-reason bench tasks` command. torch and the model are imported on first use, so
 building the command line stays instant.
 
-  sequential        plain decoding of the answer (`PipelineConfig(mode="sequential")`).
-  sequential_steps  the paper's baseline: the same prompt and plan as `parallel`, its steps then
-                    written one after another in one sequence by normal decoding (each step sees
-                    the earlier ones), then the conclusion cue. Its time includes the Stage-1 plan
-                    time measured in the `parallel` run of the same sample (same greedy plan).
-  parallel          the pipeline: retrieval and multidoc pass one step per record/document
-                    (`PipelineConfig(steps=...)`, the paper's map-style use); planning plans
-                    itself (Stage 1, mode "auto").
+  sequential      plain decoding of the answer (`mode="sequential"`).
+  stepped         the paper's baseline (`mode="stepped"`): the same plan, its steps written one
+                  after another in one sequence by ordinary decoding, then the conclusion.
+  parallel        the steps decoded at once in one sequence (`mode="parallel"`); Stage 3
+                  prefills the merged steps (`conclusion_kv="reprefill"`).
+  parallel_reuse  the same, but Stage 3 reuses the steps' own KV (`conclusion_kv="reuse"`).
 
-Decode speed is output tokens / wall time of the whole answer (prompt prefill included, model
-load excluded). Speedups are ratios of means within this run: wall time baseline / parallel and
-tokens/s parallel / baseline.
+Titles: with `titles="given"` retrieval and multidoc pass one step per record/document
+(`steps=`, the paper's map-style use); with `titles="model"` (and always for planning) the model
+writes its own step titles in Stage 1, as in the paper, and the plan is scored by
+`task_gen.score_plan` (the fraction of the task's items that some title names).
+
+Figures: wall time of the whole call (prompt prefill included, model load excluded); tokens/s
+is output tokens / wall time; Stage-3 times are the report's `timings` ("merge": until the
+first conclusion token, "conclusion": all of Stage 3). Speedups are ratios of means within this
+run. The conclusion that is scored is the content after the steps: the chat model streams the
+steps (with the plan's preamble) as one chunk, before any conclusion text.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ import importlib.util
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from langchain_parallel_reason.bench.task_gen import (
     TASK_KINDS,
@@ -36,27 +43,28 @@ from langchain_parallel_reason.bench.task_gen import (
     generate_tasks,
     max_items,
     score_answer,
+    score_plan,
 )
 
 __all__ = [
     "WAYS",
     "TaskBenchConfig",
     "add_arguments",
-    "decode_steps_sequentially",
     "plot_result",
     "render_table",
     "run",
     "run_task_bench",
 ]
 
-WAYS: tuple[str, ...] = ("sequential", "sequential_steps", "parallel")
-"""The three ways every sample is answered, in the order they are reported."""
+WAYS: tuple[str, ...] = ("sequential", "stepped", "parallel", "parallel_reuse")
+"""The four ways every sample is answered, in the order they are reported."""
 
 # Short: the table must fit 80 columns when stdout is not a terminal.
 _WAY_LABELS = {
-    "sequential": "plain sequential",
-    "sequential_steps": "sequential steps",
-    "parallel": "parallel steps",
+    "sequential": "plain",
+    "stepped": "stepped",
+    "parallel": "parallel",
+    "parallel_reuse": "par+reuse",
 }
 _EXCERPT_CHARS = 160
 _NO_MATPLOTLIB = "--plot needs matplotlib: pip install 'langchain-parallel-reason[plot]'"
@@ -72,9 +80,12 @@ class TaskBenchConfig:
         samples: tasks per item count.
         seed: generator seed (tasks) and sampling seed.
         max_tokens: new tokens per answer, the same for every way; None sizes it per N as
-            plan budget + (N + 1) * step_max_tokens (so every parallel step gets its budget).
-        step_max_tokens: new tokens per step (parallel and sequential_steps).
+            plan budget + (N + 1) * step_max_tokens (so every step gets its budget).
+        step_max_tokens: new tokens per step (every way but sequential).
         temperature: 0 (default) is greedy.
+        titles: "given" (one step per record/document) or "model" (the model plans its own
+            titles); planning tasks have no given titles and always plan.
+        threads: CPU threads for the forwards (None: the cores this process may use).
     """
 
     task: str = "retrieval"
@@ -84,10 +95,15 @@ class TaskBenchConfig:
     max_tokens: int | None = None
     step_max_tokens: int = 32
     temperature: float = 0.0
+    titles: Literal["given", "model"] = "given"
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASK_KINDS:
             msg = f"unknown task {self.task!r}; choose one of {', '.join(TASK_KINDS)}"
+            raise ValueError(msg)
+        if self.titles not in ("given", "model"):
+            msg = f"titles must be 'given' or 'model', got {self.titles!r}"
             raise ValueError(msg)
         top = max_items(self.task)
         bad = [n for n in self.items if not 2 <= n <= top]
@@ -102,9 +118,14 @@ class TaskBenchConfig:
             msg = f"max_tokens must be >= 1, got {self.max_tokens}"
             raise ValueError(msg)
 
+    @property
+    def plans(self) -> bool:
+        """Whether the model writes its own step titles (Stage 1 runs)."""
+        return self.task == "planning" or self.titles == "model"
+
     def plan_max_tokens(self, n: int) -> int:
-        """Stage-1 budget for n aspects (about 10 tokens a title line); 0 without Stage 1."""
-        return 32 + 10 * n if self.task == "planning" else 0
+        """Stage-1 budget for n titles (about 10 tokens a title line); 0 without Stage 1."""
+        return 32 + 10 * n if self.plans else 0
 
     def answer_max_tokens(self, n: int) -> int:
         """New tokens per answer for n items."""
@@ -112,196 +133,30 @@ class TaskBenchConfig:
             return self.max_tokens
         return self.plan_max_tokens(n) + (n + 1) * self.step_max_tokens
 
-    def pipeline_config(self, task: Task, mode: str) -> Any:
-        """The `PipelineConfig` of way `mode` ("sequential" or "parallel") for `task`."""
-        from langchain_parallel_reason.pipeline import PipelineConfig
-
+    def settings(self, task: Task, way: str) -> dict[str, Any]:
+        """The `ChatParallelReason` per-call settings of `way` (one of `WAYS`) for `task`."""
         n = task.items
-        config = PipelineConfig(
-            mode="sequential",
-            max_branches=max(n, 2),
-            max_tokens=self.answer_max_tokens(n),
-            step_max_tokens=self.step_max_tokens,
-            plan_max_tokens=max(1, self.plan_max_tokens(n)),
-            temperature=self.temperature,
-            seed=self.seed,
-        )
-        if mode == "sequential":
-            return config
-        if task.steps is None:
-            return replace(config, mode="auto")
-        return replace(config, mode="parallel", steps=task.steps)
+        out: dict[str, Any] = {
+            "mode": "sequential",
+            "max_branches": max(n, 2),
+            "max_tokens": self.answer_max_tokens(n),
+            "step_max_tokens": self.step_max_tokens,
+            "plan_max_tokens": max(1, self.plan_max_tokens(n)),
+            "temperature": self.temperature,
+            "seed": self.seed,
+        }
+        if way == "sequential":
+            return out
+        if way not in WAYS:
+            msg = f"unknown way {way!r}; choose one of {', '.join(WAYS)}"
+            raise ValueError(msg)
+        out["mode"] = "stepped" if way == "stepped" else "parallel"
+        out["steps"] = None if self.plans or task.steps is None else list(task.steps)
+        out["conclusion_kv"] = "reuse" if way == "parallel_reuse" else "reprefill"
+        return out
 
 
-# ----------------------------------------------------------------------------- the baseline
-
-
-def _clean_prefix(tokenizer: Any, tokens: list[int], kept_text: str) -> int:
-    """How many leading `tokens` spell a prefix of `kept_text` (the step cut at its marker).
-
-    The last sampled token is never in the cache, and the tokens that spell the stop marker
-    must leave it, so at most len(tokens) - 1 are kept.
-    """
-    for j in range(len(tokens) - 1, 0, -1):
-        text = tokenizer.decode(tokens[:j], skip_special_tokens=True)
-        if kept_text.startswith(text) and not text.endswith("\ufffd"):
-            return j
-    return 0
-
-
-@dataclass(frozen=True)
-class StepsResult:
-    """What `decode_steps_sequentially` wrote: content as the pipeline lays it out, the final
-    conclusion, generated tokens (steps + conclusion) and seconds."""
-
-    content: str
-    conclusion: str
-    step_texts: list[str]
-    output_tokens: int
-    seconds: float
-
-
-def decode_steps_sequentially(
-    model: Any,
-    tokenizer: Any,
-    messages: list[dict[str, Any]],
-    titles: list[str],
-    config: Any,
-    *,
-    preamble: str = "",
-    plan_tokens: int = 0,
-) -> StepsResult:
-    """The paper's sequential baseline: the plan's steps written one after another.
-
-    The prompt and plan are laid out as the pipeline lays them out before Stage 2; then for each
-    title the header ``####Title:`` is forced and the model decodes until ``####``, EOS or the
-    step budget, with every earlier step in its context; then the conclusion cue and the
-    conclusion. The tokens that spell a stop marker are cropped from the cache, so the context is
-    the steps as written plus one newline each, as in the pipeline's Stage 3.
-
-    Args:
-        config: the parallel way's `PipelineConfig` (budgets, sampling, max_branches).
-        preamble, plan_tokens: the Stage-1 plan's preamble and generated tokens, when there was
-            a Stage 1 (they count against `max_tokens` as in the pipeline).
-    """
-    from transformers.cache_utils import DynamicCache
-
-    from langchain_parallel_reason.decoding.cache import crop_to
-    from langchain_parallel_reason.decoding.sampling import SamplingParams
-    from langchain_parallel_reason.decoding.sequential import SuppressFirst, iter_decode
-    from langchain_parallel_reason.decoding.stops import cut_at_stop
-    from langchain_parallel_reason.pipeline import (
-        MIN_STEP_TOKENS,
-        drive,
-        render_prompt,
-        step_opening_banned_ids,
-        stop_token_ids,
-        with_system,
-    )
-    from langchain_parallel_reason.plan import format_plan
-    from langchain_parallel_reason.prompts import (
-        STEP_MARKER,
-        conclusion_cue,
-        stage1_system_prompt,
-        step_header,
-    )
-    from langchain_parallel_reason.schemas import Plan
-
-    t0 = time.perf_counter()
-
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    prompt = render_prompt(
-        tokenizer, with_system(messages, stage1_system_prompt(config.max_branches))
-    )
-    plan = Plan.model_validate(
-        {"preamble": preamble, "titles": list(titles)},
-        context={"max_branches": max(config.max_branches, len(titles)), "max_title_chars": 200},
-    )
-    prefix = [*prompt, *encode(format_plan(plan)), *encode("\n")]
-    n = len(titles)
-    text_config = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    )
-    ctx = int(getattr(text_config, "max_position_embeddings", None) or 1 << 30)
-    # The pipeline's budget rule, so both stepped ways get the same per-step budget.
-    left_tokens = config.max_tokens - plan_tokens
-    per_step = max(
-        1, min(config.step_max_tokens, left_tokens // (n + 1), (ctx - len(prefix)) // (n + 1))
-    )
-    params = SamplingParams(config.temperature, config.top_p, config.top_k)
-    stop_ids = stop_token_ids(model, tokenizer)
-    stops = (STEP_MARKER, *config.stop)
-
-    # Steps open under the same rule as the pipeline's parallel branches (no marker, newline,
-    # placeholder or EOS in their first tokens), so both ways write comparable steps.
-    banned = [*step_opening_banned_ids(tokenizer), *stop_ids]
-    opening = min(MIN_STEP_TOKENS, per_step // 2)
-    cache = DynamicCache()
-    pos = 0  # tokens in the cache
-    feed = [*prefix, *encode(step_header(titles[0]))]
-    bodies: list[str] = []
-    generated = 0
-    for k in range(n):
-        result = drive(
-            iter_decode(
-                model,
-                feed,
-                cache,
-                start=pos,
-                max_new_tokens=per_step,
-                params=params,
-                seed=None if config.seed is None else config.seed + k,
-                stop_token_ids=stop_ids,
-                stop_strings=stops,
-                tokenizer=tokenizer,
-                suppress=SuppressFirst(banned, opening),
-            )
-        )
-        tokens = result.token_ids
-        generated += len(tokens)
-        pos += len(feed)
-        text, _ = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
-        keep = _clean_prefix(tokenizer, tokens, text)
-        crop_to(cache, pos + keep)
-        pos += keep
-        rest = text[len(tokenizer.decode(tokens[:keep], skip_special_tokens=True)) :]
-        bodies.append(text.strip())
-        glue = rest if text.endswith("\n") else rest + "\n"
-        nxt = step_header(titles[k + 1]) if k + 1 < n else conclusion_cue()
-        feed = encode(glue + nxt)
-
-    budget = max(1, min(config.max_tokens - plan_tokens - generated, ctx - pos - len(feed)))
-    result = drive(
-        iter_decode(
-            model,
-            feed,
-            cache,
-            start=pos,
-            max_new_tokens=budget,
-            params=params,
-            seed=config.seed,
-            stop_token_ids=stop_ids,
-            stop_strings=stops,
-            tokenizer=tokenizer,
-        )
-    )
-    generated += len(result.token_ids)
-    text, _ = cut_at_stop(tokenizer.decode(result.token_ids, skip_special_tokens=True), stops)
-    conclusion = text.strip()
-    steps_md = "".join(f"**{t}**: {b}\n\n" for t, b in zip(titles, bodies, strict=True))
-    head = f"{preamble.strip()}\n\n" if preamble.strip() else ""
-    return StepsResult(
-        content=head + steps_md + conclusion,
-        conclusion=conclusion,
-        step_texts=bodies,
-        output_tokens=generated,
-        seconds=time.perf_counter() - t0,
-    )
-
-
-# ----------------------------------------------------------------------------- one sample
+# ----------------------------------------------------------------------------- one answer
 
 
 @dataclass
@@ -311,9 +166,12 @@ class _Outcome:
     correct: bool
     mode_used: str
     stage1_ok: bool | None = None
+    plan_score: float | None = None
     plan_attempts: int = 0
     fallback: str | None = None
     tokens_per_forward: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    titles: list[str] = field(default_factory=list)
     final: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -324,143 +182,99 @@ class _Outcome:
             "correct": self.correct,
             "mode_used": self.mode_used,
             "stage1_ok": self.stage1_ok,
+            "plan_score": self.plan_score,
             "plan_attempts": self.plan_attempts,
             "fallback": self.fallback,
             "tokens_per_forward": self.tokens_per_forward,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "titles": self.titles,
             "final": self.final[:_EXCERPT_CHARS],
         }
 
 
-def _run_pipeline(model: Any, tokenizer: Any, task: Task, config: Any) -> tuple[Any, Any, float]:
-    from langchain_parallel_reason.cli_ask import AnswerView
-    from langchain_parallel_reason.pipeline import iter_answer
-
-    view = AnswerView()
-    messages = [{"role": "user", "content": task.prompt}]
+def _answer(chat: Any, task: Task, settings: dict[str, Any], plans: bool) -> _Outcome:
+    """One answer through the chat model's public stream; figures from its report."""
+    pieces: list[str] = []
+    last = None
     t = time.perf_counter()
-    gen = iter_answer(model, tokenizer, messages, config)
-    while True:
-        try:
-            view.feed(next(gen))
-        except StopIteration as stop:
-            result = stop.value
-            break
-    return result, view, time.perf_counter() - t
+    for chunk in chat.stream(task.prompt, **settings):
+        if chunk.content:
+            pieces.append(str(chunk.content))
+        if chunk.response_metadata.get("parallel") is not None:
+            last = chunk
+    wall = time.perf_counter() - t
+    report = last.response_metadata["parallel"]
+    content = "".join(pieces)
+    stepped = report["mode_used"] in ("parallel", "stepped")
+    # The steps arrive as the first content chunk; the conclusion is what follows.
+    final = "".join(pieces[1:]) if stepped else content
+    titles = list(report["steps"])
+    stage1 = plans and settings["mode"] != "sequential"
+    return _Outcome(
+        wall_s=wall,
+        output_tokens=int(last.usage_metadata["output_tokens"]),
+        correct=score_answer(task, final, content),
+        mode_used=report["mode_used"],
+        stage1_ok=(stepped if stage1 else None),
+        plan_score=(score_plan(task, titles) if stage1 else None),
+        plan_attempts=report["plan_attempts"],
+        fallback=report["fallback_reason"],
+        tokens_per_forward=report["tokens_per_forward"],
+        timings=dict(report["timings"]),
+        titles=titles,
+        final=final.strip(),
+    )
 
 
-def _run_sample(
-    model: Any, tokenizer: Any, task: Task, cfg: TaskBenchConfig, tick: Any
-) -> dict[str, _Outcome]:
-    """Answer `task` the three ways: sequential, parallel, then sequential_steps (needs the plan).
-
-    `tick(way, done)` is called before (done False) and after (done True) each way.
-    """
+def _run_sample(chat: Any, task: Task, cfg: TaskBenchConfig, tick: Any) -> dict[str, _Outcome]:
+    """Answer `task` every way; `tick(way, done)` is called before and after each way."""
     out: dict[str, _Outcome] = {}
-    stage1 = task.steps is None
-
-    tick("sequential", False)
-    result, view, wall = _run_pipeline(
-        model, tokenizer, task, cfg.pipeline_config(task, "sequential")
-    )
-    out["sequential"] = _Outcome(
-        wall,
-        result.output_tokens,
-        score_answer(task, view.final, result.content),
-        result.report.mode_used,
-        final=view.final.strip(),
-    )
-    tick("sequential", True)
-
-    tick("parallel", False)
-    par_config = cfg.pipeline_config(task, "parallel")
-    result, view, wall = _run_pipeline(model, tokenizer, task, par_config)
-    report = result.report
-    out["parallel"] = _Outcome(
-        wall,
-        result.output_tokens,
-        score_answer(task, view.final, result.content),
-        report.mode_used,
-        stage1_ok=(bool(view.titles) if stage1 else None),
-        plan_attempts=report.plan_attempts,
-        fallback=report.fallback_reason,
-        tokens_per_forward=report.tokens_per_forward,
-        final=view.final.strip(),
-    )
-    tick("parallel", True)
-
-    tick("sequential_steps", False)
-    if view.titles:
-        plan_s = report.timings.get("plan", 0.0)
-        plan_tokens = 0
-        if stage1:
-            from langchain_parallel_reason.plan import format_plan
-            from langchain_parallel_reason.schemas import Plan
-
-            plan = Plan(preamble=view.preamble, titles=view.titles)
-            plan_tokens = len(tokenizer.encode(format_plan(plan), add_special_tokens=False))
-        steps = decode_steps_sequentially(
-            model,
-            tokenizer,
-            [{"role": "user", "content": task.prompt}],
-            view.titles,
-            par_config,
-            preamble=view.preamble,
-            plan_tokens=plan_tokens,
-        )
-        out["sequential_steps"] = _Outcome(
-            plan_s + steps.seconds,
-            plan_tokens + steps.output_tokens,
-            score_answer(task, steps.conclusion, steps.content),
-            "sequential_steps",
-            stage1_ok=out["parallel"].stage1_ok,
-            plan_attempts=report.plan_attempts,
-            final=steps.conclusion,
-        )
-    else:
-        # No plan validated: the stepped baseline has nothing to step through and would decode
-        # plainly, exactly as the sequential way did; its figures are those.
-        base = out["sequential"]
-        out["sequential_steps"] = replace(
-            base, stage1_ok=False, fallback="no valid plan: same as plain sequential"
-        )
-    tick("sequential_steps", True)
+    for way in WAYS:
+        tick(way, False)
+        out[way] = _answer(chat, task, cfg.settings(task, way), cfg.plans)
+        tick(way, True)
     return out
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def _warm_up(model: Any, tokenizer: Any) -> None:
+def _warm_up(chat: Any) -> None:
     """One short sequential and one short parallel answer, untimed (first-call costs)."""
-    from langchain_parallel_reason.pipeline import PipelineConfig, answer
-
-    messages = [{"role": "user", "content": "Say hello."}]
-    answer(model, tokenizer, messages, PipelineConfig(mode="sequential", max_tokens=4))
-    answer(
-        model,
-        tokenizer,
-        messages,
-        PipelineConfig(mode="parallel", steps=("One", "Two"), max_tokens=32, step_max_tokens=8),
-    )
+    chat.invoke("Say hello.", mode="sequential", max_tokens=4)
+    chat.invoke("Say hello.", mode="parallel", steps=["One", "Two"], max_tokens=32)
 
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def _summarize_way(outcomes: list[_Outcome]) -> dict[str, Any]:
     wall = sum(o.wall_s for o in outcomes)
     tokens = sum(o.output_tokens for o in outcomes)
     stage1 = [o.stage1_ok for o in outcomes if o.stage1_ok is not None]
+    plan = [o.plan_score for o in outcomes if o.plan_score is not None]
     tpf = [o.tokens_per_forward for o in outcomes if o.tokens_per_forward is not None]
+
+    def stage(key: str) -> float | None:
+        return _rounded(_mean([o.timings[key] for o in outcomes if key in o.timings]), 4)
+
     return {
         "mean_wall_s": round(wall / len(outcomes), 4),
         "mean_output_tokens": round(tokens / len(outcomes), 2),
         "tokens_per_s": round(tokens / wall, 3) if wall else None,
         "accuracy": round(sum(o.correct for o in outcomes) / len(outcomes), 4),
-        "stage1_format_ok": round(sum(stage1) / len(stage1), 4) if stage1 else None,
+        "stage1_format_ok": _rounded(_mean(stage1), 4),
+        "plan_score": _rounded(_mean(plan), 4),
         "fallbacks": sum(o.fallback is not None for o in outcomes),
-        "mean_tokens_per_forward": round(_mean(tpf), 3) if tpf else None,
+        "mean_tokens_per_forward": _rounded(_mean(tpf), 3),
+        "mean_steps_s": stage("steps"),
+        "mean_merge_s": stage("merge"),
+        "mean_stage3_s": stage("conclusion"),
     }
 
 
@@ -476,8 +290,22 @@ def _speedups(ways: dict[str, dict[str, Any]]) -> dict[str, float | None]:
             if kind == "wall"
             else _ratio(par["tokens_per_s"], ways[base]["tokens_per_s"])
         )
-        for base in ("sequential", "sequential_steps")
+        for base in ("sequential", "stepped")
         for kind in ("wall", "tokens_per_s")
+    }
+
+
+def _stage3(ways: dict[str, dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage 3 with the steps re-prefilled vs their KV reused: times, quality, agreement."""
+    pre, reuse = ways["parallel"], ways["parallel_reuse"]
+    both = [r for r in runs if r["parallel"]["mode_used"] == r["parallel_reuse"]["mode_used"]]
+    same = [r["parallel"]["final"] == r["parallel_reuse"]["final"] for r in both]
+    return {
+        "merge_s": {"reprefill": pre["mean_merge_s"], "reuse": reuse["mean_merge_s"]},
+        "stage3_s": {"reprefill": pre["mean_stage3_s"], "reuse": reuse["mean_stage3_s"]},
+        "merge_speedup": _ratio(pre["mean_merge_s"], reuse["mean_merge_s"]),
+        "accuracy": {"reprefill": pre["accuracy"], "reuse": reuse["accuracy"]},
+        "same_conclusion": round(sum(same) / len(same), 4) if same else None,
     }
 
 
@@ -491,20 +319,25 @@ def run_task_bench(
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) and return its figures.
 
-    Keys: run metadata (`task`, `samples`, `seed`, `model`, `device`, `dtype`, `torch_threads`,
-    `machine`, `load_avg_start`, `load_avg_end`, `step_max_tokens`, `elapsed_s`) and `by_items`, one
-    entry per N with `items`, `max_tokens`, `ways` (per way: `mean_wall_s`,
-    `mean_output_tokens`, `tokens_per_s`, `accuracy`, `stage1_format_ok`, `fallbacks`,
-    `mean_tokens_per_forward`), `speedup` (`wall_vs_sequential`, `tokens_per_s_vs_sequential`,
-    `wall_vs_sequential_steps`, `tokens_per_s_vs_sequential_steps`) and `runs` (per sample).
+    Keys: run metadata (`task`, `titles`, `samples`, `seed`, `model`, `device`, `dtype`,
+    `torch_threads`, `machine`, `load_avg_start`, `load_avg_end`, `step_max_tokens`,
+    `temperature`, `elapsed_s`) and `by_items`, one entry per N with `items`, `max_tokens`,
+    `ways` (per way: `mean_wall_s`, `mean_output_tokens`, `tokens_per_s`, `accuracy`,
+    `stage1_format_ok`, `plan_score`, `fallbacks`, `mean_tokens_per_forward`, `mean_steps_s`,
+    `mean_merge_s`, `mean_stage3_s`), `speedup` (`wall_vs_sequential`,
+    `tokens_per_s_vs_sequential`, `wall_vs_stepped`, `tokens_per_s_vs_stepped`: parallel
+    against each), `stage3` (`merge_s`, `stage3_s`, `accuracy` for "reprefill" and "reuse",
+    `merge_speedup`, `same_conclusion`) and `runs` (per sample, per way).
     """
     import torch
     from tqdm.auto import tqdm
 
-    from langchain_parallel_reason.bench.decode import _load_avg, machine_description
+    from langchain_parallel_reason import ChatParallelReason
+    from langchain_parallel_reason.bench.machine import load_average, machine_description
 
+    chat = ChatParallelReason.from_model(model, tokenizer, num_threads=config.threads)
     param = next(model.parameters())
-    load_start = _load_avg()
+    load_start = load_average()
     started = time.perf_counter()
     bar = tqdm(
         total=len(config.items) * config.samples * len(WAYS),
@@ -516,10 +349,10 @@ def run_task_bench(
     )
     by_items = []
     with bar:
-        _warm_up(model, tokenizer)
+        _warm_up(chat)
         for n in config.items:
             tasks = generate_tasks(config.task, n, config.samples, seed=config.seed)
-            runs = []
+            runs, outcomes = [], []
             for i, task in enumerate(tasks):
 
                 def tick(way: str, done: bool, n: int = n, i: int = i) -> None:
@@ -528,29 +361,29 @@ def run_task_bench(
                     else:
                         bar.set_description(f"N={n} sample {i + 1}/{config.samples} {way}")
 
-                outcomes = _run_sample(model, tokenizer, task, config, tick)
+                sample = _run_sample(chat, task, config, tick)
+                outcomes.append(sample)
                 runs.append(
                     {
                         "index": i,
                         "expected": task.expected or list(task.aspects),
-                        **{way: outcomes[way].as_dict() for way in WAYS},
-                        "_outcomes": outcomes,
+                        **{way: sample[way].as_dict() for way in WAYS},
                     }
                 )
-            ways = {way: _summarize_way([r["_outcomes"][way] for r in runs]) for way in WAYS}
-            for r in runs:
-                del r["_outcomes"]
+            ways = {way: _summarize_way([s[way] for s in outcomes]) for way in WAYS}
             by_items.append(
                 {
                     "items": n,
                     "max_tokens": config.answer_max_tokens(n),
                     "ways": ways,
                     "speedup": _speedups(ways),
+                    "stage3": _stage3(ways, runs),
                     "runs": runs,
                 }
             )
     return {
         "task": config.task,
+        "titles": "model" if config.plans else "given",
         "samples": config.samples,
         "seed": config.seed,
         "step_max_tokens": config.step_max_tokens,
@@ -561,7 +394,7 @@ def run_task_bench(
         "torch_threads": torch.get_num_threads(),
         "machine": machine_description(),
         "load_avg_start": load_start,
-        "load_avg_end": _load_avg(),
+        "load_avg_end": load_average(),
         "elapsed_s": round(time.perf_counter() - started, 2),
         "by_items": by_items,
     }
@@ -575,20 +408,27 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def render_table(result: dict[str, Any], console: Any = None) -> None:
-    """Print one table per item count, plus the speedups, with rich."""
+    """Print one table per item count, plus the speedups and the Stage-3 comparison, with rich."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(file=sys.stdout, highlight=False)
     console.print(
-        f"task {result['task']}, {result['samples']} samples, model {result['model']}, "
-        f"{result['device']} {result['dtype']}, {result['torch_threads']} threads, load "
-        f"{result['load_avg_start']} -> {result['load_avg_end']}",
+        f"task {result['task']} ({result['titles']} titles), {result['samples']} samples, model "
+        f"{result['model']}, {result['device']} {result['dtype']}, {result['torch_threads']} "
+        f"threads, load {result['load_avg_start']} -> {result['load_avg_end']}",
         markup=False,
     )
+    # Times in seconds; "merge": Stage 3 until its first token, "stage3": all of Stage 3.
+    columns = ("way", "wall", "tokens", "tok/s", "acc", "plan", "tok/fwd", "merge", "stage3")
     for entry in result["by_items"]:
-        table = Table(title=f"N = {entry['items']} (max_tokens {entry['max_tokens']})")
-        for col in ("way", "wall s", "tokens", "tok/s", "accuracy", "plan ok", "tok/fwd"):
+        table = Table(
+            title=f"N = {entry['items']} (max_tokens {entry['max_tokens']}; times in s)",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        for col in columns:
             table.add_column(col, justify="left" if col == "way" else "right", no_wrap=True)
         for way in WAYS:
             w = entry["ways"][way]
@@ -598,17 +438,28 @@ def render_table(result: dict[str, Any], console: Any = None) -> None:
                 _fmt(w["mean_output_tokens"], ".1f"),
                 _fmt(w["tokens_per_s"], ".1f"),
                 _fmt(w["accuracy"], ".2f"),
-                _fmt(w["stage1_format_ok"], ".2f"),
+                _fmt(w["plan_score"], ".2f"),
                 _fmt(w["mean_tokens_per_forward"], ".2f"),
+                _fmt(w["mean_merge_s"], ".3f"),
+                _fmt(w["mean_stage3_s"], ".2f"),
             )
         console.print(table)
         s = entry["speedup"]
         console.print(
             "parallel speedup: wall "
             f"{_fmt(s['wall_vs_sequential'], '.2f')}x vs plain, "
-            f"{_fmt(s['wall_vs_sequential_steps'], '.2f')}x vs sequential steps; tokens/s "
+            f"{_fmt(s['wall_vs_stepped'], '.2f')}x vs stepped; tokens/s "
             f"{_fmt(s['tokens_per_s_vs_sequential'], '.2f')}x vs plain, "
-            f"{_fmt(s['tokens_per_s_vs_sequential_steps'], '.2f')}x vs sequential steps",
+            f"{_fmt(s['tokens_per_s_vs_stepped'], '.2f')}x vs stepped",
+            markup=False,
+        )
+        st = entry["stage3"]
+        console.print(
+            f"stage 3, steps re-prefilled -> KV reused: merge {_fmt(st['merge_s']['reprefill'], '.3f')}"
+            f" -> {_fmt(st['merge_s']['reuse'], '.3f')} s ({_fmt(st['merge_speedup'], '.2f')}x), "
+            f"accuracy {_fmt(st['accuracy']['reprefill'], '.2f')} -> "
+            f"{_fmt(st['accuracy']['reuse'], '.2f')}, same conclusion "
+            f"{_fmt(st['same_conclusion'], '.2f')}",
             markup=False,
         )
 
@@ -627,8 +478,8 @@ def plot_result(result: dict[str, Any], path: str) -> None:
     xs = [e["items"] for e in entries]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (
-        ("wall_vs_sequential_steps", "wall time vs sequential steps"),
-        ("tokens_per_s_vs_sequential_steps", "tokens/s vs sequential steps"),
+        ("wall_vs_stepped", "wall time vs stepped"),
+        ("tokens_per_s_vs_stepped", "tokens/s vs stepped"),
         ("wall_vs_sequential", "wall time vs plain sequential"),
         ("tokens_per_s_vs_sequential", "tokens/s vs plain sequential"),
     ):
@@ -653,9 +504,20 @@ def plot_result(result: dict[str, Any], path: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare `bench tasks`' own options (the registry adds --model, --device, --debug)."""
-    from langchain_parallel_reason.cli_options import add_threads_option, positive_int
+    from langchain_parallel_reason.cli_options import (
+        add_server_options,
+        add_threads_option,
+        positive_int,
+    )
 
     parser.add_argument("--task", choices=TASK_KINDS, default="retrieval", help="task kind")
+    parser.add_argument(
+        "--titles",
+        choices=("given", "model"),
+        default="given",
+        help="step titles: one per record/document (given), or the model plans its own as in "
+        "the paper (model; always so for planning)",
+    )
     parser.add_argument(
         "--items",
         type=positive_int,
@@ -686,14 +548,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="draw a PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    from langchain_parallel_reason.cli import add_server_options
-
     add_server_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """The `bench tasks` command: validate, load the model, run, print; returns 0."""
-    from langchain_parallel_reason.cli_ask import EMBEDDED_LABEL
+    from langchain_parallel_reason.cli_options import EMBEDDED_LABEL, print_remote_result
 
     config = TaskBenchConfig(
         task=args.task,
@@ -702,6 +562,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_tokens=args.max_tokens,
         step_max_tokens=args.step_max_tokens,
+        titles=args.titles,
+        threads=args.threads,
     )
     if args.plot is not None:
         # Checked before the (long) run, not after it.
@@ -711,9 +573,8 @@ def run(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("matplotlib") is None:
             raise RuntimeError(_NO_MATPLOTLIB)
 
-    if args.base_url is not None:  # the three ways on a vLLM/SGLang server
+    if args.base_url is not None:  # three ways on a vLLM/SGLang server
         from langchain_parallel_reason.bench.remote import run_remote_task_bench
-        from langchain_parallel_reason.cli import print_remote_result
 
         result = run_remote_task_bench(
             args.base_url, args.served_model, config, progress=not args.no_progress

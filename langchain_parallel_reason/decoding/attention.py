@@ -170,7 +170,8 @@ class AttentionBackend(Protocol):
     ``prefix_len + token_idx[i]``; it attends the prefix and tokens ``0..token_idx[i]`` of its
     own branch only, and its keys are kept for the branch's later tokens. Returns logits
     ``[Q, V]``. ``retire(survivors, lengths)`` follows every step that ended branches: the live
-    branch ids in order and the tokens each holds. ``close()`` frees the branch keys at the end
+    branch ids in order and the tokens each holds. ``branch_kv(branch, length)`` copies a
+    branch's first ``length`` keys/values (called when it ends, before ``retire``). ``close()`` frees the branch keys at the end
     (the caller crops the prefix cache back). ``cache`` holds the keys (``kv_bytes`` reads it).
     """
 
@@ -184,6 +185,10 @@ class AttentionBackend(Protocol):
 
     def retire(self, survivors: list[int], lengths: list[int]) -> None:
         """Forget the branches that ended (``survivors`` are the live ones, in order)."""
+
+    def branch_kv(self, branch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of ``branch``'s first ``length`` keys/values: per layer ``[1, kv_heads,
+        length, head_dim]`` each, token k at position ``prefix_len + k``."""
 
     def close(self) -> None:
         """Free what the backend allocated."""
@@ -260,6 +265,10 @@ class SplitBackend:
                 self.cache.move_slot(self.slot_of[b], i, length)
                 self.slot_of[b] = i
         self.live = len(survivors)
+
+    def branch_kv(self, branch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """See ``AttentionBackend.branch_kv`` (a copy: the slot is reused once it retires)."""
+        return self.cache.slot_kv(self.slot_of[branch], length)
 
     def close(self) -> None:
         """Drop the branch buffers (the prefix they reference is the caller's)."""

@@ -122,6 +122,17 @@ class BranchCache(Cache):
         for buf in (*self.keys.values(), *self.values.values()):
             buf[dst, :, :length] = buf[src, :, :length]
 
+    def slot_kv(self, slot: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the first ``length`` keys/values of ``slot``: per layer ``[1, kv_heads,
+        length, head_dim]`` each (a copy: the slot is reused once its branch has finished)."""
+        return [
+            (
+                self.keys[i][slot, :, :length][None].clone(),
+                self.values[i][slot, :, :length][None].clone(),
+            )
+            for i in sorted(self.keys)
+        ]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Prefix length (branches do not extend the shared sequence)."""
         return self.prefix_len

@@ -99,6 +99,10 @@ class BranchesOutput:
         forward_passes: model forward calls made in Stage 2 (the prefix prefill excluded).
         kv_bytes: peak bytes of keys/values held during Stage 2, the prefix included.
         attention: the backend that ran ("split" or "mask").
+        tokens: new tokens of every branch together.
+        branch_kv: with ``keep_kv``, per branch its keys/values in the cache (forced tokens and
+            every new token but the last, which was never fed), per layer ``[1, kv_heads, L_b,
+            head_dim]`` with token k at position ``len(prefix) + k``; else None.
     """
 
     branches: list[BranchResult]
@@ -106,6 +110,7 @@ class BranchesOutput:
     kv_bytes: int
     attention: str
     tokens: int = field(default=0)
+    branch_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -216,6 +221,7 @@ class _Branch:
     forward_passes: int = 0
     finish: tuple[FinishReason, str | int | None] | None = None
     logits: torch.Tensor | None = None  # [V] after the branch's last fed token
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # with keep_kv, taken as it ends
 
     @property
     def length(self) -> int:
@@ -337,7 +343,7 @@ def _pick_tokens(
     """The next token of every live branch, after its rules (suppress, opening, repetition)."""
     logits = torch.stack([b.logits for b in live])  # [L, V]: row i is live[i]'s
     if suppress is not None:
-        suppress.apply(logits, [i for i, b in enumerate(live) if suppress.active(len(b.generated))])
+        suppress.apply(logits, [len(b.generated) for b in live])
     for i, b in enumerate(live):
         if b.opening is not None and not b.generated:
             logits[i, b.opening] = float("-inf")
@@ -389,6 +395,7 @@ def iter_decode_branches(
     prefix_logits: torch.Tensor | None = None,
     attention: Attention = "auto",
     cancel: threading.Event | None = None,
+    keep_kv: bool = False,
 ) -> Generator[StepEvent, None, BranchesOutput]:
     """Decode every branch at once; yield one ``StepEvent`` per forward; return the results.
 
@@ -419,6 +426,8 @@ def iter_decode_branches(
         attention: "auto", "split" or "mask" (see the module docstring).
         cancel: checked before every forward; ``decoding.sequential.Cancelled`` is raised when
             it is set (the prefix cache is restored first).
+        keep_kv: return each branch's keys/values (``BranchesOutput.branch_kv``), e.g. for a
+            Stage 3 that reuses them (``decoding.merge``) instead of prefilling the steps again.
     """
     device = model_device(model)
     prefix, forced, budgets = _check_inputs(
@@ -450,6 +459,11 @@ def iter_decode_branches(
                 yield StepEvent(step, tuple(b.index for b in live), tuple(tokens), tuple(ended))
                 step += 1
                 if ended:
+                    if keep_kv:  # before retire: the split backend reuses an ended slot
+                        for b in live:
+                            if b.finish is not None:
+                                # Every token but the last new one, which was never fed.
+                                b.kv = forwards.backend.branch_kv(b.index, b.length - 1)
                     live = [b for b in live if b.finish is None]
                     forwards.backend.retire([b.index for b in live], [b.length for b in live])
                 if live:
@@ -461,7 +475,8 @@ def iter_decode_branches(
 
     results = [b.result() for b in branches]
     total = sum(len(b.generated) for b in branches)
-    return BranchesOutput(results, forwards.count, forwards.peak, name, total)
+    kept = [b.kv for b in branches] if keep_kv else None
+    return BranchesOutput(results, forwards.count, forwards.peak, name, total, kept)
 
 
 def _shortcuts(

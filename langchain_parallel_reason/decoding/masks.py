@@ -171,5 +171,14 @@ class MaskBackend:
     def retire(self, survivors: list[int], lengths: list[int]) -> None:
         """Nothing to move: the mask keeps later queries off a finished branch's columns."""
 
+    def branch_kv(self, branch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """See ``AttentionBackend.branch_kv``: the branch's columns, in the order they were
+        appended (= by position), gathered from every layer."""
+        idx = (self.cols.col_branch[: self.cols.length] == branch).nonzero().squeeze(1)[:length]
+        return [
+            (layer.keys.index_select(-2, idx), layer.values.index_select(-2, idx))
+            for layer in self.cache.layers
+        ]
+
     def close(self) -> None:
         """Nothing to free: the branch columns go when the caller crops the cache."""

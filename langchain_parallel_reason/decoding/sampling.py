@@ -54,38 +54,55 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SuppressFirst:
-    """Ban ``token_ids`` while a sequence has fewer than ``count`` new tokens.
+    """Ban ``token_ids`` while a sequence has fewer than ``count`` new tokens, and
+    ``first_ids`` for its first new token only.
 
     The one way both loops delay tokens (``iter_decode(suppress=...)``,
     ``iter_decode_branches(suppress=...)``), e.g. so a small model cannot end a step at once
-    with EOS or the next step marker. Nothing is banned implicitly: list the stop ids here to
-    keep a sequence from stopping early (what ``generate``'s ``min_new_tokens`` does for EOS).
+    with EOS or the next step marker, nor open it with another step's title (``first_ids``:
+    what ``iter_decode_branches(opening_banned_ids=...)`` does per branch). Nothing is banned
+    implicitly: list the stop ids here to keep a sequence from stopping early (what
+    ``generate``'s ``min_new_tokens`` does for EOS).
 
     Attributes:
         token_ids: the banned ids (stored sorted, without repeats).
         count: new tokens a sequence must have before they are allowed (0: never banned).
+        first_ids: ids the first new token may not be (stored sorted, without repeats).
     """
 
     token_ids: Sequence[int]
     count: int
+    first_ids: Sequence[int] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "token_ids", tuple(sorted({int(t) for t in self.token_ids})))
+        object.__setattr__(self, "first_ids", tuple(sorted({int(t) for t in self.first_ids})))
         if self.count < 0:
             msg = f"SuppressFirst count must be >= 0 new tokens, got {self.count}"
             raise ValueError(msg)
 
-    def active(self, produced: int) -> bool:
-        """True while a sequence with ``produced`` new tokens may not pick ``token_ids``."""
-        return produced < self.count and bool(self.token_ids)
+    def banned(self, produced: int) -> tuple[int, ...]:
+        """The ids a sequence with ``produced`` new tokens may not pick next (sorted)."""
+        ids = self.token_ids if produced < self.count else ()
+        if produced == 0 and self.first_ids:
+            ids = tuple(sorted({*ids, *self.first_ids}))
+        return ids
 
-    def apply(self, logits: torch.Tensor, rows: Sequence[int]) -> None:
-        """Set the banned ids of ``rows`` of ``logits`` ``[B, V]`` to -inf, in place."""
-        if not rows or not self.token_ids:
-            return
-        r = torch.tensor(list(rows), device=logits.device)
-        ids = torch.tensor(self.token_ids, device=logits.device)
-        logits[r[:, None], ids[None, :]] = float("-inf")
+    def active(self, produced: int) -> bool:
+        """True while a sequence with ``produced`` new tokens has some id banned."""
+        return bool(self.banned(produced))
+
+    def apply(self, logits: torch.Tensor, produced: Sequence[int]) -> None:
+        """Set row i's banned ids (after ``produced[i]`` new tokens) of ``logits`` ``[B, V]``
+        to -inf, in place."""
+        rows_of: dict[tuple[int, ...], list[int]] = {}  # at most two groups: first, young
+        for row, n in enumerate(produced):
+            if ids := self.banned(n):
+                rows_of.setdefault(ids, []).append(row)
+        for ids, rows in rows_of.items():
+            r = torch.tensor(rows, device=logits.device)
+            banned = torch.tensor(ids, device=logits.device)
+            logits[r[:, None], banned[None, :]] = float("-inf")
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

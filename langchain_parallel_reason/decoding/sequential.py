@@ -157,11 +157,13 @@ def iter_decode(
     repetition: RepetitionControl | None = None,
     context_ids: Sequence[int] = (),
     loop_guard: bool = False,
+    logits: torch.Tensor | None = None,
 ) -> Generator[int, None, SequentialResult]:
     """Decode after ``input_ids``; yield each new token; return the result.
 
     Args:
-        model: stock causal LM. input_ids: ``[S]`` (S >= 1) tokens to append first.
+        model: stock causal LM. input_ids: ``[S]`` (S >= 1) tokens to append first, or none
+            when ``logits`` are given.
         cache: DynamicCache already holding ``start`` tokens (its own contents are not checked).
         max_new_tokens: budget (0 returns at once after the prefill).
         params, seed: sampling; the generator is seeded once per call.
@@ -175,6 +177,9 @@ def iter_decode(
             pass with the sampled token, instead of one pass per token. Those tokens are
             yielded and count as new tokens; when decoding ends right after them, the cache
             lacks them as well as the last sampled token.
+        logits: ``[V]`` logits after the cache's last token, when the caller's own forward
+            produced them (e.g. ``decoding.merge``): the first token is sampled from them, with
+            no forward of its own.
     """
     if isinstance(constraint, SuppressFirst):
         msg = "SuppressFirst is a sampling rule, not a grammar: pass it as suppress=..."
@@ -196,14 +201,15 @@ def iter_decode(
                 raise Cancelled("decoding cancelled")
             if len(tokens) >= max_new_tokens:
                 return SequentialResult(tokens, "length", None, passes)
-            logits = forward_tokens(model, ids, cache, pos)
-            passes += 1
-            pos += ids.shape[0]
+            if logits is None or tokens:
+                logits = forward_tokens(model, ids, cache, pos)
+                passes += 1
+                pos += ids.shape[0]
             if rep is not None:
                 logits = rep.apply(logits)
             if suppress is not None and suppress.active(len(tokens)):
                 logits = logits.clone()  # [V]; may be a view of a batched forward's output
-                suppress.apply(logits[None], [0])
+                suppress.apply(logits[None], [len(tokens)])
             if constraint is not None:
                 logits = constraint.mask_logits(logits)
             tok = int(sample_next(logits[None], params, gen)[0])

@@ -6,7 +6,8 @@ The server renders the chat template (``/v1/chat/completions``; a partial assist
 continued with ``continue_final_message``), so the client needs no weights and no tokenizer.
 Stage 1 sends the plan grammar as the server's structured output; Stage 2 sends one streamed
 completion per step, all at once, continuing the same prefix (the server's prefix cache stores
-it once and its scheduler decodes the steps in one batch); Stage 3 continues the merged text.
+it once and its scheduler decodes the steps in one batch), or in mode "stepped" one after
+another, each continuing the earlier ones; Stage 3 continues the merged text.
 Closing the stream or cancelling the task closes every HTTP stream, which aborts the requests
 on the server.
 """
@@ -657,52 +658,106 @@ class RemoteEngine:
                 f"max_tokens={cfg.max_tokens}, context={limit})"
             )
             return await self._sequential(call, reason, attempts, t0)
+        steps = (
+            self._stepped_steps_and_conclusion
+            if cfg.mode == "stepped"
+            else self._steps_and_conclusion
+        )
         try:
-            return await self._steps_and_conclusion(
-                call, plan, messages, prefix, headers, per_step, attempts, t0
-            )
+            return await steps(call, plan, messages, prefix, headers, per_step, attempts, t0)
         except (ConnectionError, ValueError, asyncio.CancelledError):
             raise
         except Exception as e:
             reason = f"parallel decoding failed ({type(e).__name__}: {e})"
             return await self._sequential(call, reason, attempts, t0)
 
+    async def _step(
+        self, call: _Call, messages, partial: str, b: int, title: str, per_step: int
+    ) -> _Completion:
+        """Step ``b``: one streamed completion continuing ``partial`` (which ends with its
+        header), with the parallel path's budget, stops, seed + b and opening rule."""
+        cfg = call.cfg
+        emit = _LeadingSpace(lambda text: call.event(StepDelta(b, title, text)))
+        return await self._complete(
+            call,
+            messages,
+            partial=partial,
+            max_tokens=per_step,
+            stop=(STEP_MARKER, *cfg.stop),
+            seed=None if cfg.seed is None else cfg.seed + b,
+            # A small model may open a step with the next title: EOS is banned this long.
+            min_tokens=min(MIN_STEP_TOKENS, per_step // 2),
+            extra=self._grammar_body(call, regex=STEP_OPENING_REGEX) if self._grammar_ok else None,
+            on_text=emit,
+        )
+
     async def _steps_and_conclusion(
         self, call, plan, messages, prefix, headers, per_step, attempts, t0
     ) -> AnswerResult:
-        cfg = call.cfg
         n = len(plan.titles)
         t = time.perf_counter()
+        if call.cfg.conclusion_kv == "reuse":
+            call.notes.append(
+                "conclusion_kv='reuse' needs the local engine: the server prefilled the steps"
+            )
 
         # Stage 2: one completion per step, all in flight at once, each continuing the same
         # prefix (plan) + its own header; step b samples with seed + b, as locally.
-        async def step(b: int) -> _Completion:
-            emit = _LeadingSpace(lambda text: call.event(StepDelta(b, plan.titles[b], text)))
-            return await self._complete(
-                call,
-                messages,
-                partial=prefix + headers[b],
-                max_tokens=per_step,
-                stop=(STEP_MARKER, *cfg.stop),
-                seed=None if cfg.seed is None else cfg.seed + b,
-                # A small model may open a step with the next title: EOS is banned this long.
-                min_tokens=min(MIN_STEP_TOKENS, per_step // 2),
-                extra=self._grammar_body(call, regex=STEP_OPENING_REGEX)
-                if self._grammar_ok
-                else None,
-                on_text=emit,
-            )
-
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(step(b)) for b in range(n)]
+            tasks = [
+                group.create_task(
+                    self._step(call, messages, prefix + headers[b], b, plan.titles[b], per_step)
+                )
+                for b in range(n)
+            ]
         outs = [task.result() for task in tasks]
         call.timings["steps"] = time.perf_counter() - t
         bodies = [out.text.strip() for out in outs]
-        branch_tokens = [out.completion_tokens for out in outs]
-        call.event(StageEvent("steps_done", {"branch_tokens": branch_tokens}))
-
         # Stage 3: the steps laid out in plan order, then the conclusion.
+        partial = prefix + merged_steps_text(headers, bodies) + conclusion_cue()
+        steps_md, conclusion, finish = await self._conclusion(call, messages, plan, outs, partial)
+        branch_tokens = [out.completion_tokens for out in outs]
+        longest = max(branch_tokens, default=0)
+        return _steps_answer(
+            call, "parallel", plan, outs, attempts, t0, steps_md + conclusion, finish,
+            # The server decodes the steps in one batch: about one pass per token of the longest.
+            decode_steps=longest,
+            tokens_per_forward=(sum(branch_tokens) / longest) if longest else None,
+            conclusion_kv="reprefill",
+            attention=f"server ({call.info.kind or 'openai'}: concurrent requests, shared prefix cache)",
+        )  # fmt: skip
+
+    async def _stepped_steps_and_conclusion(
+        self, call, plan, messages, prefix, headers, per_step, attempts, t0
+    ) -> AnswerResult:
+        """Mode "stepped" (the paper's baseline) on the server: one completion after another,
+        each continuing the prefix and every earlier step as laid out text (the server's prefix
+        cache holds what came before), then the same conclusion."""
         t = time.perf_counter()
+        written, outs = prefix, []
+        for b, title in enumerate(plan.titles):
+            out = await self._step(call, messages, written + headers[b], b, title, per_step)
+            outs.append(out)
+            written += merged_steps_text([headers[b]], [out.text.strip()])
+        call.timings["steps"] = time.perf_counter() - t
+        steps_md, conclusion, finish = await self._conclusion(
+            call, messages, plan, outs, written + conclusion_cue()
+        )
+        tokens = sum(out.completion_tokens for out in outs)
+        return _steps_answer(
+            call, "stepped", plan, outs, attempts, t0, steps_md + conclusion, finish,
+            decode_steps=tokens, tokens_per_forward=1.0 if tokens else None,
+        )  # fmt: skip
+
+    async def _conclusion(
+        self, call: _Call, messages, plan: Plan, outs: list[_Completion], partial: str
+    ) -> tuple[str, str, str]:
+        """Stage 3: send the steps as content, then continue ``partial`` (the laid-out steps
+        and the cue) with the conclusion; returns (steps content, conclusion, finish)."""
+        cfg = call.cfg
+        t = time.perf_counter()
+        call.event(StageEvent("steps_done", {"branch_tokens": [o.completion_tokens for o in outs]}))
+        bodies = [out.text.strip() for out in outs]
         steps_md = steps_content(plan.preamble.strip(), plan.titles, bodies)
         call.event(ContentDelta(steps_md))
         budget = cfg.max_tokens - call.output_tokens
@@ -714,7 +769,7 @@ class RemoteEngine:
                 out = await self._complete(
                     call,
                     messages,
-                    partial=prefix + merged_steps_text(headers, bodies) + conclusion_cue(),
+                    partial=partial,
                     max_tokens=budget,
                     stop=(*cfg.stop, STEP_MARKER),
                     on_text=lead,
@@ -724,26 +779,34 @@ class RemoteEngine:
             except ServerError as e:
                 call.notes.append(f"conclusion failed ({e}); answer ends there")
         call.timings["conclusion"] = time.perf_counter() - t
-        call.timings["total"] = time.perf_counter() - t0
-        longest = max(branch_tokens, default=0)
-        report = ParallelReport(
-            mode_used="parallel",
-            steps=list(plan.titles),
-            branch_tokens=branch_tokens,
-            branch_finish_reasons=[
-                "length" if o.finish_reason == "length" else "stop" for o in outs
-            ],
-            # The server decodes the steps in one batch: about one pass per token of the longest.
-            decode_steps=longest,
-            tokens_per_forward=(sum(branch_tokens) / longest) if longest else None,
-            plan_attempts=attempts,
-            timings=call.timings,
-            attention=f"server ({call.info.kind or 'openai'}: concurrent requests, shared prefix cache)",
-            notes=call.notes,
-        )
-        return AnswerResult(
-            steps_md + conclusion, report, call.input_tokens, call.output_tokens, finish
-        )
+        return steps_md, conclusion, finish
+
+
+def _steps_answer(
+    call: _Call,
+    mode: str,
+    plan: Plan,
+    outs: list[_Completion],
+    attempts: int,
+    t0: float,
+    content: str,
+    finish: str,
+    **report: Any,
+) -> AnswerResult:
+    """The answer of a call whose steps were ``outs``, with its report (``report``: the
+    mode's own fields)."""
+    call.timings["total"] = time.perf_counter() - t0
+    parallel = ParallelReport(
+        mode_used=mode,
+        steps=list(plan.titles),
+        branch_tokens=[out.completion_tokens for out in outs],
+        branch_finish_reasons=["length" if o.finish_reason == "length" else "stop" for o in outs],
+        plan_attempts=attempts,
+        timings=call.timings,
+        notes=call.notes,
+        **report,
+    )
+    return AnswerResult(content, parallel, call.input_tokens, call.output_tokens, finish)
 
 
 class _LeadingSpace:

@@ -84,3 +84,28 @@ def test_converted_folder_generates_like_the_gguf(
     got = _greedy(model, tokenizer)
     assert got == expected, (tokenizer.decode(got), gguf_tokenizer.decode(expected))
     assert gguf_tokenizer.eos_token_id not in expected[-NEW_TOKENS:]  # all 16 are content
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"mode": "stepped"}, {"mode": "parallel", "conclusion_kv": "reuse"}],
+    ids=["stepped", "reuse"],
+)
+def test_stepped_mode_and_kv_reuse_answer_in_words(
+    embedded: tuple[PreTrainedModel, PreTrainedTokenizerBase], settings: dict
+) -> None:
+    from langchain_parallel_reason.pipeline import PipelineConfig, answer
+
+    model, tokenizer = embedded
+    question = [{"role": "user", "content": "Compare tea and coffee."}]
+    config = PipelineConfig(steps=("Tea", "Coffee"), max_tokens=120, step_max_tokens=32, **settings)
+    result = answer(model, tokenizer, question, config)
+    report = result.report
+    assert report.mode_used == settings["mode"], report.fallback_reason
+    assert report.notes == []
+    for title in ("Tea", "Coffee"):
+        body = result.content.split(f"**{title}**: ")[1].split("\n\n")[0]
+        assert len(body.split()) >= 3, body  # a sentence, not a marker or a copied title
+    conclusion = result.content.rsplit("\n\n", 1)[-1]
+    assert len(conclusion.split()) >= 3, result.content
+    assert result.output_tokens <= 120

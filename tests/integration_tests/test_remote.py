@@ -233,6 +233,21 @@ def test_sequential_mode(server: Any) -> None:
     assert msg.usage_metadata["output_tokens"] <= 24
 
 
+def test_stepped_mode_writes_the_steps_one_after_another(server: Any) -> None:
+    llm = _llm(server, steps=STEPS, max_tokens=200, seed=0)
+    stepped = llm.invoke(_question(), mode="stepped")
+    parallel = llm.invoke(_question())
+    report = stepped.response_metadata["parallel"]
+    assert report["mode_used"] == "stepped", report
+    assert report["steps"] == STEPS
+    assert report["decode_steps"] == sum(report["branch_tokens"])
+    # Step 1 continues the same text in both modes (greedy): the same body.
+    first = f"**{STEPS[0]}**: "
+    assert stepped.content.split("\n\n")[0] == parallel.content.split("\n\n")[0]
+    assert stepped.content.startswith(first)
+    assert "reuse" not in str(report["notes"])
+
+
 def test_forced_tool_call_through_the_server_grammar(server: Any) -> None:
     @tool
     def multiply(a: int, b: int) -> int:

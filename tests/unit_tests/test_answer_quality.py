@@ -28,6 +28,8 @@ FAILING_PLANS = {"constrain_plan": False, "plan_retries": 3, "plan_max_tokens": 
         {"max_tokens": 40, "plan_retries": 20, "mode": "parallel"},
         {"max_tokens": 64, **FAILING_PLANS},
         {"max_tokens": 30, "steps": list(STEPS), "step_max_tokens": 50},
+        {"max_tokens": 30, "steps": list(STEPS), "step_max_tokens": 50, "mode": "stepped"},
+        {"max_tokens": 50, "steps": list(STEPS), "conclusion_kv": "reuse"},
         {"max_tokens": 7},
         {"max_tokens": 200, "step_max_tokens": 30, "plan_max_tokens": 60, "seed": 3},
         {"max_tokens": 90, "temperature": 0.9, "seed": 1, **FAILING_PLANS},
@@ -108,10 +110,15 @@ def test_fallback_reasons_hold_no_negative_numbers(tiny_llama: Any, tiny_tokeniz
         assert result.output_tokens <= max_tokens
 
 
-def test_conclusion_has_a_minimum_length(tiny_llama: Any, tiny_tokenizer: Any) -> None:
-    config = PipelineConfig(steps=STEPS, max_tokens=120, step_max_tokens=10)
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"mode": "stepped"}, {"conclusion_kv": "reuse"}],
+    ids=["parallel", "stepped", "reuse"],
+)
+def test_conclusion_has_a_minimum_length(tiny_llama: Any, tiny_tokenizer: Any, settings) -> None:
+    config = PipelineConfig(steps=STEPS, max_tokens=120, step_max_tokens=10, **settings)
     result = answer(tiny_llama, tiny_tokenizer, MESSAGES, config)
-    assert result.report.mode_used == "parallel"
+    assert result.report.mode_used == settings.get("mode", "parallel")
     assert result.report.conclusion_tokens >= MIN_CONCLUSION_TOKENS
 
 

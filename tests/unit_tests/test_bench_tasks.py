@@ -1,7 +1,8 @@
-"""`parallel-reason bench tasks`: generators, scorers, the stepped baseline, the command end to end.
+"""`parallel-reason bench tasks`: generators, scorers, settings, the command end to end.
 
 Runs on the tiny random model (its answers are noise, so accuracy is never asserted on it);
-never asserts on speed.
+never asserts on speed. The stepped baseline itself is the product's mode="stepped"
+(tests/unit_tests/test_stepped.py).
 """
 
 from __future__ import annotations
@@ -22,13 +23,9 @@ from langchain_parallel_reason.bench.task_gen import (
     max_items,
     mentioned,
     score_answer,
+    score_plan,
 )
-from langchain_parallel_reason.bench.tasks import (
-    WAYS,
-    TaskBenchConfig,
-    decode_steps_sequentially,
-)
-from langchain_parallel_reason.pipeline import PipelineConfig, answer
+from langchain_parallel_reason.bench.tasks import WAYS, TaskBenchConfig
 
 # ----------------------------------------------------------------------------- generators
 
@@ -150,45 +147,53 @@ def test_final_segment_and_mentioned():
     assert not mentioned("Alice Moreno", "Alicent won")
 
 
-# ----------------------------------------------------------------------------- baseline
+def test_plan_score_counts_the_items_some_title_names():
+    task = _retrieval_task()  # Alice Moreno, Bruno Okafor, Carmen Petrov
+    assert score_plan(task, ["Alice Moreno", "Bruno", "Petrov"]) == 1.0
+    assert score_plan(task, ["alice", "Grades", "Summary"]) == pytest.approx(1 / 3)
+    assert score_plan(task, ["Student 1", "Student 2", "Student 3"]) == 0.0
+    planning = generate_task("planning", 4, seed=0)
+    a, b, *_ = planning.aspects
+    assert score_plan(planning, [f"The {a.lower()}", b, "Other"]) == 0.5
+    doc = generate_task("multidoc", 3, seed=0)
+    assert score_plan(doc, ["Document 1", "Doc 2", doc.candidates[2]]) == 1.0
+    assert score_plan(doc, ["Document 12"]) == 0.0  # not document 1
 
 
-def test_stepped_baseline_first_step_equals_parallel_branch(tiny_llama, tiny_tokenizer):
-    # Greedy and fp32: step 1 sees the prompt, the plan and its header in both ways, so its
-    # text must be the same; later steps differ (they see the earlier ones in the baseline).
-    task = generate_task("retrieval", 3, seed=1)
-    config = PipelineConfig(
-        mode="parallel", steps=task.steps, max_branches=3, max_tokens=40, step_max_tokens=8
-    )
-    messages = [{"role": "user", "content": task.prompt}]
-    parallel = answer(tiny_llama, tiny_tokenizer, messages, config)
-    assert parallel.report.mode_used == "parallel"
-    steps = decode_steps_sequentially(
-        tiny_llama, tiny_tokenizer, messages, list(task.steps), config
-    )
-    first_body = parallel.content.split("\n\n")[0].removeprefix(f"**{task.steps[0]}**: ")
-    assert steps.step_texts[0] == first_body
-    assert len(steps.step_texts) == 3
-    assert all(f"**{t}**: " in steps.content for t in task.steps)
-    assert steps.content.endswith(steps.conclusion)
-    assert 0 < steps.output_tokens <= config.max_tokens
-    assert steps.seconds > 0
+# ----------------------------------------------------------------------------- settings
 
 
-def test_config_budgets_and_validation():
+def test_config_budgets_settings_and_validation():
     cfg = TaskBenchConfig(task="retrieval", items=(4,), step_max_tokens=10)
     assert cfg.answer_max_tokens(4) == 50
     assert TaskBenchConfig(task="planning", step_max_tokens=10).answer_max_tokens(3) == 62 + 40
+    own = TaskBenchConfig(titles="model", step_max_tokens=10)
+    assert own.answer_max_tokens(3) == 62 + 40  # the plan's budget, as for planning
     assert TaskBenchConfig(max_tokens=77).answer_max_tokens(30) == 77
     task = generate_task("retrieval", 4)
-    assert cfg.pipeline_config(task, "parallel").steps == task.steps
-    assert cfg.pipeline_config(task, "sequential").mode == "sequential"
+    ways = {way: cfg.settings(task, way) for way in WAYS}
+    assert ways["sequential"]["mode"] == "sequential"
+    assert "steps" not in ways["sequential"]
+    assert ways["stepped"]["mode"] == "stepped"
+    assert {w["mode"] for k, w in ways.items() if k.startswith("parallel")} == {"parallel"}
+    assert ways["parallel"]["conclusion_kv"] == "reprefill"
+    assert ways["parallel_reuse"]["conclusion_kv"] == "reuse"
+    for way in ("stepped", "parallel", "parallel_reuse"):
+        assert ways[way]["steps"] == list(task.steps)
+        assert own.settings(task, way)["steps"] is None  # the model plans its own titles
+    # Every way shares the budgets, so only the mode differs.
+    shared = {
+        k: v for k, v in ways["parallel"].items() if k not in ("mode", "steps", "conclusion_kv")
+    }
+    assert all(ways[w].items() >= shared.items() for w in WAYS)
     planning = generate_task("planning", 4)
-    assert TaskBenchConfig(task="planning").pipeline_config(planning, "parallel").mode == "auto"
+    assert TaskBenchConfig(task="planning").settings(planning, "parallel")["steps"] is None
     with pytest.raises(ValueError, match="items"):
         TaskBenchConfig(items=(1,))
     with pytest.raises(ValueError, match="samples"):
         TaskBenchConfig(samples=0)
+    with pytest.raises(ValueError, match="titles"):
+        TaskBenchConfig(titles="some")
 
 
 # ----------------------------------------------------------------------------- command
@@ -199,14 +204,18 @@ _WAY_KEYS = {
     "tokens_per_s",
     "accuracy",
     "stage1_format_ok",
+    "plan_score",
     "fallbacks",
     "mean_tokens_per_forward",
+    "mean_steps_s",
+    "mean_merge_s",
+    "mean_stage3_s",
 }
 _SPEEDUP_KEYS = {
     "wall_vs_sequential",
     "tokens_per_s_vs_sequential",
-    "wall_vs_sequential_steps",
-    "tokens_per_s_vs_sequential_steps",
+    "wall_vs_stepped",
+    "tokens_per_s_vs_stepped",
 }
 
 
@@ -230,16 +239,46 @@ def test_bench_tasks_json_and_plot(tiny_model_dir, tmp_path, capsys):
             assert entry["ways"][way]["stage1_format_ok"] is None  # steps were given
         assert set(entry["speedup"]) == _SPEEDUP_KEYS
         assert len(entry["runs"]) == 2
-        assert entry["runs"][0]["parallel"]["mode_used"] == "parallel"
+        for run in entry["runs"]:
+            assert run["stepped"]["mode_used"] == "stepped"
+            assert run["parallel"]["mode_used"] == "parallel"
+            assert run["parallel"]["timings"]["merge"] <= run["parallel"]["timings"]["conclusion"]
+            # The same given steps every way: only how they were written differs.
+            assert run["stepped"]["titles"] == run["parallel"]["titles"]
+        # Stage 3 with the steps re-prefilled vs their KV reused, side by side.
+        stage3 = entry["stage3"]
+        assert set(stage3) == {
+            "merge_s",
+            "stage3_s",
+            "merge_speedup",
+            "accuracy",
+            "same_conclusion",
+        }
+        assert stage3["merge_s"]["reprefill"] == entry["ways"]["parallel"]["mean_merge_s"] > 0
+        assert stage3["merge_s"]["reuse"] == entry["ways"]["parallel_reuse"]["mean_merge_s"] > 0
+        assert 0.0 <= stage3["same_conclusion"] <= 1.0
+        assert entry["ways"]["sequential"]["mean_merge_s"] is None  # no Stage 3
+    assert result["titles"] == "given"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_tasks_planning_reports_stage1_rate(tiny_model_dir, capsys):
-    argv = _args(tiny_model_dir, "--task", "planning", "--items", "2", "--samples", "1")
+@pytest.mark.parametrize(
+    "extra", [["--task", "planning"], ["--task", "retrieval", "--titles", "model"]]
+)
+def test_bench_tasks_with_own_titles_reports_plan_rate_and_score(tiny_model_dir, capsys, extra):
+    argv = _args(tiny_model_dir, *extra, "--items", "2", "--samples", "1")
     assert cli.main([*argv, "--json", "--no-progress"]) == 0
-    entry = json.loads(capsys.readouterr().out)["by_items"][0]
-    assert entry["ways"]["parallel"]["stage1_format_ok"] in (0.0, 1.0)
+    result = json.loads(capsys.readouterr().out)
+    assert result["titles"] == "model"
+    entry = result["by_items"][0]
+    for way in ("stepped", "parallel", "parallel_reuse"):
+        assert entry["ways"][way]["stage1_format_ok"] in (0.0, 1.0)
+        assert 0.0 <= entry["ways"][way]["plan_score"] <= 1.0
     assert entry["ways"]["sequential"]["stage1_format_ok"] is None
+    assert entry["ways"]["sequential"]["plan_score"] is None
+    run = entry["runs"][0]
+    if run["parallel"]["mode_used"] == "parallel":  # the same greedy plan both ways
+        assert run["stepped"]["titles"] == run["parallel"]["titles"]
 
 
 def test_bench_tasks_table_and_progress(tiny_model_dir, capsys):
@@ -248,7 +287,8 @@ def test_bench_tasks_table_and_progress(tiny_model_dir, capsys):
     )
     captured = capsys.readouterr()
     assert "parallel speedup" in captured.out
-    assert "sequential steps" in captured.out
+    assert "stepped" in captured.out
+    assert "stage 3, steps re-prefilled -> KV reused" in captured.out
     assert "N=2 sample 1/1" in captured.err  # the progress bar
 
 

@@ -127,6 +127,17 @@ def test_ask_plain_lines_when_not_a_terminal(tiny_model_dir, capsys):
     assert "\x1b[" not in out  # no terminal control codes in a pipe
 
 
+def test_ask_stepped_and_reuse(tiny_model_dir, capsys):
+    assert cli.main(_ask(tiny_model_dir, *_STEPS, "--mode", "stepped")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3] == "Steps (written one after another):"
+    assert any(line.startswith("mode: stepped | steps: 2") for line in lines)
+    argv = [*_ask(tiny_model_dir, *_STEPS, "--conclusion-kv", "reuse"), "--json"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    assert (report["mode_used"], report["conclusion_kv"]) == ("parallel", "reuse")
+
+
 def test_ask_sequential(tiny_model_dir, capsys):
     assert cli.main(_ask(tiny_model_dir, "--mode", "sequential", "--seed", "1")) == 0
     out = capsys.readouterr().out

@@ -22,19 +22,13 @@ ROOT = Path(langchain_parallel_reason.__file__).parent
 MAX_LINES = 700
 
 # (importer, owner, name) -> why it is still there.
-ALLOWED_PRIVATE_IMPORTS: dict[tuple[str, str, str], str] = {
-    ("bench.tasks", "bench.decode", "_load_avg"): (
-        "bench/tasks.py is being rewritten onto the public stepped pipeline; it should import "
-        "bench.machine.load_average (bench.decode keeps _load_avg as an alias until then)"
-    ),
-}
+ALLOWED_PRIVATE_IMPORTS: dict[tuple[str, str, str], str] = {}
 # Sorted module lists of allowed cycles -> why.
 ALLOWED_CYCLES: dict[tuple[str, ...], str] = {}
 # module -> why it may exceed MAX_LINES for now.
 ALLOWED_LONG_MODULES: dict[str, str] = {
     "pipeline": "split into pipeline/ (settings, events, stages) by the settings/events work",
     "chat_models": "the runtime and output forms move out with the one-door work",
-    "bench.tasks": "its copy of the stepped pipeline goes when it calls the public pipeline",
     "runtime.remote": "the remote engine; owned by the remote-runtime work",
 }
 

@@ -54,16 +54,19 @@ def test_stream_concatenates_to_content_and_matches_answer(tiny_llama, tiny_toke
     assert result.output_tokens > 0
 
 
-def test_steps_override_runs_parallel_with_those_titles(tiny_llama, tiny_tokenizer) -> None:
-    config = PipelineConfig(steps=STEPS, max_tokens=120, step_max_tokens=12)
+@pytest.mark.parametrize("mode", ["parallel", "stepped"])
+def test_steps_override_runs_those_titles(tiny_llama, tiny_tokenizer, mode) -> None:
+    config = PipelineConfig(mode=mode, steps=STEPS, max_tokens=120, step_max_tokens=12)
     events, result = _collect(tiny_llama, tiny_tokenizer, MESSAGES, config)
     report = result.report
-    assert report.mode_used == "parallel"
+    assert report.mode_used == mode
     assert report.fallback_reason is None
     assert report.steps == list(STEPS)
     assert len(report.branch_tokens) == len(STEPS)
     assert all(0 < t <= 12 for t in report.branch_tokens)
-    assert report.decode_steps == max(report.branch_tokens)
+    # One forward per step token in "stepped"; one per token of the longest step in parallel.
+    longest = max(report.branch_tokens) if mode == "parallel" else sum(report.branch_tokens)
+    assert report.decode_steps == longest
     assert report.tokens_per_forward == pytest.approx(
         sum(report.branch_tokens) / report.decode_steps
     )

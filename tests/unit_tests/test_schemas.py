@@ -103,6 +103,7 @@ def test_sequential_report_defaults() -> None:
         "tokens_per_forward": None,
         "plan_attempts": 0,
         "conclusion_tokens": 0,
+        "conclusion_kv": None,
         "timings": {},
         "attention": None,
         "notes": [],

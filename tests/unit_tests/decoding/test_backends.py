@@ -86,6 +86,27 @@ def test_suppress_first_bans_for_exactly_count_tokens(tiny_llama) -> None:
     assert not SuppressFirst([], 5).active(0)
 
 
+def test_suppress_first_ids_ban_the_first_token_only(tiny_llama) -> None:
+    free = result_of(iter_decode(tiny_llama, PREFIX, DynamicCache(), start=0, max_new_tokens=NEW))
+    first = free.token_ids[0]
+    rule = SuppressFirst([], 0, first_ids=[first])
+    out = result_of(
+        iter_decode(tiny_llama, PREFIX, DynamicCache(), start=0, max_new_tokens=NEW, suppress=rule)
+    )
+    assert out.token_ids[0] != first
+    # The same rule in the branch loop equals a per-branch opening ban.
+    kwargs = {"max_new_tokens": NEW, "attention": "mask"}
+    ruled = decode_branches(tiny_llama, PREFIX, BRANCHES, suppress=rule, **kwargs)
+    opened = decode_branches(
+        tiny_llama, PREFIX, BRANCHES, opening_banned_ids=[[first]] * len(BRANCHES), **kwargs
+    )
+    assert [r.token_ids for r in ruled.branches] == [r.token_ids for r in opened.branches]
+    both = SuppressFirst([9, 3], 2, first_ids=[5, 5, 1])
+    assert both.first_ids == (1, 5)
+    assert [both.banned(n) for n in range(3)] == [(1, 3, 5, 9), (3, 9), ()]
+    assert [rule.active(n) for n in range(2)] == [True, False]
+
+
 def test_rules_given_the_wrong_way_get_clear_errors(tiny_llama) -> None:
     with pytest.raises(ValueError, match="count must be >= 0"):
         SuppressFirst([1], -1)

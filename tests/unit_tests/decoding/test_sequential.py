@@ -69,3 +69,22 @@ def test_jump_forward_saves_passes_and_keeps_the_grammar(
     assert json.loads(plain_text)["name"] == "get_weather"
     assert plain_passes == plain_tokens
     assert passes < plain_passes
+
+
+def test_given_logits_replace_the_first_forward(tiny_llama: Any) -> None:
+    # Decoding from the caller's logits after a prefill equals feeding the prompt itself.
+    import torch
+
+    from langchain_parallel_reason.decoding import prefill
+    from langchain_parallel_reason.pipeline import drive
+
+    prompt = [5, 17, 99, 230, 41, 8, 300, 77]
+    plain = drive(iter_decode(tiny_llama, prompt, DynamicCache(), start=0, max_new_tokens=9))
+    cache = DynamicCache()
+    with torch.inference_mode():
+        logits = prefill(tiny_llama, torch.tensor(prompt), cache)
+    given = drive(
+        iter_decode(tiny_llama, [], cache, start=len(prompt), max_new_tokens=9, logits=logits)
+    )
+    assert given.token_ids == plain.token_ids
+    assert given.forward_passes == plain.forward_passes - 1

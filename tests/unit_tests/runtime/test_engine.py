@@ -35,7 +35,8 @@ TOOL_SCHEMA = json.dumps(
 )
 
 # A mix of every stage: plain sequential, given steps (split and mask backends, 2 and 4 steps,
-# different budgets and stop strings), a model-written plan, an output grammar, sampling.
+# different budgets and stop strings), a model-written plan, an output grammar, sampling,
+# stepped mode and a conclusion over reused KV.
 CONFIGS: list[pl.PipelineConfig] = [
     pl.PipelineConfig(mode="sequential", max_tokens=30),
     pl.PipelineConfig(steps=("Alpha", "Beta", "Gamma", "Delta"), max_tokens=70, step_max_tokens=9),
@@ -46,6 +47,11 @@ CONFIGS: list[pl.PipelineConfig] = [
     pl.PipelineConfig(mode="sequential", max_tokens=20, temperature=0.9, seed=7),
     pl.PipelineConfig(
         steps=("Up", "Down"), max_tokens=40, step_max_tokens=8, temperature=0.8, seed=3
+    ),
+    # The paper's baseline (steps one after another) and Stage 3 over the steps' own KV.
+    pl.PipelineConfig(mode="stepped", steps=("Red", "Blue"), max_tokens=40, step_max_tokens=8),
+    pl.PipelineConfig(
+        steps=("East", "West", "North"), max_tokens=50, step_max_tokens=8, conclusion_kv="reuse"
     ),
 ]
 
