@@ -132,8 +132,11 @@ def lay_out_branches(
     for kv, glue in zip(branch_kv, glue_ids, strict=True):
         length = kv[0][0].shape[-2]
         shift = pos - prefix_len  # branch token k moves from P + k to pos + k
-        for layer, (keys, values) in enumerate(kv):
-            cache.update(rotate_keys(keys, inv_freq, shift), values, layer)
+        # Inference mode: a cache that grows in place (the engine's) writes into inference
+        # tensors, which autograd forbids outside it.
+        with torch.inference_mode():
+            for layer, (keys, values) in enumerate(kv):
+                cache.update(rotate_keys(keys, inv_freq, shift), values, layer)
         col_pos.append(torch.arange(pos, pos + length, device=device))
         pos += length
         glue_pos.extend(range(pos, pos + len(glue)))

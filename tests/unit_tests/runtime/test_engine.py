@@ -68,7 +68,14 @@ def _result(engine: Engine, request: Request) -> Any:
 
 def _key(result: Any) -> tuple[Any, ...]:
     report = result.report
-    return (result.content, result.output_tokens, report.mode_used, tuple(report.branch_tokens))
+    # conclusion_kv: a KV reuse that failed under the engine re-prefills, with the same steps.
+    return (
+        result.content,
+        result.output_tokens,
+        report.mode_used,
+        tuple(report.branch_tokens),
+        report.conclusion_kv,
+    )
 
 
 def _run_all_at_once(engine: Engine, requests: list[Request]) -> list[Any]:
