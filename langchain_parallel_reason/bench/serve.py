@@ -102,6 +102,42 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def forward_cost(model: Any, rows: tuple[int, ...] = (1, 16, 64), context: int = 256) -> dict:
+    """A cost model of one plain forward on this machine: ``t(r) = fixed_s + per_row_s * r``
+    fitted (least squares) to medians of 3 forwards of ``r`` new tokens after ``context``
+    cached ones. Run it while the model is idle (the engine has nothing to do)."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    from langchain_parallel_reason.decoding.sequential import forward_tokens
+    from langchain_parallel_reason.decoding.cache import crop_to
+
+    device = model.get_input_embeddings().weight.device
+    cache = DynamicCache()
+    ids = torch.arange(100, 100 + context + max(rows), device=device) % 1000
+    times = []
+    with torch.inference_mode():
+        forward_tokens(model, ids[:context], cache, 0)
+        for r in rows:
+            runs = []
+            for _ in range(3):
+                t = time.perf_counter()
+                forward_tokens(model, ids[context : context + r], cache, context)
+                runs.append(time.perf_counter() - t)
+                crop_to(cache, context)
+            times.append(statistics.median(runs))
+    mean_r, mean_t = statistics.fmean(rows), statistics.fmean(times)
+    slope = sum((r - mean_r) * (t - mean_t) for r, t in zip(rows, times, strict=True)) / sum(
+        (r - mean_r) ** 2 for r in rows
+    )
+    return {
+        "rows": list(rows),
+        "seconds": [round(t, 4) for t in times],
+        "fixed_s": round(max(0.0, mean_t - slope * mean_r), 4),
+        "per_row_s": round(slope, 5),
+    }
+
+
 def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
     """Serve the set one at a time, then concurrently; see the module docstring."""
     from langchain_parallel_reason.runtime.threads import default_threads
@@ -129,6 +165,14 @@ def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
     steps = after["steps"] - before["steps"]
     model = engine.model
     identical = [_summary(a) == _summary(b) for a, (b, _) in zip(serial, done, strict=True)]
+    # What batching could give at best on this machine: each phase's forwards priced as plain
+    # forwards of as many tokens (no attention or engine overhead), serial over concurrent.
+    cost = forward_cost(model)
+    fixed, per_row = cost["fixed_s"], cost["per_row_s"]
+    serial_steps, serial_rows = before["steps"] - first["steps"], before["rows"] - first["rows"]
+    ideal_serial = fixed * serial_steps + per_row * serial_rows
+    ideal_concurrent = fixed * steps + per_row * (after["rows"] - before["rows"])
+    ideal = ideal_serial / ideal_concurrent if ideal_concurrent > 0 else None
     return {
         "requests": config.requests,
         "concurrency": config.concurrency,
@@ -136,6 +180,10 @@ def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
         "serial_s": round(serial_s, 3),
         "concurrent_s": round(concurrent_s, 3),
         "throughput_ratio": round(serial_s / concurrent_s, 2),
+        "ideal_ratio": None if ideal is None else round(ideal, 2),
+        "of_ideal": None if not ideal else round(serial_s / concurrent_s / ideal, 2),
+        "forward_cost": cost,
+        "serial_forwards": serial_steps,
         "serial_tokens_per_s": round(tokens / serial_s, 1),
         "concurrent_tokens_per_s": round(tokens / concurrent_s, 1),
         "p50_latency_s": round(statistics.median(latency), 3),

@@ -38,6 +38,15 @@ def test_serve_bench_reports_throughput_latency_and_identity(
     assert result["p95_latency_s"] >= result["p50_latency_s"] > 0
     assert result["mean_rows_per_forward"] > 1  # the concurrent run shared forwards
     assert result["dtype"] == "float32"
+    # The cost model prices more rows higher, and the ideal counts the same work both ways.
+    cost = result["forward_cost"]
+    assert cost["per_row_s"] > 0 and cost["fixed_s"] >= 0
+    assert result["ideal_ratio"] > 1
+    assert result["of_ideal"] == pytest.approx(
+        result["throughput_ratio"] / result["ideal_ratio"], abs=0.02
+    )
+    assert result["serial_forwards"] > result["forwards"]
+    assert result["prefix_hit_tokens"]["concurrent"] > 0  # the planning prompt, prefilled once
     points = sweep_concurrency(llm, ServeBenchConfig(requests=2, max_tokens=8), levels=(1, 2))
     assert [p["concurrency"] for p in points] == [1, 2]
 
