@@ -102,15 +102,15 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def forward_cost(model: Any, rows: tuple[int, ...] = (1, 16, 64), context: int = 256) -> dict:
+def forward_cost(model: Any, rows: tuple[int, ...] = (1, 4, 16, 64), context: int = 256) -> dict:
     """A cost model of one plain forward on this machine: ``t(r) = fixed_s + per_row_s * r``
-    fitted (least squares) to medians of 3 forwards of ``r`` new tokens after ``context``
+    fitted (least squares) to medians of 5 forwards of ``r`` new tokens after ``context``
     cached ones. Run it while the model is idle (the engine has nothing to do)."""
     import torch
     from transformers.cache_utils import DynamicCache
 
-    from langchain_parallel_reason.decoding.sequential import forward_tokens
     from langchain_parallel_reason.decoding.cache import crop_to
+    from langchain_parallel_reason.decoding.sequential import forward_tokens
 
     device = model.get_input_embeddings().weight.device
     cache = DynamicCache()
@@ -120,7 +120,7 @@ def forward_cost(model: Any, rows: tuple[int, ...] = (1, 16, 64), context: int =
         forward_tokens(model, ids[:context], cache, 0)
         for r in rows:
             runs = []
-            for _ in range(3):
+            for _ in range(5):
                 t = time.perf_counter()
                 forward_tokens(model, ids[context : context + r], cache, context)
                 runs.append(time.perf_counter() - t)
