@@ -356,22 +356,24 @@ def _check_steps(steps: tuple[str, ...], max_branches: int) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from langchain_parallel_reason.pipeline import PipelineConfig
+    from langchain_parallel_reason.call_settings import pipeline_config
 
     steps = tuple(args.steps) if args.steps else None
     if steps is not None:
         _check_steps(steps, max(6, len(steps)))
-    return PipelineConfig(
-        mode=args.mode,
-        steps=steps,
-        max_branches=max(6, len(steps or ())),
-        max_tokens=args.max_tokens,
-        step_max_tokens=args.step_max_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        conclusion_kv=args.conclusion_kv,
+    return pipeline_config(
+        {
+            "mode": args.mode,
+            "steps": steps,
+            "max_branches": max(6, len(steps or ())),
+            "max_tokens": args.max_tokens,
+            "step_max_tokens": args.step_max_tokens,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "repetition_penalty": args.repetition_penalty,
+            "no_repeat_ngram_size": args.no_repeat_ngram_size,
+            "conclusion_kv": args.conclusion_kv,
+        }
     )
 
 
