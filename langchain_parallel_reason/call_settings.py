@@ -8,11 +8,12 @@ so a field added to the chat model reaches the pipeline the same way everywhere.
 
 from __future__ import annotations
 
+import functools
 import reprlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .schemas import Plan
 
@@ -26,6 +27,7 @@ __all__ = [
     "STEP_TITLE_CHARS",
     "TIMEOUT_MAX_S",
     "check_timeout",
+    "field_adapter",
     "pipeline_config",
     "validate_steps",
 ]
@@ -102,6 +104,15 @@ def validate_steps(steps: list[str], max_branches: int) -> None:
     else:
         return
     raise ValueError(msg)  # outside the except block: see plan.parse_plan
+
+
+@functools.cache
+def field_adapter(cls: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    """A validator for one field of ``cls``, constraints included, for per-call overrides."""
+    info = cls.model_fields[name]
+    if not info.metadata:
+        return TypeAdapter(info.annotation)
+    return TypeAdapter(Annotated[info.annotation, *info.metadata])
 
 
 def pipeline_config(

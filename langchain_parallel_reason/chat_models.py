@@ -10,39 +10,27 @@ Constructing never loads weights; the model loads once, on first use.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from operator import itemgetter
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import (
     AIMessage,
-    AIMessageChunk,
     BaseMessage,
 )
-from langchain_core.messages.ai import UsageMetadata
-from langchain_core.output_parsers import (
-    JsonOutputKeyToolsParser,
-    JsonOutputParser,
-    PydanticOutputParser,
-    PydanticToolsParser,
-)
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
-from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
-from langchain_core.utils.pydantic import is_basemodel_subclass
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import (
     AfterValidator,
     BaseModel,
     Field,
     PrivateAttr,
     SecretStr,
-    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -55,20 +43,20 @@ from .call_settings import (
     IGNORED_KWARGS,
     OUTPUT_KWARGS,
     check_timeout,
+    field_adapter,
     pipeline_config,
     validate_steps,
 )
-from .messages import convert_messages
-from .output_forms import OutputForm
+from .chunks import chat_result, event_chunk, final_chunk
+from .messages import check_chat_template, convert_messages
+from .output_forms import OutputForm, structured_output
 from .runtime.base import EngineLimits, Request
 
 if TYPE_CHECKING:
-    from types import ModuleType
-
     from langchain_core.language_models import LanguageModelInput
     from langchain_core.tools import BaseTool
 
-    from .pipeline import AnswerResult, PipelineConfig
+    from .pipeline import PipelineConfig
     from .runtime.engine import Engine
     from .runtime.remote import RemoteEngine
 
@@ -80,14 +68,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PROVIDER = "parallel-reason"
 
 
-def _pipeline() -> ModuleType:
-    """The pipeline module, imported on first use: it pulls in torch and transformers, which
-    `import langchain_parallel_reason` (and the CLI's `--help`) should not pay for."""
-    from . import pipeline
-
-    return pipeline
-
-
 # ---------------------------------------------------------------------------- the engine
 
 
@@ -97,41 +77,11 @@ _LOADED: weakref.WeakValueDictionary[str, Engine] = weakref.WeakValueDictionary(
 _REGISTRY_LOCK = threading.RLock()  # guards the table above and serialises loading
 
 
-def _check_chat_template(tokenizer: Any) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        msg = (
-            "the tokenizer has no chat_template: ChatParallelReason renders messages with it; "
-            "pass a tokenizer that defines one (e.g. an instruct model's tokenizer, or set "
-            "tokenizer.chat_template to a Jinja template)"
-        )
-        raise ValueError(msg)
-
-
 def _model_name_of(model: Any) -> str:
     name = getattr(model, "name_or_path", None) or getattr(
         getattr(model, "config", None), "_name_or_path", None
     )
     return str(name) if name else "custom"
-
-
-def _finish_reason(result: AnswerResult, config: PipelineConfig) -> str:
-    """Why the answer ended: "stop" or "length" (budget spent)."""
-    reason = getattr(result, "finish_reason", None)
-    if isinstance(reason, str):
-        return reason
-    # Without a reason from the pipeline: "length" when the new tokens reached the budget.
-    # After a plan fallback the discarded plan tokens count too, so this may say "length"
-    # for an answer that stopped by itself.
-    return "length" if result.output_tokens >= config.max_tokens else "stop"
-
-
-@functools.cache
-def _field_adapter(cls: type[BaseChatModel], name: str) -> TypeAdapter[Any]:
-    """A validator for one field of ``cls``, constraints included, for per-call overrides."""
-    info = cls.model_fields[name]
-    if not info.metadata:
-        return TypeAdapter(info.annotation)
-    return TypeAdapter(Annotated[info.annotation, *info.metadata])
 
 
 # ------------------------------------------------------------------------------ the model
@@ -412,7 +362,7 @@ class ChatParallelReason(BaseChatModel):
         Raises:
             ValueError: The tokenizer has no chat template.
         """
-        _check_chat_template(tokenizer)
+        check_chat_template(tokenizer)
         name = kwargs.get("model") or _model_name_of(model)
         chat = cls(**kwargs)
         from .runtime.engine import engine_for
@@ -520,7 +470,7 @@ class ChatParallelReason(BaseChatModel):
                     trust_remote_code=self.trust_remote_code,
                     progress=self.progress,
                 )
-                _check_chat_template(tokenizer)
+                check_chat_template(tokenizer)
                 from .runtime.engine import engine_for
 
                 name = self.model or DEFAULT_MODEL_NAME
@@ -548,7 +498,7 @@ class ChatParallelReason(BaseChatModel):
                 continue  # see OutputForm
             elif name in CALL_OPTIONS:
                 try:
-                    overrides[name] = _field_adapter(type(self), name).validate_python(value)
+                    overrides[name] = field_adapter(type(self), name).validate_python(value)
                 except ValidationError as e:
                     msg = f"invalid per-call {name}={value!r}: {e.errors()[0]['msg']}"
                     raise ValueError(msg) from e
@@ -613,78 +563,6 @@ class ChatParallelReason(BaseChatModel):
 
     # -- events to LangChain objects -------------------------------------------------------
 
-    def _event_chunk(
-        self, event: Any, calls: _tools.ToolCallStream | None = None
-    ) -> ChatGenerationChunk | None:
-        pl = _pipeline()
-        if isinstance(event, pl.ContentDelta):
-            # With tools bound, text that may be part of a call waits for the final chunk.
-            text = calls.push(event.text) if calls is not None else event.text
-            if not text:
-                return None
-            return ChatGenerationChunk(message=AIMessageChunk(content=text))
-        if isinstance(event, pl.StepDelta):
-            part = {"step": event.step, "title": event.title, "text": event.text}
-            return ChatGenerationChunk(
-                message=AIMessageChunk(content="", additional_kwargs={"parallel_steps": [part]})
-            )
-        return None  # stage boundaries: their facts are in the final report
-
-    def _metadata(
-        self, result: AnswerResult, config: PipelineConfig
-    ) -> tuple[UsageMetadata, dict[str, Any]]:
-        usage = UsageMetadata(
-            input_tokens=result.input_tokens,
-            output_tokens=result.output_tokens,
-            total_tokens=result.input_tokens + result.output_tokens,
-        )
-        response_metadata = {
-            "model_name": self._model_name,
-            "finish_reason": _finish_reason(result, config),
-            "parallel": result.report.model_dump(),
-        }
-        return usage, response_metadata
-
-    def _final_chunk(
-        self,
-        result: AnswerResult,
-        config: PipelineConfig,
-        calls: _tools.ToolCallStream | None = None,
-    ) -> ChatGenerationChunk:
-        usage, response_metadata = self._metadata(result, config)
-        content, call_chunks = "", []
-        if calls is not None:  # the rest of the content, and every tool call, in one chunk
-            content, parsed = calls.finish()
-            call_chunks = parsed.tool_call_chunks()
-        return ChatGenerationChunk(
-            message=AIMessageChunk(
-                content=content,
-                tool_call_chunks=call_chunks,
-                usage_metadata=usage,
-                response_metadata=response_metadata,
-                chunk_position="last",
-            )
-        )
-
-    def _chat_result(
-        self, result: AnswerResult, config: PipelineConfig, output: OutputForm | None = None
-    ) -> ChatResult:
-        usage, response_metadata = self._metadata(result, config)
-        parsed = _tools.ParsedOutput(result.content)
-        if output is not None and output.parses_calls:
-            parsed = _tools.parse_tool_calls(result.content)
-        message = AIMessage(
-            content=parsed.content,
-            tool_calls=parsed.tool_calls,
-            invalid_tool_calls=parsed.invalid_tool_calls,
-            usage_metadata=usage,
-            response_metadata=response_metadata,
-        )
-        return ChatResult(
-            generations=[ChatGeneration(message=message)],
-            llm_output={"model_name": self._model_name},
-        )
-
     # -- BaseChatModel hooks ---------------------------------------------------------------
 
     def _generate(
@@ -697,7 +575,7 @@ class ChatParallelReason(BaseChatModel):
         output = self._output(kwargs)
         for kind, value in self._iter_items(messages, stop, kwargs):
             if kind == "done":
-                return self._chat_result(*value, output)
+                return chat_result(*value, self._model_name, output)
         msg = "the pipeline ended without an answer"  # unreachable: _iter_items ends on one
         raise RuntimeError(msg)
 
@@ -711,7 +589,7 @@ class ChatParallelReason(BaseChatModel):
         output = self._output(kwargs)
         async for kind, value in self._aiter_items(messages, stop, kwargs):
             if kind == "done":
-                return self._chat_result(*value, output)
+                return chat_result(*value, self._model_name, output)
         msg = "the pipeline ended without an answer"
         raise RuntimeError(msg)
 
@@ -728,8 +606,8 @@ class ChatParallelReason(BaseChatModel):
         calls = _tools.ToolCallStream() if self._output(kwargs).parses_calls else None
         for kind, value in self._iter_items(messages, stop, kwargs):
             if kind == "done":
-                yield self._final_chunk(*value, calls)
-            elif chunk := self._event_chunk(value, calls):
+                yield final_chunk(*value, self._model_name, calls)
+            elif chunk := event_chunk(value, calls):
                 yield chunk
 
     async def _astream(
@@ -742,8 +620,8 @@ class ChatParallelReason(BaseChatModel):
         calls = _tools.ToolCallStream() if self._output(kwargs).parses_calls else None
         async for kind, value in self._aiter_items(messages, stop, kwargs):
             if kind == "done":
-                yield self._final_chunk(*value, calls)
-            elif chunk := self._event_chunk(value, calls):
+                yield final_chunk(*value, self._model_name, calls)
+            elif chunk := event_chunk(value, calls):
                 yield chunk
 
     # -- tools and structured output -------------------------------------------------------
@@ -816,45 +694,6 @@ class ChatParallelReason(BaseChatModel):
         if kwargs:
             msg = f"unexpected keyword arguments {sorted(kwargs)} for with_structured_output"
             raise ValueError(msg)
-        if schema is None and method != "json_mode":
-            msg = f"method={method!r} needs a schema; pass one or use method='json_mode'"
-            raise ValueError(msg)
-        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
-        ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
-        if schema is None:
-            ls_format = {}
-        parser: Runnable
-        if method == "function_calling":
-            tool_name = convert_to_openai_tool(schema)["function"]["name"]
-            llm = self.bind_tools(
-                [schema], tool_choice=tool_name, ls_structured_output_format=ls_format
-            )
-            parser = (
-                PydanticToolsParser(tools=[schema], first_tool_only=True)
-                if is_pydantic
-                else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
-            )
-        elif method in ("json_schema", "json_mode"):
-            response_format: dict[str, Any] = (
-                {"type": "json_object"}
-                if schema is None
-                else {"type": "json_schema", "schema": convert_to_json_schema(schema)}
-            )
-            llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
-            parser = (
-                PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
-            )
-        else:
-            msg = (
-                f"method={method!r} is not supported; use 'json_schema', 'function_calling' "
-                "or 'json_mode'"
-            )
-            raise ValueError(msg)
-        if not include_raw:
-            return llm | parser
-        parse = RunnablePassthrough.assign(
-            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        return structured_output(
+            self, schema, method=method, include_raw=include_raw, strict=strict
         )
-        no_parse = RunnablePassthrough.assign(parsed=lambda _: None)
-        with_fallback = parse.with_fallbacks([no_parse], exception_key="parsing_error")
-        return RunnableMap(raw=llm) | with_fallback

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 
-__all__ = ["convert_messages"]
+__all__ = ["check_chat_template", "convert_messages"]
 
 # Content blocks an assistant message may carry besides text; the text is what the template
 # needs (tool calls travel in `AIMessage.tool_calls`).
@@ -118,6 +118,17 @@ def convert_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     # Here, before tools are written as text (which turns tool results into user turns).
     _pipeline().check_question(converted)
     return converted
+
+
+def check_chat_template(tokenizer: Any) -> None:
+    """Raise, with the fix, unless ``tokenizer`` has a chat template to render messages."""
+    if not getattr(tokenizer, "chat_template", None):
+        msg = (
+            "the tokenizer has no chat_template: ChatParallelReason renders messages with it; "
+            "pass a tokenizer that defines one (e.g. an instruct model's tokenizer, or set "
+            "tokenizer.chat_template to a Jinja template)"
+        )
+        raise ValueError(msg)
 
 
 def _pipeline() -> ModuleType:

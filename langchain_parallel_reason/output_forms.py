@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
+)
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from . import tools as _tools
 
@@ -22,7 +32,12 @@ if TYPE_CHECKING:
 
     from .pipeline import PipelineConfig
 
-__all__ = ["TOOLS_SEQUENTIAL", "OutputForm", "response_schema"]
+__all__ = [
+    "TOOLS_SEQUENTIAL",
+    "OutputForm",
+    "response_schema",
+    "structured_output",
+]
 
 
 TOOLS_SEQUENTIAL = "tools bound: decoded sequentially so a tool call is not split across steps"
@@ -148,3 +163,60 @@ def _pipeline() -> ModuleType:
     from . import pipeline
 
     return pipeline
+
+
+def structured_output(
+    model: BaseChatModel,
+    schema: dict[str, Any] | type | None,
+    *,
+    method: str,
+    include_raw: bool,
+    strict: bool | None,
+) -> Runnable:
+    """``model`` bound to answer as ``schema`` (by ``method``), piped into the parser.
+
+    The body of `ChatParallelReason.with_structured_output` (see there): "function_calling"
+    forces a call of a tool made from the schema, "json_schema" / "json_mode" bind a
+    ``response_format``; ``include_raw`` returns the raw message with the parsed value or the
+    parsing error instead of raising.
+    """
+    if schema is None and method != "json_mode":
+        msg = f"method={method!r} needs a schema; pass one or use method='json_mode'"
+        raise ValueError(msg)
+    is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+    ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+    if schema is None:
+        ls_format = {}
+    parser: Runnable
+    if method == "function_calling":
+        tool_name = convert_to_openai_tool(schema)["function"]["name"]
+        llm = model.bind_tools(
+            [schema], tool_choice=tool_name, ls_structured_output_format=ls_format
+        )
+        parser = (
+            PydanticToolsParser(tools=[schema], first_tool_only=True)
+            if is_pydantic
+            else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
+        )
+    elif method in ("json_schema", "json_mode"):
+        response_format: dict[str, Any] = (
+            {"type": "json_object"}
+            if schema is None
+            else {"type": "json_schema", "schema": convert_to_json_schema(schema)}
+        )
+        llm = model.bind(response_format=response_format, ls_structured_output_format=ls_format)
+        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+    else:
+        msg = (
+            f"method={method!r} is not supported; use 'json_schema', 'function_calling' "
+            "or 'json_mode'"
+        )
+        raise ValueError(msg)
+    if not include_raw:
+        return llm | parser
+    parse = RunnablePassthrough.assign(
+        parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+    )
+    no_parse = RunnablePassthrough.assign(parsed=lambda _: None)
+    with_fallback = parse.with_fallbacks([no_parse], exception_key="parsing_error")
+    return RunnableMap(raw=llm) | with_fallback
