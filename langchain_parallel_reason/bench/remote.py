@@ -20,7 +20,7 @@ import httpx
 
 from langchain_parallel_reason.bench.task_gen import generate_tasks, score_answer
 from langchain_parallel_reason.call_settings import pipeline_config
-from langchain_parallel_reason.pipeline import StageEvent
+from langchain_parallel_reason.pipeline import StepsDoneEvent
 from langchain_parallel_reason.runtime.base import Request
 from langchain_parallel_reason.runtime.remote import RemoteEngine
 
@@ -177,7 +177,7 @@ def run_remote_task_bench(
                 for kind, value in engine.stream(Request(messages, pipeline_config(settings))):
                     if kind == "done":
                         result = value
-                    elif isinstance(value, StageEvent) and value.stage == "steps_done":
+                    elif isinstance(value, StepsDoneEvent):
                         seen = prefix_cache_counters(base_url)["hits"]
                 if seen is not None and way == "parallel":
                     hits_stage2.append(seen - before)

@@ -18,7 +18,20 @@ is yielded) <- ``render`` (prompts, token ids) <- ``run`` (one call's state, Sta
 templates come from ``prompts`` (LangChain's PromptTemplate); no chat model is used here.
 """
 
-from .events import AnswerResult, ContentDelta, Event, StageEvent, StepDelta, TextStream, drive
+from .events import (
+    AnswerResult,
+    ContentDelta,
+    Event,
+    FallbackEvent,
+    PlanEvent,
+    RouteEvent,
+    StageEvent,
+    StepDelta,
+    StepsDoneEvent,
+    StepsRetryEvent,
+    TextStream,
+    drive,
+)
 from .render import (
     block_report,
     check_question,
@@ -61,12 +74,17 @@ __all__ = [
     "AnswerResult",
     "ContentDelta",
     "Event",
+    "FallbackEvent",
     "Mode",
     "OutputGrammar",
     "PipelineCancelled",
     "PipelineConfig",
+    "PlanEvent",
+    "RouteEvent",
     "StageEvent",
     "StepDelta",
+    "StepsDoneEvent",
+    "StepsRetryEvent",
     "TextStream",
     "answer",
     "block_report",

@@ -23,7 +23,7 @@ from ..prompts import (
     STEP_MARKER,
 )
 from ..schemas import ParallelReport
-from .events import AnswerResult, ContentDelta, StageEvent, StepDelta
+from .events import AnswerResult, ContentDelta, PlanEvent, StepDelta
 from .render import block_report
 from .run import Run
 from .settings import MIN_PLAN_TOKENS, MIN_STEP_TOKENS
@@ -136,7 +136,7 @@ def _next_block(run: Run, cache: DynamicCache, number: int, earlier: set[str]) -
         plan = plan.model_copy(update={"titles": kept})
         plan_ids = run.encode(format_plan(plan))
         crop_to(cache, len(context) - 1)
-    yield StageEvent("plan", {"titles": list(plan.titles), "preamble": "", "block": number - 1})
+    yield PlanEvent(list(plan.titles), "", block=number - 1)
     prefix = [*context, *plan_ids, *run.encode("\n")]
     per_step, left_tokens, _ = step_budget(run, plan.titles, prefix)
     if per_step < MIN_STEP_TOKENS:

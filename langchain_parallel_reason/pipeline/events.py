@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
 
 from ..decoding.stops import cut_at_stop
 from ..schemas import ParallelReport
@@ -21,8 +21,13 @@ __all__ = [
     "BlockEnd",
     "ContentDelta",
     "Event",
+    "FallbackEvent",
+    "PlanEvent",
+    "RouteEvent",
     "StageEvent",
     "StepDelta",
+    "StepsDoneEvent",
+    "StepsRetryEvent",
     "TextStream",
     "drive",
     "first_timed",
@@ -48,10 +53,63 @@ class StepDelta:
 
 @dataclass(frozen=True)
 class StageEvent:
-    """A stage boundary: "plan" (titles), "steps_done", "fallback" (reason)."""
+    """Base of the stage events, one dataclass per kind: dispatch on the class
+    (``isinstance`` / ``match``); ``stage`` names the kind and ``data`` gives the fields as a
+    dict (for logs and JSON)."""
 
-    stage: str
-    data: dict[str, Any] = field(default_factory=dict)
+    stage: ClassVar[str] = ""
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The event's fields, by name."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RouteEvent(StageEvent):
+    """The router chose: ``route`` is "plan" or "direct", ``reason`` says why."""
+
+    stage: ClassVar[str] = "route"
+    route: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlanEvent(StageEvent):
+    """A plan was accepted: its ``titles`` (one step each) and ``preamble``; ``block`` counts
+    the later blocks before it (0 for the first)."""
+
+    stage: ClassVar[str] = "plan"
+    titles: list[str]
+    preamble: str = ""
+    block: int = 0
+
+
+@dataclass(frozen=True)
+class StepsRetryEvent(StageEvent):
+    """The steps are decoded again, ``width`` at a time, from scratch (live text so far is void)."""
+
+    stage: ClassVar[str] = "steps_retry"
+    reason: str
+    width: int
+
+
+@dataclass(frozen=True)
+class StepsDoneEvent(StageEvent):
+    """Stage 2 ended: tokens per step, and each step's final ``bodies`` (plan order; empty when
+    the engine does not report them); the next ``ContentDelta`` holds the merged steps."""
+
+    stage: ClassVar[str] = "steps_done"
+    branch_tokens: list[int]
+    bodies: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FallbackEvent(StageEvent):
+    """The answer falls back to sequential decoding for ``reason``; what came before is void."""
+
+    stage: ClassVar[str] = "fallback"
+    reason: str
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The route: the model's own yes/no on whether the question splits into parallel steps.
 
-Contract: ``route_by_model(run)`` yields a ``StageEvent("route", ...)`` (none when the question
+Contract: ``route_by_model(run)`` yields a ``RouteEvent`` (none when the question
 cannot be routed) and returns True to plan; ``choose_route`` runs only that decision (for benchmarks) with the same settings.
 """
 
@@ -17,7 +17,7 @@ from ..decoding.sequential import iter_decode
 from ..prompts import (
     route_question,
 )
-from .events import Event, StageEvent, drive
+from .events import Event, RouteEvent, drive
 from .render import check_question, render_prompt
 from .run import Run
 from .settings import PipelineConfig
@@ -129,5 +129,5 @@ def route_by_model(run: Run) -> Generator[Event, None, bool]:
         f"route_bias {cfg.route_bias:+.2f})"
     )
     run.timings["route"] = time.perf_counter() - t
-    yield StageEvent("route", {"route": run.route, "reason": run.route_reason})
+    yield RouteEvent(run.route, run.route_reason)
     return plan

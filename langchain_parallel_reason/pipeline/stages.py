@@ -22,7 +22,16 @@ from ..prompts import (
 )
 from ..schemas import ParallelReport, Plan
 from .blocks import run_blocks
-from .events import AnswerResult, ContentDelta, Event, StageEvent, TextStream, drive, stream_content
+from .events import (
+    AnswerResult,
+    ContentDelta,
+    Event,
+    FallbackEvent,
+    PlanEvent,
+    TextStream,
+    drive,
+    stream_content,
+)
 from .render import check_question, render_prompt, whole_sentences, with_system
 from .route import route_by_model
 from .run import Run
@@ -93,7 +102,7 @@ def _dispatch(run: Run, t0: float) -> Generator:
 def _sequential(run: Run, reason: str | None, attempts: int, t0: float) -> Generator:
     """Plain decoding of the whole answer from the caller's messages (also the fallback)."""
     if reason is not None:
-        yield StageEvent("fallback", {"reason": reason})
+        yield FallbackEvent(reason)
     cfg = run.cfg
     template_kw = {"tools": run.tools} if run.tools else {}
     prompt = render_prompt(
@@ -204,7 +213,7 @@ def _parallel(run: Run, t0: float) -> Generator:
     # The preamble's length is bounded by the grammar, so it can stop mid-sentence: show its
     # complete sentences only (the plan text in the cache is unchanged).
     plan = plan.model_copy(update={"preamble": whole_sentences(plan.preamble)})
-    yield StageEvent("plan", {"titles": list(plan.titles), "preamble": plan.preamble})
+    yield PlanEvent(list(plan.titles), plan.preamble)
 
     # Budgets: the steps and the conclusion must fit both max_tokens and the context window,
     # since Stage 3 lays the steps out one after another.

@@ -30,8 +30,9 @@ from .events import (
     AnswerResult,
     BlockEnd,
     ContentDelta,
-    StageEvent,
     StepDelta,
+    StepsDoneEvent,
+    StepsRetryEvent,
     TextStream,
     first_timed,
     stream_content,
@@ -105,7 +106,7 @@ def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t
     if out.width < n:
         run.notes.append(f"out of memory: steps decoded {out.width} at a time")
     run.output_tokens += sum(branch_tokens)
-    yield StageEvent("steps_done", {"branch_tokens": branch_tokens})
+    yield StepsDoneEvent(branch_tokens, [b.strip() for b in bodies])
 
     # Stage 3: the steps laid out in plan order, as if written one after another, then the
     # conclusion. The prefix cache is reused; the merged steps are prefilled, or with
@@ -206,7 +207,7 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
     run.timings["steps"] = time.perf_counter() - t
     branch_tokens = [len(r.token_ids) for r in results]
     run.output_tokens += sum(branch_tokens)
-    yield StageEvent("steps_done", {"branch_tokens": branch_tokens})
+    yield StepsDoneEvent(branch_tokens, [b.strip() for b in bodies])
 
     t = time.perf_counter()
     steps_md = steps_content(plan.preamble.strip(), plan.titles, bodies)
@@ -461,7 +462,7 @@ def _decode_steps(
             width = max(1, width // 2)
             for b in group:  # their partial text is decoded again
                 streams[b].reset()
-            yield StageEvent("steps_retry", {"reason": "out of memory", "width": width})
+            yield StepsRetryEvent("out of memory", width)
             continue
         for j, result in enumerate(out.branches):
             results[group[j]] = result
