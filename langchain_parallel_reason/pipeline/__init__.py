@@ -2,15 +2,16 @@
 
 Contract: ``iter_answer(model, tokenizer, messages, config)`` yields ``ContentDelta`` (the next
 piece of the final content, in order), ``StepDelta`` (live text of a parallel step, not content)
-and ``StageEvent`` items, and returns an ``AnswerResult``; the ContentDelta texts concatenate to
-``AnswerResult.content``. Stage 1 writes the plan after the prompt in the same cache; when it
-does not validate it is re-sampled (tenacity; each retry with a derived seed and a higher
-temperature, so the same call always gives the same answer), then the answer falls back to
-ordinary sequential decoding, and the report says why. Budgets: ``max_tokens`` bounds every
-token the call writes, plan attempts included (they may spend at most half of it, so a fallback
-keeps the rest). Every step and the conclusion run under a loop guard and the caller's
-repetition controls (transformers' ``repetition_penalty`` / ``no_repeat_ngram_size``). Any failure of the parallel path (Stage 2 or 3)
-falls back the same way. The caller serialises calls on one model (the chat model holds a lock).
+and stage events (``StageEvent`` subclasses, one per kind), and returns an ``AnswerResult``; the
+ContentDelta texts concatenate to ``AnswerResult.content``. Stage 1 writes the plan after the
+prompt in the same cache; when it does not validate it is re-sampled (tenacity; each retry with
+a derived seed and a higher temperature, so the same call always gives the same answer), then
+the answer falls back to ordinary sequential decoding, and the report says why. Budgets:
+``max_tokens`` bounds every token the call writes, plan attempts included (they may spend at
+most half of it, so a fallback keeps the rest). Every step and the conclusion run under a loop
+guard and the caller's repetition controls (transformers' ``repetition_penalty`` /
+``no_repeat_ngram_size``). Any failure of the parallel path (Stage 2 or 3) falls back the same
+way. The caller serialises calls on one model (the chat model holds a lock).
 
 Modules, the arrows running one way: ``settings`` (PipelineConfig, bounds) and ``events`` (what
 is yielded) <- ``render`` (prompts, token ids) <- ``run`` (one call's state, Stage 1) <- ``route``,

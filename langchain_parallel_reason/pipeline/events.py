@@ -1,9 +1,11 @@
 """What ``iter_answer`` yields and returns, and the generator plumbing the stages share.
 
 Contract: ``ContentDelta`` texts concatenate to ``AnswerResult.content``; ``StepDelta`` is live
-text of a parallel step (not content); ``StageEvent`` reports a stage (plan, route, fallback...).
-``drive`` runs a stage generator to its return value; ``TextStream`` turns token ids into text
-pieces that never split a character.
+text of a parallel step (not content); the stage events, one dataclass per kind under the
+``StageEvent`` base (``RouteEvent``, ``PlanEvent``, ``StepsRetryEvent``, ``StepsDoneEvent`` with
+the step bodies, ``FallbackEvent``), report a stage with its facts as fields. ``drive`` runs a
+stage generator to its return value; ``TextStream`` turns token ids into text pieces that never
+split a character.
 """
 
 from __future__ import annotations
