@@ -1,53 +1,36 @@
 """ChatParallelReason: the LangChain chat model over the three-stage parallel pipeline.
 
-Contract: a thin adapter. It converts LangChain messages to chat-template dicts, maps its
-fields (and per-call overrides) to one `PipelineConfig`, runs `pipeline.iter_answer` on a
-worker thread under a per-model lock, and turns the pipeline's events into message chunks.
+Contract: a thin adapter. It converts LangChain messages to chat-template dicts (`messages`),
+maps its fields (and per-call overrides) to one `PipelineConfig` (`call_settings.pipeline_config`,
+the only mapping), reads the answer's form from the call kwargs (`output_forms`), hands the call
+to the runtime's engine, and turns the pipeline's events into message chunks.
 Constructing never loads weights; the model loads once, on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import reprlib
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from operator import itemgetter
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import (
     AIMessage,
-    AIMessageChunk,
     BaseMessage,
-    ChatMessage,
-    HumanMessage,
-    SystemMessage,
-    ToolMessage,
 )
-from langchain_core.messages.ai import UsageMetadata
-from langchain_core.output_parsers import (
-    JsonOutputKeyToolsParser,
-    JsonOutputParser,
-    PydanticOutputParser,
-    PydanticToolsParser,
-)
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
-from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
-from langchain_core.utils.pydantic import is_basemodel_subclass
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import (
     AfterValidator,
     BaseModel,
     Field,
     PrivateAttr,
     SecretStr,
-    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -55,16 +38,25 @@ from pydantic import (
 )
 
 from . import tools as _tools
+from .call_settings import (
+    CALL_OPTIONS,
+    IGNORED_KWARGS,
+    OUTPUT_KWARGS,
+    check_timeout,
+    field_adapter,
+    pipeline_config,
+    validate_steps,
+)
+from .chunks import chat_result, event_chunk, final_chunk
+from .messages import check_chat_template, convert_messages
+from .output_forms import OutputForm, structured_output
 from .runtime.base import EngineLimits, Request
-from .schemas import Plan
 
 if TYPE_CHECKING:
-    from types import ModuleType
-
     from langchain_core.language_models import LanguageModelInput
     from langchain_core.tools import BaseTool
 
-    from .pipeline import AnswerResult, PipelineConfig
+    from .pipeline import PipelineConfig
     from .runtime.engine import Engine
     from .runtime.remote import RemoteEngine
 
@@ -74,258 +66,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 """Reported as the model name when `model` is None (the embedded default)."""
 
 _PROVIDER = "parallel-reason"
-# The pipeline accepts caller-given titles up to this length (longer than Stage 1's own).
-_STEP_TITLE_CHARS = 200
-
-# Fields a call may override through `invoke(..., name=value)` or `.bind(name=value)`.
-_CALL_OPTIONS = (
-    "mode",
-    "steps",
-    "max_branches",
-    "max_tokens",
-    "step_max_tokens",
-    "plan_max_tokens",
-    "plan_retries",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "attention",
-    "conclusion_kv",
-    "constrain_plan",
-    "timeout",
-    "max_blocks",
-    "route_bias",
-)
-# Call kwargs that shape the answer's form (set by bind_tools / with_structured_output).
-_OUTPUT_KWARGS = frozenset({"tools", "tool_choice", "response_format", "parallel_tool_calls"})
-# Call kwargs LangChain itself may pass down; they carry nothing for this model.
-_IGNORED_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
-# Content blocks an assistant message may carry besides text; the text is what the template
-# needs (tool calls travel in `AIMessage.tool_calls`).
-_AI_SKIPPED_BLOCKS = frozenset(
-    {
-        "tool_call",
-        "tool_call_chunk",
-        "invalid_tool_call",
-        "tool_use",
-        "server_tool_call",
-        "server_tool_call_chunk",
-        "server_tool_result",
-        "reasoning",
-        "thinking",
-    }
-)
-_CHAT_MESSAGE_ROLES = {"human": "user", "user": "user", "ai": "assistant", "assistant": "assistant"}
-
-
-def _pipeline() -> ModuleType:
-    """The pipeline module, imported on first use: it pulls in torch and transformers, which
-    `import langchain_parallel_reason` (and the CLI's `--help`) should not pay for."""
-    from . import pipeline
-
-    return pipeline
-
-
-# ------------------------------------------------------------------------------- messages
-
-
-def _content_text(content: str | list[Any], role: str) -> str:
-    """Join a message's text; reject images, audio, files and other non-text blocks."""
-    if isinstance(content, str):
-        return content
-    parts: list[str] = []
-    for block in content:
-        if isinstance(block, str):
-            parts.append(block)
-            continue
-        kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-        if kind == "text":
-            parts.append(block.get("text") or "")
-        elif role == "assistant" and kind in _AI_SKIPPED_BLOCKS:
-            continue
-        else:
-            msg = (
-                f"ChatParallelReason is text-only: the {role} message holds a {kind!r} content "
-                "block; pass text only (a string or {'type': 'text', 'text': ...} blocks)"
-            )
-            raise ValueError(msg)
-    return "\n".join(parts)
-
-
-def _template_tool_call(tool_call: dict[str, Any]) -> dict[str, Any]:
-    """A LangChain `ToolCall` in the OpenAI shape chat templates expect."""
-    return {
-        "type": "function",
-        "id": tool_call.get("id"),
-        "function": {"name": tool_call["name"], "arguments": tool_call.get("args", {})},
-    }
-
-
-def _convert_message(message: BaseMessage) -> dict[str, Any]:
-    """One LangChain message as a chat-template dict."""
-    if isinstance(message, SystemMessage):
-        role = "system"
-    elif isinstance(message, HumanMessage):
-        role = "user"
-    elif isinstance(message, AIMessage):
-        role = "assistant"
-    elif isinstance(message, ToolMessage):
-        role = "tool"
-    elif isinstance(message, ChatMessage):
-        role = _CHAT_MESSAGE_ROLES.get(message.role, message.role)
-        if role not in ("system", "user", "assistant", "tool"):
-            msg = (
-                f"ChatMessage role {message.role!r} is not supported; use system, user, "
-                "assistant or tool"
-            )
-            raise ValueError(msg)
-    else:
-        msg = (
-            f"unsupported message type {type(message).__name__}; use SystemMessage, "
-            "HumanMessage, AIMessage or ToolMessage"
-        )
-        raise ValueError(msg)
-    converted: dict[str, Any] = {"role": role, "content": _content_text(message.content, role)}
-    if isinstance(message, AIMessage) and message.tool_calls:
-        converted["tool_calls"] = [_template_tool_call(tc) for tc in message.tool_calls]
-    if isinstance(message, ToolMessage):
-        converted["tool_call_id"] = message.tool_call_id
-        if message.name:
-            converted["name"] = message.name
-    return converted
-
-
-def _convert_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """LangChain messages as chat-template dicts (``[{"role": ..., "content": ...}, ...]``)."""
-    if not messages:
-        msg = "no messages: pass at least one message (e.g. a HumanMessage)"
-        raise ValueError(msg)
-    converted = [_convert_message(message) for message in messages]
-    # Here, before tools are written as text (which turns tool results into user turns).
-    _pipeline().check_question(converted)
-    return converted
-
-
-# ---------------------------------------------------------- tools and structured output
-
-_TOOLS_SEQUENTIAL = "tools bound: decoded sequentially so a tool call is not split across steps"
-
-
-@dataclass(frozen=True)
-class _Output:
-    """The form one call's answer takes: free text, maybe tool calls, or forced JSON.
-
-    Built from the call's kwargs (`bind_tools`, `with_structured_output`) on the caller's
-    thread; `prepare` adapts messages and config to the tokenizer once the model is loaded.
-    """
-
-    tools: tuple[dict[str, Any], ...] = ()
-    """Bound tools, OpenAI format."""
-    tool_choice: str | None = None
-    """None/"auto" (the model may call), "none", "any" (forced) or a tool name (forced)."""
-    json_schema: dict[str, Any] | None = None
-    """Structured output: the answer is JSON for this schema."""
-    json_mode: bool = False
-    """Structured output without a schema: any JSON object."""
-    max_string_chars: int | None = None
-    """Cap on unbounded JSON strings in forced output (the chat model's field)."""
-
-    @classmethod
-    def from_kwargs(cls, kwargs: dict[str, Any], max_string_chars: int | None) -> _Output:
-        tools = tuple(convert_to_openai_tool(tool) for tool in kwargs.get("tools") or ())
-        choice = _tools.normalize_tool_choice(kwargs.get("tool_choice"), _tools.tool_names(tools))
-        if choice not in (None, "auto", "none") and not tools:
-            msg = f"tool_choice={choice!r} needs tools: use llm.bind_tools(tools, tool_choice=...)"
-            raise ValueError(msg)
-        schema, json_mode = _response_schema(kwargs.get("response_format"))
-        if (schema is not None or json_mode) and tools and choice != "none":
-            msg = (
-                "response_format and tools cannot be combined: the answer is either JSON or "
-                "tool calls; use with_structured_output(method='function_calling') instead"
-            )
-            raise ValueError(msg)
-        return cls(tools, choice, schema, json_mode, max_string_chars)
-
-    @property
-    def parses_calls(self) -> bool:
-        """True when the answer may hold tool calls to parse."""
-        return bool(self.tools) and self.tool_choice != "none"
-
-    @property
-    def forced_tool(self) -> bool:
-        return self.parses_calls and self.tool_choice not in (None, "auto")
-
-    def prepare(
-        self, tokenizer: Any, messages: list[dict[str, Any]], config: PipelineConfig
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, PipelineConfig]:
-        """(messages, tools for the template, config) for this tokenizer's chat template."""
-        pl = _pipeline()
-        template = getattr(tokenizer, "chat_template", None)
-        offered = list(self.tools) if self.parses_calls else None
-        template_tools = None
-        if _tools.template_renders_tools(template):
-            template_tools = offered
-        else:  # e.g. SmolLM2: tools, calls and results written as text
-            messages = _tools.render_tool_messages(messages, offered)
-        grammar = reason = None
-        if self.forced_tool:
-            fmt = _tools.tool_call_format(template)
-            name = None if self.tool_choice == "any" else self.tool_choice
-            schema = _tools.forced_call_schema(self.tools, name, self.max_string_chars)
-            grammar = pl.OutputGrammar(
-                json_schema=json.dumps(schema), prefix=fmt.prefix, suffix=fmt.suffix
-            )
-            reason = (
-                f"tool_choice={self.tool_choice!r}: the call is forced by a grammar, "
-                "decoded sequentially"
-            )
-        elif self.json_schema is not None or self.json_mode:
-            messages = _tools.with_system_text(
-                messages, _tools.structured_output_instruction(self.json_schema)
-            )
-            schema = (
-                {"type": "object"}
-                if self.json_schema is None
-                else _tools.grammar_safe_schema(self.json_schema, self.max_string_chars)
-            )
-            grammar = pl.OutputGrammar(json_schema=json.dumps(schema))
-            reason = "structured output: the JSON is forced by a grammar, decoded sequentially"
-        elif offered and config.mode == "auto":
-            reason = _TOOLS_SEQUENTIAL
-        if grammar is not None or reason is not None:
-            config = replace(config, grammar=grammar, sequential_reason=reason)
-        return messages, template_tools, config
-
-
-def _response_schema(response_format: Any) -> tuple[dict[str, Any] | None, bool]:
-    """(JSON schema, json mode) of a ``response_format`` call kwarg.
-
-    Accepted: None; ``{"type": "json_object"}`` (any JSON object); ``{"type": "json_schema",
-    "json_schema": {"schema": ...}}`` (OpenAI) or ``{"type": "json_schema", "schema": ...}``;
-    or a schema itself (a Pydantic class, TypedDict or JSON schema dict).
-    """
-    if response_format is None:
-        return None, False
-    if isinstance(response_format, dict) and response_format.get("type") == "json_object":
-        return None, True
-    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        inner = response_format.get("json_schema", response_format)
-        schema = inner.get("schema") if isinstance(inner, dict) else None
-        if not isinstance(schema, dict):
-            msg = "response_format {'type': 'json_schema'} needs a 'schema' dict"
-            raise ValueError(msg)
-        return schema, False
-    try:
-        return convert_to_json_schema(response_format), False
-    except (TypeError, ValueError) as e:
-        msg = (
-            f"response_format={response_format!r} is not a schema; pass a Pydantic class, "
-            "a TypedDict, a JSON schema dict or {'type': 'json_object'}"
-        )
-        raise ValueError(msg) from e
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -337,55 +77,11 @@ _LOADED: weakref.WeakValueDictionary[str, Engine] = weakref.WeakValueDictionary(
 _REGISTRY_LOCK = threading.RLock()  # guards the table above and serialises loading
 
 
-def _check_chat_template(tokenizer: Any) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        msg = (
-            "the tokenizer has no chat_template: ChatParallelReason renders messages with it; "
-            "pass a tokenizer that defines one (e.g. an instruct model's tokenizer, or set "
-            "tokenizer.chat_template to a Jinja template)"
-        )
-        raise ValueError(msg)
-
-
 def _model_name_of(model: Any) -> str:
     name = getattr(model, "name_or_path", None) or getattr(
         getattr(model, "config", None), "_name_or_path", None
     )
     return str(name) if name else "custom"
-
-
-def _finish_reason(result: AnswerResult, config: PipelineConfig) -> str:
-    """Why the answer ended: "stop" or "length" (budget spent)."""
-    reason = getattr(result, "finish_reason", None)
-    if isinstance(reason, str):
-        return reason
-    # Without a reason from the pipeline: "length" when the new tokens reached the budget.
-    # After a plan fallback the discarded plan tokens count too, so this may say "length"
-    # for an answer that stopped by itself.
-    return "length" if result.output_tokens >= config.max_tokens else "stop"
-
-
-_TIMEOUT_MAX_S = 86400.0
-
-
-def _check_timeout(timeout: float | None) -> float | None:
-    """A finite `timeout` of at most a day (a deadline past the clock's range cannot be set)."""
-    if timeout is not None and not timeout <= _TIMEOUT_MAX_S:
-        msg = (
-            f"timeout={timeout!r} is not a usable number of seconds: pass a finite number up "
-            f"to {_TIMEOUT_MAX_S:.0f} (one day), or None for no time limit"
-        )
-        raise ValueError(msg)
-    return timeout
-
-
-@functools.cache
-def _field_adapter(cls: type[BaseChatModel], name: str) -> TypeAdapter[Any]:
-    """A validator for one field of ``cls``, constraints included, for per-call overrides."""
-    info = cls.model_fields[name]
-    if not info.metadata:
-        return TypeAdapter(info.annotation)
-    return TypeAdapter(Annotated[info.annotation, *info.metadata])
 
 
 # ------------------------------------------------------------------------------ the model
@@ -569,7 +265,7 @@ class ChatParallelReason(BaseChatModel):
     stop: list[str] | None = None
     """Stop strings: one ends the answer (inside a parallel step it ends that step only)."""
 
-    timeout: Annotated[float | None, AfterValidator(_check_timeout)] = Field(default=None, gt=0)
+    timeout: Annotated[float | None, AfterValidator(check_timeout)] = Field(default=None, gt=0)
     """Seconds one call may take (waiting for the model included, first load excluded); a
     call that runs over is cancelled and raises `TimeoutError`. At most one day (86400);
     None = no limit."""
@@ -651,7 +347,7 @@ class ChatParallelReason(BaseChatModel):
     def _check_steps(self) -> Self:
         """Reject `steps` that cannot form a plan (count, empty or duplicate titles)."""
         if self.steps is not None:
-            _validate_steps(self.steps, self.max_branches)
+            validate_steps(self.steps, self.max_branches)
         return self
 
     @classmethod
@@ -666,7 +362,7 @@ class ChatParallelReason(BaseChatModel):
         Raises:
             ValueError: The tokenizer has no chat template.
         """
-        _check_chat_template(tokenizer)
+        check_chat_template(tokenizer)
         name = kwargs.get("model") or _model_name_of(model)
         chat = cls(**kwargs)
         from .runtime.engine import engine_for
@@ -695,7 +391,7 @@ class ChatParallelReason(BaseChatModel):
             "model_name": self._model_name,
             "gguf_file": self.gguf_file,
             "dtype": self.dtype,
-            **{name: getattr(self, name) for name in _CALL_OPTIONS if name != "timeout"},
+            **{name: getattr(self, name) for name in CALL_OPTIONS if name != "timeout"},
             "stop": self.stop,
             "json_string_max_chars": self.json_string_max_chars,
         }
@@ -774,7 +470,7 @@ class ChatParallelReason(BaseChatModel):
                     trust_remote_code=self.trust_remote_code,
                     progress=self.progress,
                 )
-                _check_chat_template(tokenizer)
+                check_chat_template(tokenizer)
                 from .runtime.engine import engine_for
 
                 name = self.model or DEFAULT_MODEL_NAME
@@ -787,9 +483,9 @@ class ChatParallelReason(BaseChatModel):
     ) -> tuple[PipelineConfig, float | None, list[dict[str, Any]] | None]:
         """Fields with this call's overrides, as (pipeline config, timeout, tools)."""
         overrides: dict[str, Any] = {}
-        tools = None  # tools reach the template through _Output.prepare
+        tools = None  # tools reach the template through OutputForm.prepare
         for name, value in kwargs.items():
-            if name in _IGNORED_KWARGS:
+            if name in IGNORED_KWARGS:
                 continue
             if name == "model":
                 if value not in (None, self.model, self._model_name):
@@ -798,45 +494,25 @@ class ChatParallelReason(BaseChatModel):
                         "runs one local model; create another ChatParallelReason for it"
                     )
                     raise ValueError(msg)
-            elif name in _OUTPUT_KWARGS:
-                continue  # see _Output
-            elif name in _CALL_OPTIONS:
+            elif name in OUTPUT_KWARGS:
+                continue  # see OutputForm
+            elif name in CALL_OPTIONS:
                 try:
-                    overrides[name] = _field_adapter(type(self), name).validate_python(value)
+                    overrides[name] = field_adapter(type(self), name).validate_python(value)
                 except ValidationError as e:
                     msg = f"invalid per-call {name}={value!r}: {e.errors()[0]['msg']}"
                     raise ValueError(msg) from e
             else:
                 msg = (
                     f"unknown keyword argument {name!r}; per-call options are stop, "
-                    f"{', '.join(_CALL_OPTIONS)}"
+                    f"{', '.join(CALL_OPTIONS)}"
                 )
                 raise ValueError(msg)
-        values = {name: getattr(self, name) for name in _CALL_OPTIONS} | overrides
-        if values["steps"] is not None and ("steps" in overrides or "max_branches" in overrides):
-            _validate_steps(values["steps"], values["max_branches"])
-        stops = self.stop if stop is None else stop
-        config = _pipeline().PipelineConfig(
-            mode=values["mode"],
-            steps=None if values["steps"] is None else tuple(values["steps"]),
-            max_branches=values["max_branches"],
-            max_tokens=values["max_tokens"],
-            step_max_tokens=values["step_max_tokens"],
-            plan_max_tokens=values["plan_max_tokens"],
-            plan_retries=values["plan_retries"],
-            temperature=values["temperature"],
-            top_p=values["top_p"],
-            top_k=values["top_k"],
-            seed=values["seed"],
-            repetition_penalty=values["repetition_penalty"],
-            no_repeat_ngram_size=values["no_repeat_ngram_size"],
-            stop=tuple(s for s in stops or () if s),
-            attention=values["attention"],
-            conclusion_kv=values["conclusion_kv"],
-            constrain_plan=values["constrain_plan"],
+        values = {name: getattr(self, name) for name in CALL_OPTIONS} | overrides
+        config = pipeline_config(  # validates steps against max_branches
+            values,
+            stop=self.stop if stop is None else stop,
             parse_special_tokens=self.parse_special_tokens,
-            max_blocks=values["max_blocks"],
-            route_bias=values["route_bias"],
         )
         return config, values["timeout"], tools
 
@@ -844,7 +520,7 @@ class ChatParallelReason(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[Request, PipelineConfig]:
         """This call as an engine request (validated before anything loads or runs)."""
-        template_messages = _convert_messages(messages)
+        template_messages = convert_messages(messages)
         config, timeout, tools = self._call_settings(stop, kwargs)
         output = self._output(kwargs)
 
@@ -887,78 +563,6 @@ class ChatParallelReason(BaseChatModel):
 
     # -- events to LangChain objects -------------------------------------------------------
 
-    def _event_chunk(
-        self, event: Any, calls: _tools.ToolCallStream | None = None
-    ) -> ChatGenerationChunk | None:
-        pl = _pipeline()
-        if isinstance(event, pl.ContentDelta):
-            # With tools bound, text that may be part of a call waits for the final chunk.
-            text = calls.push(event.text) if calls is not None else event.text
-            if not text:
-                return None
-            return ChatGenerationChunk(message=AIMessageChunk(content=text))
-        if isinstance(event, pl.StepDelta):
-            part = {"step": event.step, "title": event.title, "text": event.text}
-            return ChatGenerationChunk(
-                message=AIMessageChunk(content="", additional_kwargs={"parallel_steps": [part]})
-            )
-        return None  # stage boundaries: their facts are in the final report
-
-    def _metadata(
-        self, result: AnswerResult, config: PipelineConfig
-    ) -> tuple[UsageMetadata, dict[str, Any]]:
-        usage = UsageMetadata(
-            input_tokens=result.input_tokens,
-            output_tokens=result.output_tokens,
-            total_tokens=result.input_tokens + result.output_tokens,
-        )
-        response_metadata = {
-            "model_name": self._model_name,
-            "finish_reason": _finish_reason(result, config),
-            "parallel": result.report.model_dump(),
-        }
-        return usage, response_metadata
-
-    def _final_chunk(
-        self,
-        result: AnswerResult,
-        config: PipelineConfig,
-        calls: _tools.ToolCallStream | None = None,
-    ) -> ChatGenerationChunk:
-        usage, response_metadata = self._metadata(result, config)
-        content, call_chunks = "", []
-        if calls is not None:  # the rest of the content, and every tool call, in one chunk
-            content, parsed = calls.finish()
-            call_chunks = parsed.tool_call_chunks()
-        return ChatGenerationChunk(
-            message=AIMessageChunk(
-                content=content,
-                tool_call_chunks=call_chunks,
-                usage_metadata=usage,
-                response_metadata=response_metadata,
-                chunk_position="last",
-            )
-        )
-
-    def _chat_result(
-        self, result: AnswerResult, config: PipelineConfig, output: _Output | None = None
-    ) -> ChatResult:
-        usage, response_metadata = self._metadata(result, config)
-        parsed = _tools.ParsedOutput(result.content)
-        if output is not None and output.parses_calls:
-            parsed = _tools.parse_tool_calls(result.content)
-        message = AIMessage(
-            content=parsed.content,
-            tool_calls=parsed.tool_calls,
-            invalid_tool_calls=parsed.invalid_tool_calls,
-            usage_metadata=usage,
-            response_metadata=response_metadata,
-        )
-        return ChatResult(
-            generations=[ChatGeneration(message=message)],
-            llm_output={"model_name": self._model_name},
-        )
-
     # -- BaseChatModel hooks ---------------------------------------------------------------
 
     def _generate(
@@ -971,7 +575,7 @@ class ChatParallelReason(BaseChatModel):
         output = self._output(kwargs)
         for kind, value in self._iter_items(messages, stop, kwargs):
             if kind == "done":
-                return self._chat_result(*value, output)
+                return chat_result(*value, self._model_name, output)
         msg = "the pipeline ended without an answer"  # unreachable: _iter_items ends on one
         raise RuntimeError(msg)
 
@@ -985,7 +589,7 @@ class ChatParallelReason(BaseChatModel):
         output = self._output(kwargs)
         async for kind, value in self._aiter_items(messages, stop, kwargs):
             if kind == "done":
-                return self._chat_result(*value, output)
+                return chat_result(*value, self._model_name, output)
         msg = "the pipeline ended without an answer"
         raise RuntimeError(msg)
 
@@ -1002,8 +606,8 @@ class ChatParallelReason(BaseChatModel):
         calls = _tools.ToolCallStream() if self._output(kwargs).parses_calls else None
         for kind, value in self._iter_items(messages, stop, kwargs):
             if kind == "done":
-                yield self._final_chunk(*value, calls)
-            elif chunk := self._event_chunk(value, calls):
+                yield final_chunk(*value, self._model_name, calls)
+            elif chunk := event_chunk(value, calls):
                 yield chunk
 
     async def _astream(
@@ -1016,14 +620,14 @@ class ChatParallelReason(BaseChatModel):
         calls = _tools.ToolCallStream() if self._output(kwargs).parses_calls else None
         async for kind, value in self._aiter_items(messages, stop, kwargs):
             if kind == "done":
-                yield self._final_chunk(*value, calls)
-            elif chunk := self._event_chunk(value, calls):
+                yield final_chunk(*value, self._model_name, calls)
+            elif chunk := event_chunk(value, calls):
                 yield chunk
 
     # -- tools and structured output -------------------------------------------------------
 
-    def _output(self, kwargs: dict[str, Any]) -> _Output:
-        return _Output.from_kwargs(kwargs, self.json_string_max_chars)
+    def _output(self, kwargs: dict[str, Any]) -> OutputForm:
+        return OutputForm.from_kwargs(kwargs, self.json_string_max_chars)
 
     def bind_tools(
         self,
@@ -1090,75 +694,6 @@ class ChatParallelReason(BaseChatModel):
         if kwargs:
             msg = f"unexpected keyword arguments {sorted(kwargs)} for with_structured_output"
             raise ValueError(msg)
-        if schema is None and method != "json_mode":
-            msg = f"method={method!r} needs a schema; pass one or use method='json_mode'"
-            raise ValueError(msg)
-        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
-        ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
-        if schema is None:
-            ls_format = {}
-        parser: Runnable
-        if method == "function_calling":
-            tool_name = convert_to_openai_tool(schema)["function"]["name"]
-            llm = self.bind_tools(
-                [schema], tool_choice=tool_name, ls_structured_output_format=ls_format
-            )
-            parser = (
-                PydanticToolsParser(tools=[schema], first_tool_only=True)
-                if is_pydantic
-                else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
-            )
-        elif method in ("json_schema", "json_mode"):
-            response_format: dict[str, Any] = (
-                {"type": "json_object"}
-                if schema is None
-                else {"type": "json_schema", "schema": convert_to_json_schema(schema)}
-            )
-            llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
-            parser = (
-                PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
-            )
-        else:
-            msg = (
-                f"method={method!r} is not supported; use 'json_schema', 'function_calling' "
-                "or 'json_mode'"
-            )
-            raise ValueError(msg)
-        if not include_raw:
-            return llm | parser
-        parse = RunnablePassthrough.assign(
-            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        return structured_output(
+            self, schema, method=method, include_raw=include_raw, strict=strict
         )
-        no_parse = RunnablePassthrough.assign(parsed=lambda _: None)
-        with_fallback = parse.with_fallbacks([no_parse], exception_key="parsing_error")
-        return RunnableMap(raw=llm) | with_fallback
-
-
-def _validate_steps(steps: list[str], max_branches: int) -> None:
-    """Raise ValueError unless ``steps`` form a valid plan for ``max_branches``."""
-    for title in steps:
-        if isinstance(title, str) and not title.isascii():
-            try:
-                title.encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate: tokenizers raise a bare TypeError
-                msg = (
-                    f"steps={reprlib.repr(steps)} cannot be decoded in parallel: the title "
-                    f"{title!r} is not valid Unicode text (a lone surrogate); decode it with "
-                    "errors='replace' or remove it"
-                )
-                raise ValueError(msg) from None
-    try:
-        Plan.model_validate(
-            {"titles": list(steps)},
-            context={"max_branches": max_branches, "max_title_chars": _STEP_TITLE_CHARS},
-        )
-    except ValidationError as e:
-        reason = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
-        if reason.startswith("too many steps"):
-            reason += f": pass at most max_branches={max_branches} titles or raise max_branches"
-        elif "too long" in reason:
-            reason += f": shorten it to {_STEP_TITLE_CHARS} characters at most"
-        msg = f"steps={reprlib.repr(steps)} cannot be decoded in parallel: {reason}"
-    else:
-        return
-    raise ValueError(msg)  # outside the except block: see plan.parse_plan

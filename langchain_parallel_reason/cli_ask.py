@@ -49,57 +49,43 @@ class AnswerView:
     _since_retry: set[int] = field(default_factory=set, init=False, repr=False)
 
     def feed(self, event: Any) -> None:
-        """Fold one `ContentDelta`, `StepDelta` or `StageEvent` into the view."""
-        kind = type(event).__name__
-        if kind == "StepDelta":
-            self.steps[event.step] += event.text
-            self._since_retry.add(event.step)
-        elif kind == "ContentDelta":
-            self._content(event.text)
-        elif kind == "StageEvent":
-            self._stage(event.stage, event.data)
+        """Fold one `ContentDelta`, `StepDelta` or stage event into the view."""
+        from langchain_parallel_reason.pipeline import events as ev
+
+        match event:
+            case ev.StepDelta():
+                self.steps[event.step] += event.text
+                self._since_retry.add(event.step)
+            case ev.ContentDelta():
+                self._content(event.text)
+            case ev.PlanEvent():
+                self.titles = list(event.titles)
+                self.preamble = event.preamble.strip()
+                self.steps = [""] * len(self.titles)
+                self.phase = "steps"
+            case ev.StepsRetryEvent():
+                # Branches that were decoding when memory ran out are decoded again from scratch.
+                for b in self._since_retry:
+                    self.steps[b] = ""
+                self._since_retry.clear()
+                self.notes.append(f"steps retried {event.width} at a time (out of memory)")
+            case ev.StepsDoneEvent():
+                # The exact bodies of the merged steps (live text may have been reset by a retry).
+                if len(event.bodies) == len(self.steps):
+                    self.steps = list(event.bodies)
+                self.phase = "merged"
+            case ev.FallbackEvent():
+                self.fallback = event.reason
+                self.final = ""
+                self.phase = "answer"
 
     def _content(self, text: str) -> None:
         if self.phase == "merged":
-            # The pipeline yields the merged steps as one delta right after "steps_done": its
-            # bodies are the exact step texts (live text may have been reset by a retry).
-            self._parse_merged(text)
+            # The pipeline yields the merged steps as one delta right after the steps_done event;
+            # their bodies came with that event.
             self.phase = "conclusion"
         elif self.phase != "steps":  # in "steps", content is the preamble (already in the plan)
             self.final += text
-
-    def _stage(self, stage: str, data: dict[str, Any]) -> None:
-        if stage == "plan":
-            self.titles = list(data.get("titles", []))
-            self.preamble = str(data.get("preamble", "")).strip()
-            self.steps = [""] * len(self.titles)
-            self.phase = "steps"
-        elif stage == "steps_retry":
-            # Branches that were decoding when memory ran out are decoded again from scratch.
-            for b in self._since_retry:
-                self.steps[b] = ""
-            self._since_retry.clear()
-            self.notes.append(f"steps retried {data.get('width', '?')} at a time (out of memory)")
-        elif stage == "steps_done":
-            self.phase = "merged"
-        elif stage == "fallback":
-            self.fallback = str(data.get("reason", "unknown"))
-            self.final = ""
-            self.phase = "answer"
-
-    def _parse_merged(self, text: str) -> None:
-        heads = [f"**{title}**: " for title in self.titles]
-        pos = 0
-        for b, head in enumerate(heads):
-            start = text.find(head, pos)
-            if start < 0:
-                return  # not the expected layout: keep the live text
-            start += len(head)
-            end = text.find(heads[b + 1], start) if b + 1 < len(heads) else len(text)
-            if end < 0:
-                return
-            self.steps[b] = text[start:end].strip()
-            pos = end
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -162,32 +148,34 @@ class _PlainRenderer:
         view = self.view
         before = view.phase
         view.feed(event)
-        kind = type(event).__name__
-        if kind == "StageEvent" and event.stage == "plan":
-            self._write(f"Plan: {view.preamble}" if view.preamble else "Plan:")
-            for i, title in enumerate(view.titles, start=1):
-                self._write(f"  {i}. {title}")
-            self._write(self.steps_header)
-            self.step_buf = [""] * len(view.titles)
-        elif kind == "StepDelta":
-            self.step_buf[event.step] += event.text
-            *done, self.step_buf[event.step] = self.step_buf[event.step].split("\n")
-            for line in done:
-                self._step_line(event.step, line)
-        elif kind == "StageEvent" and event.stage == "steps_retry":
-            self._write(f"note: {view.notes[-1]}")
-            self.step_buf = [""] * len(view.titles)
-        elif kind == "StageEvent" and event.stage == "steps_done":
-            for b, rest in enumerate(self.step_buf):
-                self._step_line(b, rest)
-        elif kind == "StageEvent" and event.stage == "fallback":
-            self._write(f"Fallback to sequential decoding: {view.fallback}")
-            self.final_buf = ""
-            self.final_header = False
-        elif kind == "ContentDelta" and before in ("answer", "conclusion"):
-            # Content in the other phases is the preamble (printed with the plan) or the merged
-            # steps (already printed line by line).
-            self._final_text(event.text)
+        from langchain_parallel_reason.pipeline import events as ev
+
+        match event:
+            case ev.PlanEvent():
+                self._write(f"Plan: {view.preamble}" if view.preamble else "Plan:")
+                for i, title in enumerate(view.titles, start=1):
+                    self._write(f"  {i}. {title}")
+                self._write(self.steps_header)
+                self.step_buf = [""] * len(view.titles)
+            case ev.StepDelta():
+                self.step_buf[event.step] += event.text
+                *done, self.step_buf[event.step] = self.step_buf[event.step].split("\n")
+                for line in done:
+                    self._step_line(event.step, line)
+            case ev.StepsRetryEvent():
+                self._write(f"note: {view.notes[-1]}")
+                self.step_buf = [""] * len(view.titles)
+            case ev.StepsDoneEvent():
+                for b, rest in enumerate(self.step_buf):
+                    self._step_line(b, rest)
+            case ev.FallbackEvent():
+                self._write(f"Fallback to sequential decoding: {view.fallback}")
+                self.final_buf = ""
+                self.final_header = False
+            case ev.ContentDelta() if before in ("answer", "conclusion"):
+                # Content in the other phases is the preamble (printed with the plan) or the
+                # merged steps (already printed line by line).
+                self._final_text(event.text)
 
     def _step_line(self, b: int, line: str) -> None:
         if line.strip():
@@ -356,22 +344,24 @@ def _check_steps(steps: tuple[str, ...], max_branches: int) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from langchain_parallel_reason.pipeline import PipelineConfig
+    from langchain_parallel_reason.call_settings import pipeline_config
 
     steps = tuple(args.steps) if args.steps else None
     if steps is not None:
         _check_steps(steps, max(6, len(steps)))
-    return PipelineConfig(
-        mode=args.mode,
-        steps=steps,
-        max_branches=max(6, len(steps or ())),
-        max_tokens=args.max_tokens,
-        step_max_tokens=args.step_max_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        conclusion_kv=args.conclusion_kv,
+    return pipeline_config(
+        {
+            "mode": args.mode,
+            "steps": steps,
+            "max_branches": max(6, len(steps or ())),
+            "max_tokens": args.max_tokens,
+            "step_max_tokens": args.step_max_tokens,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "repetition_penalty": args.repetition_penalty,
+            "no_repeat_ngram_size": args.no_repeat_ngram_size,
+            "conclusion_kv": args.conclusion_kv,
+        }
     )
 
 

@@ -225,18 +225,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the bench from parsed arguments; print a summary (or JSON); return 0."""
+    from langchain_parallel_reason.call_settings import pipeline_config
     from langchain_parallel_reason.loading import load_model_and_tokenizer
-    from langchain_parallel_reason.pipeline import PipelineConfig
     from langchain_parallel_reason.runtime.threads import apply_threads
 
     questions = [
         (label, q) for label, q in load_labeled_questions(args.file) if args.label in ("all", label)
     ][: args.limit]
-    config = PipelineConfig(
-        mode=args.mode,
-        max_tokens=args.max_tokens,
-        step_max_tokens=args.step_max_tokens,
-        max_blocks=args.max_blocks,
+    config = pipeline_config(
+        {
+            "mode": args.mode,
+            "max_tokens": args.max_tokens,
+            "step_max_tokens": args.step_max_tokens,
+            "max_blocks": args.max_blocks,
+        }
     )
     apply_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, progress=True)

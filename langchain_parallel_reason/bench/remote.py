@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 
 from langchain_parallel_reason.bench.task_gen import generate_tasks, score_answer
-from langchain_parallel_reason.pipeline import PipelineConfig, StageEvent
+from langchain_parallel_reason.call_settings import pipeline_config
+from langchain_parallel_reason.pipeline import StepsDoneEvent
 from langchain_parallel_reason.runtime.base import Request
 from langchain_parallel_reason.runtime.remote import RemoteEngine
 
@@ -170,15 +171,13 @@ def run_remote_task_bench(
                 if progress:
                     print(f"N={n} sample {i + 1}/{len(tasks)} {way}", file=sys.stderr)
                 settings = task_config.settings(task, way)
-                if settings.get("steps") is not None:
-                    settings["steps"] = tuple(settings["steps"])
                 before = prefix_cache_counters(base_url)["hits"]
                 t = time.perf_counter()
                 result, seen = None, None
-                for kind, value in engine.stream(Request(messages, PipelineConfig(**settings))):
+                for kind, value in engine.stream(Request(messages, pipeline_config(settings))):
                     if kind == "done":
                         result = value
-                    elif isinstance(value, StageEvent) and value.stage == "steps_done":
+                    elif isinstance(value, StepsDoneEvent):
                         seen = prefix_cache_counters(base_url)["hits"]
                 if seen is not None and way == "parallel":
                     hits_stage2.append(seen - before)

@@ -39,10 +39,12 @@ from ..pipeline import (
     PLAN_TITLE_CHARS,
     AnswerResult,
     ContentDelta,
+    FallbackEvent,
     OutputGrammar,
     PipelineConfig,
-    StageEvent,
+    PlanEvent,
     StepDelta,
+    StepsDoneEvent,
     block_report,
     forced_route,
     merged_steps_text,
@@ -493,7 +495,7 @@ class RemoteEngine:
     ) -> AnswerResult:
         """Plain decoding of the whole answer from the caller's messages (also the fallback)."""
         if reason is not None:
-            call.event(StageEvent("fallback", {"reason": reason}))
+            call.event(FallbackEvent(reason))
         cfg = call.cfg
         grammar: OutputGrammar | None = cfg.grammar
         prefix = grammar.prefix if grammar is not None else ""
@@ -637,7 +639,7 @@ class RemoteEngine:
             except ServerError as e:
                 raise self._as_value_error(e) from e
         call.timings["plan"] = time.perf_counter() - t
-        call.event(StageEvent("plan", {"titles": list(plan.titles), "preamble": plan.preamble}))
+        call.event(PlanEvent(list(plan.titles), plan.preamble))
 
         # Budgets: the steps and the conclusion share max_tokens and the context window.
         n = len(plan.titles)
@@ -756,7 +758,7 @@ class RemoteEngine:
         and the cue) with the conclusion; returns (steps content, conclusion, finish)."""
         cfg = call.cfg
         t = time.perf_counter()
-        call.event(StageEvent("steps_done", {"branch_tokens": [o.completion_tokens for o in outs]}))
+        call.event(StepsDoneEvent([o.completion_tokens for o in outs]))
         bodies = [out.text.strip() for out in outs]
         steps_md = steps_content(plan.preamble.strip(), plan.titles, bodies)
         call.event(ContentDelta(steps_md))

@@ -81,22 +81,22 @@ async def test_same_call_same_content_with_retries(
 def test_retries_change_the_plan(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     # Each retry samples with its own derived seed and a higher temperature: the attempts'
     # texts differ, so a retry is not the failed attempt again.
-    from langchain_parallel_reason import pipeline
+    from langchain_parallel_reason.pipeline import run as pipeline_run
 
     texts: list[str] = []
-    original = pipeline.parse_plan
+    original = pipeline_run.parse_plan
 
     def spy(text: str, **kw: Any):
         texts.append(text)
         return original(text, **kw)
 
-    pipeline.parse_plan = spy
+    pipeline_run.parse_plan = spy
     try:
         answer(
             tiny_llama, tiny_tokenizer, MESSAGES, PipelineConfig(max_tokens=100, **FAILING_PLANS)
         )
     finally:
-        pipeline.parse_plan = original
+        pipeline_run.parse_plan = original
     assert len(texts) == 4
     assert len(set(texts)) == 4
 
@@ -133,18 +133,18 @@ def test_no_conclusion_budget_is_said_in_notes(tiny_llama: Any, tiny_tokenizer: 
 
 
 def test_titles_copied_from_the_prompt_example_are_dropped(tiny_llama, tiny_tokenizer) -> None:
-    from langchain_parallel_reason.pipeline import _Run
+    from langchain_parallel_reason.pipeline.run import Run
     from langchain_parallel_reason.plan import PlanFormatError
     from langchain_parallel_reason.schemas import Plan
 
-    run = _Run(tiny_llama, tiny_tokenizer, MESSAGES, PipelineConfig(), None, None)
+    run = Run(tiny_llama, tiny_tokenizer, MESSAGES, PipelineConfig(), None, None)
     plan = Plan(preamble="p", titles=["Rabbit", "Tea", "Coffee"])
     assert run.drop_copied_titles(plan).titles == ["Tea", "Coffee"]
     with pytest.raises(PlanFormatError, match="copied from the prompt's example"):
         run.drop_copied_titles(Plan(titles=["Rabbit", "Hamster", "Tea"]))
     # A question that names the example's word keeps it.
     asks = [{"role": "user", "content": "Is a rabbit or tea better?"}]
-    run = _Run(tiny_llama, tiny_tokenizer, asks, PipelineConfig(), None, None)
+    run = Run(tiny_llama, tiny_tokenizer, asks, PipelineConfig(), None, None)
     assert run.drop_copied_titles(plan).titles == ["Rabbit", "Tea", "Coffee"]
 
 
@@ -162,7 +162,7 @@ def test_a_step_may_not_open_with_another_steps_title(tiny_tokenizer) -> None:
 def test_a_plan_title_may_not_open_like_an_earlier_one(tiny_tokenizer) -> None:
     import torch
 
-    from langchain_parallel_reason.pipeline import _DistinctTitles
+    from langchain_parallel_reason.pipeline.render import DistinctTitles
 
     def feed(guard, text):
         for token in tiny_tokenizer.encode(text, add_special_tokens=False):
@@ -178,13 +178,13 @@ def test_a_plan_title_may_not_open_like_an_earlier_one(tiny_tokenizer) -> None:
     logits = torch.zeros(vocab)
     logits[taste] = 5.0  # the model wants to repeat "Taste"
     # One title so far: the repeat is banned, a second title must come.
-    guard = _DistinctTitles(None, tiny_tokenizer)
+    guard = DistinctTitles(None, tiny_tokenizer)
     feed(guard, text)
     masked = guard.mask_logits(logits)
     assert masked[taste] == float("-inf")
     assert torch.isfinite(masked).sum() == vocab - 1
     # Two titles: a repeat closes the list instead.
-    guard = _DistinctTitles(None, tiny_tokenizer)
+    guard = DistinctTitles(None, tiny_tokenizer)
     text = "Intro\n####Taste:......\n####Price:......\n####"
     feed(guard, text)
     masked = guard.mask_logits(logits)
@@ -204,10 +204,10 @@ def test_a_plan_title_may_not_open_like_an_earlier_one(tiny_tokenizer) -> None:
         ("", ""),
     ],
 )
-def test_a_preamble_cut_by_its_bound_shows_whole_sentences(text: str, shown: str) -> None:
-    from langchain_parallel_reason.pipeline import _whole_sentences
+def test_a_preamble_cut_by_its_bound_showswhole_sentences(text: str, shown: str) -> None:
+    from langchain_parallel_reason.pipeline.render import whole_sentences
 
-    assert _whole_sentences(text) == shown
+    assert whole_sentences(text) == shown
 
 
 def test_resample_settings_are_derived_and_reproducible() -> None:

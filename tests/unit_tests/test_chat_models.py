@@ -31,7 +31,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from pydantic import ValidationError
 
 from langchain_parallel_reason import ChatParallelReason
-from langchain_parallel_reason.chat_models import _convert_messages
+from langchain_parallel_reason.messages import convert_messages
 
 QUESTIONS = [
     "What is 2 + 3?",
@@ -440,7 +440,7 @@ def test_convert_messages_roles_and_tool_calls() -> None:
         ToolMessage("5", tool_call_id="call_1", name="add"),
         ChatMessage(role="assistant", content="It is 5."),
     ]
-    assert _convert_messages(messages) == [
+    assert convert_messages(messages) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Add 2 and 3."},
         {
@@ -467,7 +467,7 @@ def test_convert_messages_joins_text_blocks() -> None:
             {"type": "tool_use", "id": "t1", "name": "add", "input": {}},
         ]
     )
-    assert _convert_messages([human, ai]) == [
+    assert convert_messages([human, ai]) == [
         {"role": "user", "content": "Hello\nworld"},
         {"role": "assistant", "content": "Let me add."},
     ]

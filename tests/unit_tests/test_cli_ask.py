@@ -12,7 +12,14 @@ import pytest
 
 from langchain_parallel_reason import cli
 from langchain_parallel_reason.cli_ask import AnswerView, _LiveView
-from langchain_parallel_reason.pipeline import ContentDelta, StageEvent, StepDelta
+from langchain_parallel_reason.pipeline import (
+    ContentDelta,
+    FallbackEvent,
+    PlanEvent,
+    StepDelta,
+    StepsDoneEvent,
+    StepsRetryEvent,
+)
 
 QUESTION = "Compare tea and coffee."
 
@@ -28,12 +35,12 @@ _STEPS = ("--steps", "Taste", "Price", "--step-max-tokens", "8")
 
 def _parallel_events():
     return [
-        StageEvent("plan", {"titles": ["Taste", "Price"], "preamble": "Two views."}),
+        PlanEvent(["Taste", "Price"], "Two views."),
         ContentDelta("Two views.\n\n"),
         StepDelta(1, "Price", "Tea is "),
         StepDelta(0, "Taste", "Mild"),
         StepDelta(1, "Price", "cheaper."),
-        StageEvent("steps_done", {"branch_tokens": [1, 3]}),
+        StepsDoneEvent([1, 3], ["Mild", "Tea is cheaper."]),
         ContentDelta("**Taste**: Mild\n\n**Price**: Tea is cheaper.\n\n"),
         ContentDelta("Drink "),
         ContentDelta("tea."),
@@ -56,7 +63,7 @@ def test_view_takes_exact_step_bodies_from_the_merged_steps():
     # An out-of-memory retry reset the live text; the merged steps still hold the bodies.
     view = AnswerView()
     events = _parallel_events()
-    events.insert(4, StageEvent("steps_retry", {"reason": "out of memory", "width": 1}))
+    events.insert(4, StepsRetryEvent("out of memory", 1))
     for event in events:
         view.feed(event)
     assert view.steps == ["Mild", "Tea is cheaper."]
@@ -66,9 +73,9 @@ def test_view_takes_exact_step_bodies_from_the_merged_steps():
 def test_view_after_a_fallback_keeps_only_the_sequential_answer():
     view = AnswerView()
     for event in [
-        StageEvent("plan", {"titles": ["A", "B"], "preamble": ""}),
+        PlanEvent(["A", "B"]),
         StepDelta(0, "A", "x"),
-        StageEvent("fallback", {"reason": "parallel decoding failed (boom)"}),
+        FallbackEvent("parallel decoding failed (boom)"),
         ContentDelta("Plain "),
         ContentDelta("answer."),
     ]:

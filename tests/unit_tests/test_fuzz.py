@@ -24,7 +24,7 @@ from langchain_core.messages import (
 from pydantic import ValidationError
 
 from langchain_parallel_reason import ChatParallelReason
-from langchain_parallel_reason.chat_models import _convert_messages
+from langchain_parallel_reason.messages import convert_messages
 from langchain_parallel_reason.pipeline import render_prompt
 from langchain_parallel_reason.plan import format_plan, is_placeholder_title, parse_plan
 from langchain_parallel_reason.schemas import Plan
@@ -85,7 +85,7 @@ def test_any_messages_render_or_raise_value_error(
     tiny_tokenizer: Any, messages: list[BaseMessage]
 ) -> None:
     try:
-        converted = _convert_messages(messages)
+        converted = convert_messages(messages)
         ids = render_prompt(tiny_tokenizer, converted)
     except ValueError:
         return

@@ -202,3 +202,27 @@ def test_no_tensor_growth_over_repeated_calls(tiny_llama, tiny_tokenizer) -> Non
     for _ in range(10):
         answer(tiny_llama, tiny_tokenizer, MESSAGES, config)
     assert live_tensors() <= before
+
+
+@pytest.mark.parametrize("mode", ["parallel", "stepped"])
+def test_typed_events_carry_the_plan_and_the_step_bodies_of_the_content(
+    tiny_llama, tiny_tokenizer, mode
+) -> None:
+    # The steps_done event carries each step's body as data: the merged-steps delta that
+    # follows it is exactly those bodies under their titles (no parsing of markdown needed).
+    from langchain_parallel_reason.pipeline import PlanEvent, StepsDoneEvent, steps_content
+
+    config = PipelineConfig(mode=mode, steps=STEPS, max_tokens=120, step_max_tokens=12)
+    events, result = _collect(tiny_llama, tiny_tokenizer, MESSAGES, config)
+    (plan,) = [e for e in events if isinstance(e, PlanEvent)]
+    (done,) = [e for e in events if isinstance(e, StepsDoneEvent)]
+    assert plan.titles == list(STEPS)
+    assert plan.data["titles"] == list(STEPS)
+    assert plan.stage == "plan"
+    assert isinstance(plan, StageEvent)
+    assert len(done.bodies) == len(STEPS)
+    assert done.branch_tokens == result.report.branch_tokens
+    merged = events[events.index(done) + 1]
+    assert isinstance(merged, ContentDelta)
+    assert merged.text == steps_content(plan.preamble.strip(), plan.titles, done.bodies)
+    assert result.content.startswith(merged.text)

@@ -40,6 +40,7 @@ from transformers.cache_utils import DynamicCache
 
 import langchain_parallel_reason
 from langchain_parallel_reason import ChatParallelReason, pipeline
+from langchain_parallel_reason.pipeline import run as pipeline_run
 
 QUESTION = "How far does a train go in 3 hours at 60 miles per hour?"
 STEPS = ["Taste", "Price", "Caffeine", "Health"]
@@ -234,13 +235,13 @@ def test_stage1_parses_only_the_models_own_text(
     constrain_plan: bool,
 ) -> None:
     parsed: list[str] = []
-    real_parse = pipeline.parse_plan
+    real_parse = pipeline_run.parse_plan
 
     def spy(text: str, **kwargs: Any) -> Any:
         parsed.append(text)
         return real_parse(text, **kwargs)
 
-    monkeypatch.setattr(pipeline, "parse_plan", spy)
+    monkeypatch.setattr(pipeline_run, "parse_plan", spy)
     chat = ChatParallelReason.from_model(
         tiny_model(seed=0), tiny_tokenizer, constrain_plan=constrain_plan, **PLANNED
     )
@@ -479,13 +480,13 @@ def test_a_failed_conclusion_ends_the_answer_after_the_steps(tiny_tokenizer: Any
 def test_a_plan_that_fails_validation_frees_the_kv_cache(
     monkeypatch: pytest.MonkeyPatch, chat: ChatParallelReason
 ) -> None:
-    real_parse = pipeline.parse_plan
+    real_parse = pipeline_run.parse_plan
 
     def duplicate_titles(_text: str, **kwargs: Any) -> Any:
         # As if the model had written a plan that only repeats one title.
         return real_parse("Intro\n####Taste:......\n####taste:......\n####%%%%", **kwargs)
 
-    monkeypatch.setattr(pipeline, "parse_plan", duplicate_titles)
+    monkeypatch.setattr(pipeline_run, "parse_plan", duplicate_titles)
     message = chat.invoke(QUESTION, plan_retries=1, mode="parallel")  # the plan, not the route
     assert "fewer than 2 usable titles" in _report(message)["fallback_reason"]
     assert not _wait_for_workers()

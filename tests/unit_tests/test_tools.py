@@ -32,7 +32,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from langchain_parallel_reason import ChatParallelReason
 from langchain_parallel_reason import pipeline as pl
-from langchain_parallel_reason.chat_models import _convert_messages, _Output
+from langchain_parallel_reason.messages import convert_messages
+from langchain_parallel_reason.output_forms import OutputForm
 from langchain_parallel_reason.schemas import ParallelReport
 from langchain_parallel_reason.tools import (
     HERMES,
@@ -395,8 +396,8 @@ HISTORY: list[BaseMessage] = [
 
 def _prompt_text(tokenizer: Any, messages: list[BaseMessage], **kwargs: Any) -> str:
     """The prompt a call would decode from: messages prepared for this tokenizer, rendered."""
-    output = _Output.from_kwargs(kwargs, max_string_chars=None)
-    prepared, tools, _ = output.prepare(tokenizer, _convert_messages(messages), pl.PipelineConfig())
+    output = OutputForm.from_kwargs(kwargs, max_string_chars=None)
+    prepared, tools, _ = output.prepare(tokenizer, convert_messages(messages), pl.PipelineConfig())
     return tokenizer.decode(
         pl.render_prompt(tokenizer, prepared, **({"tools": tools} if tools else {}))
     )
