@@ -15,23 +15,19 @@ on the server.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from tenacity import (
     AsyncRetrying,
-    retry_if_exception,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential,
 )
 
 from ..pipeline import (
@@ -41,12 +37,10 @@ from ..pipeline import (
     ContentDelta,
     FallbackEvent,
     OutputGrammar,
-    PipelineConfig,
     PlanEvent,
     StepDelta,
     StepsDoneEvent,
     block_report,
-    forced_route,
     merged_steps_text,
     resample_settings,
     step_token_budget,
@@ -57,87 +51,27 @@ from ..plan import PlanFormatError, format_plan, parse_plan, plan_grammar_ebnf
 from ..prompts import END_MARKER, STEP_MARKER, conclusion_cue, stage1_system_prompt, step_header
 from ..schemas import ParallelReport, Plan
 from .base import Item, Request
+from .remote_parts import (
+    CONTEXT_WORDS,
+    GRAMMAR_WORDS,
+    STEP_OPENING_REGEX,
+    Completion,
+    LeadingSpace,
+    RemoteCall,
+    ServerError,
+    ServerInfo,
+    error_text,
+    grammar_body,
+    remote_route,
+    retrying,
+    steps_answer,
+    unreachable,
+    with_partial,
+)
 
 __all__ = ["STEP_OPENING_REGEX", "RemoteEngine", "ServerError", "remote_route"]
 
 _END = object()  # end of one call's item queue
-# Server error texts (vLLM, SGLang) that mean "the prompt does not fit the context window".
-_CONTEXT_WORDS = ("maximum context length", "context length", "max_model_len", "too long")
-# ... and that mean "this server cannot use the grammar we sent".
-_GRAMMAR_WORDS = ("grammar", "structured", "guided", "ebnf", "xgrammar", "regex")
-# A step's opening, as the local decoder's banned opening tokens: right after the plan a small
-# model tends to copy the placeholder ("......") or start the next title ("\n####..."), so the
-# first character is a word character and the first 30 hold no "#" and no newline.
-STEP_OPENING_REGEX = "[ ]?[^\\s#.\u2026]([^#\\n]{0,30}|[^#\\n]{30}[\\s\\S]*)"
-
-
-def remote_route(config: PipelineConfig) -> tuple[str, str | None, list[str]]:
-    """(route, reason, notes) of a call on the remote engine, which has neither the router
-    nor later blocks yet: mode "auto" plans, and one block runs whatever ``max_blocks``."""
-    route, reason = forced_route(config)
-    notes = []
-    if reason is None:
-        reason = (
-            "not routed: the remote engine has no router yet, so mode='auto' plans (pass "
-            "mode='sequential' for a direct answer)"
-        )
-    if config.max_blocks > 1 and route == "plan":
-        notes.append(f"max_blocks={config.max_blocks}: the remote engine runs one block")
-    return route, reason, notes
-
-
-class ServerError(RuntimeError):
-    """The server answered a request with an error (its message is included)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"the server answered {status}: {message}")
-        self.status = status
-        self.message = message
-
-
-def _transient(error: BaseException) -> bool:
-    """Worth retrying: the connection failed, or the server had a 5xx error."""
-    if isinstance(error, ServerError):
-        return error.status >= 500
-    return isinstance(error, httpx.TransportError)
-
-
-@dataclass
-class _Completion:
-    """One finished completion: its text (stop string excluded) and what the server counted."""
-
-    text: str = ""
-    finish_reason: str = "stop"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class _ServerInfo:
-    model: str
-    served: list[str]
-    kind: str  # "vllm", "sglang" or another `owned_by`: decides the grammar field
-    max_model_len: int | None
-
-
-@dataclass
-class _Call:
-    """State of one request (nothing survives it)."""
-
-    cfg: PipelineConfig
-    messages: list[dict[str, Any]]
-    emit: Callable[[Item], None]
-    client: httpx.AsyncClient
-    info: _ServerInfo
-    retries: int
-    timings: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    input_tokens: int = 0
-    output_tokens: int = 0
-    plan_attempts: int = 0
-
-    def event(self, event: Any) -> None:
-        self.emit(("event", event))
 
 
 class RemoteEngine:
@@ -173,7 +107,7 @@ class RemoteEngine:
         self.retries = retries
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(connect=connect_timeout, read=600.0, write=60.0, pool=None)
-        self._info: _ServerInfo | None = None
+        self._info: ServerInfo | None = None
         self._grammar_ok = True  # False once the server refused a grammar (then plans are free)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
@@ -268,7 +202,9 @@ class RemoteEngine:
             raise ValueError("messages is empty: pass at least one user message")
         async with httpx.AsyncClient(headers=self._headers, timeout=self._timeout) as client:
             info = await self._server_info(client)
-            call = _Call(cfg, messages, emit, client, info, max(self.retries, request.max_retries))
+            call = RemoteCall(
+                cfg, messages, emit, client, info, max(self.retries, request.max_retries)
+            )
             route, route_reason, call.notes = remote_route(cfg)
             result = await self._routed(call)
         report = result.report
@@ -277,7 +213,7 @@ class RemoteEngine:
             update["blocks"] = [block_report(report)]
         return dataclasses.replace(result, report=report.model_copy(update=update))
 
-    async def _routed(self, call: _Call) -> AnswerResult:
+    async def _routed(self, call: RemoteCall) -> AnswerResult:
         cfg = call.cfg
         t0 = time.perf_counter()
         if cfg.mode == "sequential":
@@ -289,7 +225,7 @@ class RemoteEngine:
             return await self._sequential(call, reason, 0, t0)
         return await self._parallel(call, t0)
 
-    async def _server_info(self, client: httpx.AsyncClient) -> _ServerInfo:
+    async def _server_info(self, client: httpx.AsyncClient) -> ServerInfo:
         """The served models (checked once per engine): the fix for a wrong name lists them."""
         if self._info is not None:
             return self._info
@@ -310,7 +246,7 @@ class RemoteEngine:
             raise ValueError(msg)
         card = cards[served.index(model)]
         length = card.get("max_model_len")
-        info = _ServerInfo(
+        info = ServerInfo(
             model, served, str(card.get("owned_by") or ""), int(length) if length else None
         )
         self._info = info
@@ -321,41 +257,25 @@ class RemoteEngine:
         self, client: httpx.AsyncClient, method: str, url: str, body: Any, retries: int
     ) -> dict[str, Any]:
         """One JSON request, retried with backoff on connection errors and 5xx only."""
-        async for attempt in self._retrying(retries):
+        async for attempt in retrying(retries):
             with attempt:
                 try:
                     response = await client.request(method, url, json=body)
                 except httpx.TransportError as e:
-                    raise self._unreachable(e) from e
+                    raise unreachable(self.base_url, e) from e
                 if response.status_code >= 400:
-                    raise ServerError(response.status_code, _error_text(response.text))
+                    raise ServerError(response.status_code, error_text(response.text))
                 return response.json()
         raise AssertionError  # unreachable: AsyncRetrying re-raises the last error
 
-    def _retrying(self, retries: int) -> AsyncRetrying:
-        return AsyncRetrying(
-            stop=stop_after_attempt(retries + 1),
-            wait=wait_exponential(multiplier=0.5, max=8),
-            retry=retry_if_exception(lambda e: _transient(e) or _transient(e.__cause__ or e)),
-            reraise=True,
-        )
-
-    def _unreachable(self, error: httpx.TransportError) -> ConnectionError:
-        msg = (
-            f"cannot reach the server at {self.base_url} ({type(error).__name__}: {error}); "
-            "start it (e.g. `python -m vllm.entrypoints.openai.api_server --model <folder> "
-            "--port 8000`) or fix base_url"
-        )
-        return ConnectionError(msg)
-
     async def _count(
-        self, call: _Call, messages: list[dict[str, Any]], partial: str | None
+        self, call: RemoteCall, messages: list[dict[str, Any]], partial: str | None
     ) -> int | None:
         """Prompt tokens of ``messages`` (+ a partial assistant message) by the server's
         template (``/tokenize``); None when the server has no such endpoint."""
         body: dict[str, Any] = {
             "model": call.info.model,
-            "messages": _with_partial(messages, partial),
+            "messages": with_partial(messages, partial),
         }
         if partial is not None:
             body |= {"add_generation_prompt": False, "continue_final_message": True}
@@ -370,7 +290,7 @@ class RemoteEngine:
         return int(out["count"]) if "count" in out else None
 
     def _as_value_error(self, error: ServerError) -> Exception:
-        if any(word in error.message.lower() for word in _CONTEXT_WORDS):
+        if any(word in error.message.lower() for word in CONTEXT_WORDS):
             limit = self._info.max_model_len if self._info else None
             msg = (
                 f"the prompt does not fit the server's context window (max_model_len={limit}): "
@@ -380,23 +300,9 @@ class RemoteEngine:
             return ValueError(msg)
         return error
 
-    def _grammar_body(
-        self, call: _Call, ebnf: str | None = None, schema: Any = None, regex: str | None = None
-    ) -> dict[str, Any]:
-        """The server's structured-output field for an EBNF grammar, a JSON schema or a regex."""
-        if call.info.kind == "sglang":  # SGLang's own fields
-            if regex is not None:
-                return {"regex": regex}
-            return {"ebnf": ebnf} if ebnf is not None else {"json_schema": json.dumps(schema)}
-        # vLLM: the old guided_grammar / guided_json fields are accepted and silently ignored.
-        if regex is not None:
-            return {"structured_outputs": {"regex": regex}}
-        key, value = ("grammar", ebnf) if ebnf is not None else ("json", schema)
-        return {"structured_outputs": {key: value}}
-
     async def _complete(
         self,
-        call: _Call,
+        call: RemoteCall,
         messages: list[dict[str, Any]],
         *,
         partial: str | None,
@@ -407,7 +313,7 @@ class RemoteEngine:
         min_tokens: int = 0,
         extra: dict[str, Any] | None = None,
         on_text: Callable[[str], None] | None = None,
-    ) -> _Completion:
+    ) -> Completion:
         """One streamed chat completion; ``on_text`` gets each piece of text as it arrives.
 
         ``partial`` is an unfinished assistant message the server continues (its chat
@@ -416,7 +322,7 @@ class RemoteEngine:
         cfg = call.cfg
         body: dict[str, Any] = {
             "model": call.info.model,
-            "messages": _with_partial(messages, partial),
+            "messages": with_partial(messages, partial),
             "max_tokens": max_tokens,
             "temperature": cfg.temperature if temperature is None else temperature,
             "top_p": cfg.top_p,
@@ -435,9 +341,9 @@ class RemoteEngine:
         if min_tokens:
             body["min_tokens"] = min_tokens
         body |= extra or {}
-        out = _Completion()
+        out = Completion()
         received = False
-        async for attempt in self._retrying(call.retries):
+        async for attempt in retrying(call.retries):
             with attempt:
                 try:
                     async with call.client.stream(
@@ -445,7 +351,7 @@ class RemoteEngine:
                     ) as response:
                         if response.status_code >= 400:
                             error = ServerError(
-                                response.status_code, _error_text((await response.aread()).decode())
+                                response.status_code, error_text((await response.aread()).decode())
                             )
                             raise error
                         self._completions_running += 1
@@ -484,14 +390,14 @@ class RemoteEngine:
                     if received:  # text was passed on already: not retried (no cause)
                         msg = f"the server at {self.base_url} dropped the stream: {e}"
                         raise ConnectionError(msg) from None
-                    raise self._unreachable(e) from e
+                    raise unreachable(self.base_url, e) from e
         call.output_tokens += out.completion_tokens
         return out
 
     # -- the stages --------------------------------------------------------------------
 
     async def _sequential(
-        self, call: _Call, reason: str | None, attempts: int, t0: float
+        self, call: RemoteCall, reason: str | None, attempts: int, t0: float
     ) -> AnswerResult:
         """Plain decoding of the whole answer from the caller's messages (also the fallback)."""
         if reason is not None:
@@ -503,9 +409,9 @@ class RemoteEngine:
         extra = None
         if grammar is not None:
             extra = (
-                self._grammar_body(call, ebnf=grammar.ebnf)
+                grammar_body(call, ebnf=grammar.ebnf)
                 if grammar.ebnf is not None
-                else self._grammar_body(call, schema=json.loads(grammar.json_schema))
+                else grammar_body(call, schema=json.loads(grammar.json_schema))
             )
         # A grammar decides where the answer ends: a stop string inside a JSON string would cut it.
         stops = () if grammar is not None else cfg.stop
@@ -523,7 +429,7 @@ class RemoteEngine:
         if prefix:
             call.event(ContentDelta(prefix))
         t = time.perf_counter()
-        lead = _LeadingSpace(lambda text: call.event(ContentDelta(text)), strip=not prefix)
+        lead = LeadingSpace(lambda text: call.event(ContentDelta(text)), strip=not prefix)
         try:
             out = await self._complete(
                 call,
@@ -555,7 +461,7 @@ class RemoteEngine:
         finish = "length" if out.finish_reason == "length" else "stop"
         return AnswerResult(text, report, call.input_tokens, call.output_tokens, finish)
 
-    async def _plan(self, call: _Call, messages: list[dict[str, Any]], budget: int) -> Plan:
+    async def _plan(self, call: RemoteCall, messages: list[dict[str, Any]], budget: int) -> Plan:
         """Stage 1: the plan under the server's grammar, validated, re-sampled when it fails
         (``call.plan_attempts`` counts the tries); raises the last `PlanFormatError`."""
         cfg = call.cfg
@@ -576,10 +482,10 @@ class RemoteEngine:
             if grammar is not None and self._grammar_ok:
                 try:
                     out = await self._complete(
-                        call, messages, extra=self._grammar_body(call, ebnf=grammar), **kw
+                        call, messages, extra=grammar_body(call, ebnf=grammar), **kw
                     )
                 except ServerError as e:
-                    if e.status != 400 or not any(w in e.message.lower() for w in _GRAMMAR_WORDS):
+                    if e.status != 400 or not any(w in e.message.lower() for w in GRAMMAR_WORDS):
                         raise
                     self._grammar_ok = False
                     call.notes.append(
@@ -602,7 +508,7 @@ class RemoteEngine:
         )
         return await retrying(attempt)
 
-    async def _parallel(self, call: _Call, t0: float) -> AnswerResult:
+    async def _parallel(self, call: RemoteCall, t0: float) -> AnswerResult:
         cfg = call.cfg
         messages = with_system(call.messages, stage1_system_prompt(cfg.max_branches))
         limit = call.info.max_model_len
@@ -674,12 +580,12 @@ class RemoteEngine:
             return await self._sequential(call, reason, attempts, t0)
 
     async def _step(
-        self, call: _Call, messages, partial: str, b: int, title: str, per_step: int
-    ) -> _Completion:
+        self, call: RemoteCall, messages, partial: str, b: int, title: str, per_step: int
+    ) -> Completion:
         """Step ``b``: one streamed completion continuing ``partial`` (which ends with its
         header), with the parallel path's budget, stops, seed + b and opening rule."""
         cfg = call.cfg
-        emit = _LeadingSpace(lambda text: call.event(StepDelta(b, title, text)))
+        emit = LeadingSpace(lambda text: call.event(StepDelta(b, title, text)))
         return await self._complete(
             call,
             messages,
@@ -689,7 +595,7 @@ class RemoteEngine:
             seed=None if cfg.seed is None else cfg.seed + b,
             # A small model may open a step with the next title: EOS is banned this long.
             min_tokens=min(MIN_STEP_TOKENS, per_step // 2),
-            extra=self._grammar_body(call, regex=STEP_OPENING_REGEX) if self._grammar_ok else None,
+            extra=grammar_body(call, regex=STEP_OPENING_REGEX) if self._grammar_ok else None,
             on_text=emit,
         )
 
@@ -720,7 +626,7 @@ class RemoteEngine:
         steps_md, conclusion, finish = await self._conclusion(call, messages, plan, outs, partial)
         branch_tokens = [out.completion_tokens for out in outs]
         longest = max(branch_tokens, default=0)
-        return _steps_answer(
+        return steps_answer(
             call, "parallel", plan, outs, attempts, t0, steps_md + conclusion, finish,
             # The server decodes the steps in one batch: about one pass per token of the longest.
             decode_steps=longest,
@@ -746,13 +652,13 @@ class RemoteEngine:
             call, messages, plan, outs, written + conclusion_cue()
         )
         tokens = sum(out.completion_tokens for out in outs)
-        return _steps_answer(
+        return steps_answer(
             call, "stepped", plan, outs, attempts, t0, steps_md + conclusion, finish,
             decode_steps=tokens, tokens_per_forward=1.0 if tokens else None,
         )  # fmt: skip
 
     async def _conclusion(
-        self, call: _Call, messages, plan: Plan, outs: list[_Completion], partial: str
+        self, call: RemoteCall, messages, plan: Plan, outs: list[Completion], partial: str
     ) -> tuple[str, str, str]:
         """Stage 3: send the steps as content, then continue ``partial`` (the laid-out steps
         and the cue) with the conclusion; returns (steps content, conclusion, finish)."""
@@ -766,7 +672,7 @@ class RemoteEngine:
         finish = "length"
         conclusion = ""
         if budget >= 1:
-            lead = _LeadingSpace(lambda text: call.event(ContentDelta(text)))
+            lead = LeadingSpace(lambda text: call.event(ContentDelta(text)))
             try:
                 out = await self._complete(
                     call,
@@ -782,62 +688,3 @@ class RemoteEngine:
                 call.notes.append(f"conclusion failed ({e}); answer ends there")
         call.timings["conclusion"] = time.perf_counter() - t
         return steps_md, conclusion, finish
-
-
-def _steps_answer(
-    call: _Call,
-    mode: str,
-    plan: Plan,
-    outs: list[_Completion],
-    attempts: int,
-    t0: float,
-    content: str,
-    finish: str,
-    **report: Any,
-) -> AnswerResult:
-    """The answer of a call whose steps were ``outs``, with its report (``report``: the
-    mode's own fields)."""
-    call.timings["total"] = time.perf_counter() - t0
-    parallel = ParallelReport(
-        mode_used=mode,
-        steps=list(plan.titles),
-        branch_tokens=[out.completion_tokens for out in outs],
-        branch_finish_reasons=["length" if o.finish_reason == "length" else "stop" for o in outs],
-        plan_attempts=attempts,
-        timings=call.timings,
-        notes=call.notes,
-        **report,
-    )
-    return AnswerResult(content, parallel, call.input_tokens, call.output_tokens, finish)
-
-
-class _LeadingSpace:
-    """Passes text on, leading whitespace of the whole text dropped (as ``TextStream(lstrip)``)."""
-
-    def __init__(self, sink: Callable[[str], None], *, strip: bool = True) -> None:
-        self.sink = sink
-        self.started = not strip
-
-    def __call__(self, text: str) -> None:
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        if text:
-            self.sink(text)
-
-
-def _with_partial(messages: list[dict[str, Any]], partial: str | None) -> list[dict[str, Any]]:
-    if partial is None:
-        return messages
-    return [*messages, {"role": "assistant", "content": partial}]
-
-
-def _error_text(body: str) -> str:
-    """The message inside an OpenAI-style error body (or the body itself)."""
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
-        data = json.loads(body)
-        error = data.get("error", data) if isinstance(data, dict) else data
-        if isinstance(error, dict):
-            return str(error.get("message") or error.get("detail") or error)
-        return str(error)
-    return body[:500]

@@ -26,9 +26,7 @@ ALLOWED_PRIVATE_IMPORTS: dict[tuple[str, str, str], str] = {}
 # Sorted module lists of allowed cycles -> why.
 ALLOWED_CYCLES: dict[tuple[str, ...], str] = {}
 # module -> why it may exceed MAX_LINES for now.
-ALLOWED_LONG_MODULES: dict[str, str] = {
-    "runtime.remote": "the remote engine; owned by the remote-runtime work",
-}
+ALLOWED_LONG_MODULES: dict[str, str] = {}
 
 
 def _module_name(path: Path) -> str:
