@@ -369,13 +369,23 @@ def run(args: argparse.Namespace) -> int:
     """Answer `args.question` and print it (see the module docstring); returns 0."""
     config = _config(args)  # validated before the slow model load
     from langchain_parallel_reason.loading import load_model_and_tokenizer
-    from langchain_parallel_reason.pipeline import iter_answer
+    from langchain_parallel_reason.runtime.base import Request
+    from langchain_parallel_reason.runtime.engine import Engine
     from langchain_parallel_reason.runtime.threads import apply_threads
 
     apply_threads(args.threads)  # None: the cores this process may use
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, progress=True)
     messages = [{"role": "user", "content": args.question}]
-    gen = iter_answer(model, tokenizer, messages, config)
+    # The product's door: the engine that serves ChatParallelReason, one request.
+    engine = Engine(model, tokenizer, name=args.model or EMBEDDED_LABEL)
+    try:
+        return _show(args, engine.stream(Request(messages, config, num_threads=args.threads)))
+    finally:
+        engine.close()
+
+
+def _show(args: argparse.Namespace, gen: Any) -> int:
+    """Print the answer whose engine items ``gen`` yields (live, plain or JSON)."""
 
     if args.json:
         view = AnswerView()
@@ -404,14 +414,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _consume(gen: Any, sink: Any) -> Any:
-    """Feed every event of `gen` to `sink`; return the generator's return value."""
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        sink(event)
+def _consume(items: Any, sink: Any) -> Any:
+    """Feed every event of the engine's `items` to `sink`; return the answer (``"done"``)."""
+    for kind, value in items:
+        if kind == "done":
+            return value
+        sink(value)
+    msg = "the engine ended without an answer"  # unreachable: the stream ends on "done"
+    raise RuntimeError(msg)
 
 
 def _json_result(args: argparse.Namespace, result: Any, view: AnswerView) -> dict[str, Any]:
