@@ -131,13 +131,15 @@ def run_question_bench(
 ) -> dict[str, Any]:
     """Answer each question (a plain string is labelled "plan") with its own route and plan;
     return per-question rows and totals. Plan checks count answers with a plan."""
-    from langchain_parallel_reason.pipeline import answer
+    from langchain_parallel_reason.runtime.base import Request
+    from langchain_parallel_reason.runtime.engine import engine_for
 
+    engine = engine_for(model, tokenizer)  # the door ChatParallelReason uses
     rows = []
     questions = _labeled(questions)
     for i, (label, question) in enumerate(questions):
         t = time.perf_counter()
-        result = answer(model, tokenizer, [{"role": "user", "content": question}], config)
+        *_, (_, result) = engine.stream(Request([{"role": "user", "content": question}], config))
         report = result.report
         parallel = report.mode_used == "parallel"
         bodies = _step_bodies(result.content, report.steps) if parallel else []

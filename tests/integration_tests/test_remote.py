@@ -241,10 +241,15 @@ def test_stepped_mode_writes_the_steps_one_after_another(server: Any) -> None:
     assert report["mode_used"] == "stepped", report
     assert report["steps"] == STEPS
     assert report["decode_steps"] == sum(report["branch_tokens"])
-    # Step 1 continues the same text in both modes (greedy): the same body.
-    first = f"**{STEPS[0]}**: "
-    assert stepped.content.split("\n\n")[0] == parallel.content.split("\n\n")[0]
-    assert stepped.content.startswith(first)
+    # Every step under its title, in plan order, each with a body. (Not the parallel run's
+    # text: the server decodes those steps in one batch, and its bf16 numerics, hence its
+    # greedy tokens, depend on the batch: CI saw step 1 differ.)
+    at = [stepped.content.find(f"**{title}**: ") for title in STEPS]
+    assert -1 not in at, stepped.content
+    assert at[0] == 0
+    assert at == sorted(at)
+    assert all(n > 0 for n in report["branch_tokens"])
+    assert parallel.response_metadata["parallel"]["mode_used"] == "parallel"
     assert "reuse" not in str(report["notes"])
 
 
