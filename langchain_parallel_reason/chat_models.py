@@ -51,6 +51,7 @@ from .chunks import chat_result, event_chunk, final_chunk
 from .messages import check_chat_template, convert_messages
 from .output_forms import OutputForm, structured_output
 from .runtime.base import EngineLimits, Request
+from .setting_bounds import bounds
 
 if TYPE_CHECKING:
     from langchain_core.language_models import LanguageModelInput
@@ -208,19 +209,19 @@ class ChatParallelReason(BaseChatModel):
     steps: list[str] | None = None
     """Step titles to decode in parallel, in order; Stage 1 (planning) is skipped."""
 
-    max_branches: int = Field(default=6, ge=2)
+    max_branches: int = Field(default=6, **bounds("max_branches"))
     """Most steps decoded in parallel (at least 2)."""
 
-    max_tokens: int = Field(default=512, gt=0)
+    max_tokens: int = Field(default=512, **bounds("max_tokens"))
     """Total new-token budget of one answer: plan, steps and conclusion together."""
 
-    step_max_tokens: int = Field(default=96, gt=0)
+    step_max_tokens: int = Field(default=96, **bounds("step_max_tokens"))
     """New tokens each parallel step may take."""
 
-    plan_max_tokens: int = Field(default=96, gt=0)
+    plan_max_tokens: int = Field(default=96, **bounds("plan_max_tokens"))
     """New tokens the Stage-1 plan may take."""
 
-    plan_retries: int = Field(default=2, ge=0)
+    plan_retries: int = Field(default=2, **bounds("plan_retries"))
     """Re-samples of a plan that does not validate before falling back to ordinary decoding;
     each with a derived seed and a higher temperature (the same call gives the same answer),
     and all attempts together spend at most half of `max_tokens`."""
@@ -228,7 +229,7 @@ class ChatParallelReason(BaseChatModel):
     constrain_plan: bool = True
     """Force the plan's format with a grammar (small models rarely write it unaided)."""
 
-    max_blocks: int = Field(default=1, ge=1, le=16)
+    max_blocks: int = Field(default=1, **bounds("max_blocks"))
     """Most parallel blocks in one answer: after a block's conclusion the model may open
     another plan (it writes ``####``), whose steps are again decoded in parallel, until this
     many blocks ran. 1 (the default) cuts the conclusion there: the embedded 135M model's

@@ -13,6 +13,7 @@ from typing import Literal
 
 from ..decoding.repetition import RepetitionControl
 from ..decoding.sampling import SamplingParams
+from ..setting_bounds import INT_BOUNDS
 
 __all__ = [
     "MIN_CONCLUSION_TOKENS",
@@ -170,23 +171,16 @@ class PipelineConfig:
                 self.conclusion_kv in ("reprefill", "reuse"),
                 "conclusion_kv must be reprefill|reuse",
             ),
-            (self.max_branches >= 2, f"max_branches must be >= 2, got {self.max_branches}"),
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (
-                self.step_max_tokens >= 1,
-                f"step_max_tokens must be >= 1, got {self.step_max_tokens}",
-            ),
-            (
-                self.plan_max_tokens >= 1,
-                f"plan_max_tokens must be >= 1, got {self.plan_max_tokens}",
-            ),
-            (self.plan_retries >= 0, f"plan_retries must be >= 0, got {self.plan_retries}"),
-            (self.max_blocks >= 1, f"max_blocks must be >= 1, got {self.max_blocks}"),
             (
                 math.isfinite(self.route_bias),
                 f"route_bias must be a finite number, got {self.route_bias}",
             ),
         ]
+        for name, (low, high) in INT_BOUNDS.items():
+            value = getattr(self, name)
+            checks.append((value >= low, f"{name} must be >= {low}, got {value}"))
+            if high is not None:
+                checks.append((value <= high, f"{name} must be <= {high}, got {value}"))
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
