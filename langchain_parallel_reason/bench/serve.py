@@ -126,15 +126,12 @@ def forward_cost(model: Any, rows: tuple[int, ...] = (1, 4, 16, 64), context: in
                 runs.append(time.perf_counter() - t)
                 crop_to(cache, context)
             times.append(statistics.median(runs))
-    mean_r, mean_t = statistics.fmean(rows), statistics.fmean(times)
-    slope = sum((r - mean_r) * (t - mean_t) for r, t in zip(rows, times, strict=True)) / sum(
-        (r - mean_r) ** 2 for r in rows
-    )
+    fit = statistics.linear_regression(rows, times)  # least squares
     return {
         "rows": list(rows),
         "seconds": [round(t, 4) for t in times],
-        "fixed_s": round(max(0.0, mean_t - slope * mean_r), 4),
-        "per_row_s": round(slope, 5),
+        "fixed_s": round(max(0.0, fit.intercept), 4),
+        "per_row_s": round(fit.slope, 5),
     }
 
 
