@@ -113,6 +113,7 @@ class _Core:
         )
         self.thread = threading.Thread(target=self._loop, name=self.tag + "engine", daemon=True)
         self.thread.start()
+        _THREADS.add(self.thread)
 
     # -- the caller's side ------------------------------------------------------------------
 
@@ -568,6 +569,8 @@ class Engine:
     ) -> None:
         self._core = _Core(model, tokenizer, name, limits or EngineLimits())
         self.name = name
+        # The exit handler stops every live scheduler (see _close_all).
+        _CORES.add(self._core)
         weakref.finalize(self, _Core.close, self._core)
 
     @property
@@ -661,6 +664,11 @@ class Engine:
 
 _ENGINES: weakref.WeakValueDictionary[int, Engine] = weakref.WeakValueDictionary()
 _CORES: weakref.WeakSet[_Core] = weakref.WeakSet()
+# The scheduler threads, joined at exit. A core can be gone from _CORES while its thread still
+# runs: once an engine is collected, its scheduler stops and, ending, drops the last reference
+# to the core and so frees the model's tensors. A daemon thread doing that while the
+# interpreter finalizes aborts the process ("terminate called without an active exception").
+_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
 @atexit.register
@@ -668,7 +676,10 @@ def _close_all() -> None:
     # Stop the schedulers before the interpreter tears down: a daemon thread inside a torch op
     # at exit aborts the process ("terminate called without an active exception").
     for core in list(_CORES):
-        core.close(join_s=2.0)
+        core.close()
+    for thread in list(_THREADS):
+        if thread is not threading.current_thread():
+            thread.join(5.0)
 
 
 _ENGINES_LOCK = threading.Lock()
@@ -681,7 +692,7 @@ def engine_for(
     share its engine, its batch and its limits (the first caller's limits win)."""
     with _ENGINES_LOCK:
         engine = _ENGINES.get(id(model))
-        if engine is None or engine.model is not model:
+        if engine is None or engine.model is not model or engine._core.closed:
             engine = Engine(model, tokenizer, name, limits)
             _ENGINES[id(model)] = engine
         return engine
