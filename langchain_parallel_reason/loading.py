@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,6 +203,29 @@ def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- embedded model
+
+
+@contextlib.contextmanager
+def _loads_without_pool_after_main() -> Iterator[None]:
+    """Load weights on this thread when ``main`` has returned: transformers loads them on a
+    thread pool, and after ``main`` returns (a call from a non-daemon thread that outlives it)
+    the interpreter refuses new pool work ("cannot schedule new futures after shutdown")."""
+    if threading.main_thread().is_alive():
+        yield
+        return
+    with _ENV_LOCK:
+        before = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+            else:
+                os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before
+
+
+_ENV_LOCK = threading.Lock()
 
 
 def _is_complete(folder: Path) -> bool:
@@ -538,6 +562,7 @@ def load_model_and_tokenizer(
         # whatever else the program prints.
         with (
             _transformers_progress_bars(False),
+            _loads_without_pool_after_main(),
             _Progress(progress).phase(f"Loading {source}", done="model loaded"),
         ):
             tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)

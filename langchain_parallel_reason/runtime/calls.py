@@ -9,6 +9,7 @@ which calls the prefix cache can serve and how to undo a failed forward on a cal
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,9 @@ __all__ = [
     "drop_tracebacks",
     "fresh_prefill",
     "kv_bytes_per_token",
+    "kv_reservation",
     "timeout_error",
+    "with_engine_report",
 ]
 
 
@@ -107,6 +110,7 @@ class Submission:
         self.queued_ahead = 0
         self.reserved = 0
         self.call: Call | None = None
+        self.glet: Any = None  # the engine's coroutine running this request (a greenlet)
         self.cache_ref: Callable[[], Any] = lambda: None  # the last cache it ran on (weak)
         self.forwards = 0
         self.batch_rows = 0
@@ -227,3 +231,27 @@ def timeout_error(timeout: float | None) -> TimeoutError:
         "raise `timeout` or lower `max_tokens` (the model is free again)"
     )
     return TimeoutError(msg)
+
+
+def kv_reservation(request: Request, tokenizer: Any, kv_per_token: int, limits: Any) -> int:
+    """Upper bound of the KV bytes a request holds: its messages, the planning prompt and
+    step layout (a generous 512 tokens), and everything it may write (0 without a budget)."""
+    if limits.kv_budget_bytes is None:
+        return 0
+    text = " ".join(str(m.get("content") or "") for m in request.messages)
+    tokens = len(tokenizer.encode(text, add_special_tokens=False)) + 512
+    tokens += int(getattr(request.config, "max_tokens", 512))
+    return tokens * kv_per_token
+
+
+def with_engine_report(req: Submission, result: Any) -> Any:
+    """``result`` with the engine's part of the report: queue wait, forwards, prefix hits."""
+    info = {
+        "queue_wait_s": round((req.admitted or req.submitted) - req.submitted, 4),
+        "queued_ahead": req.queued_ahead,
+        "forwards": req.forwards,
+        "prefix_hit_tokens": req.prefix_hit_tokens,
+        "mean_batch_rows": round(req.batch_rows / req.forwards, 2) if req.forwards else 0.0,
+    }
+    report = result.report.model_copy(update={"engine": info})  # validated on creation
+    return dataclasses.replace(result, report=report)

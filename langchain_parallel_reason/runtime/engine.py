@@ -1,20 +1,25 @@
 """The local engine: one scheduler thread owns a model and batches the forwards of every request.
 
 Contract: ``Engine(model, tokenizer)`` serves ``Request`` objects (runtime/base.py) with
-continuous batching. Each admitted request runs the three-stage pipeline on a worker of the
-engine's pool, against a *view* of the model: every forward the pipeline asks for (a prefill, a
-plan token, a step of N branches, a conclusion token) becomes a call handed to the scheduler,
-and the worker waits for its logits. The scheduler runs ONE forward per step over the calls of
-every live request, whatever stage each is at (runtime/ragged.py keeps each call to its own
-cache), so a request joins at the next step and leaves when it is done; long prefills are cut
-into chunks interleaved with decode steps. Each request's output is the one it gets alone
-(tested token for token): batching changes speed, not text.
+continuous batching. Each admitted request runs the three-stage pipeline as a coroutine (a
+greenlet) on the scheduler's own thread, against a *view* of the model: every forward the
+pipeline asks for (a prefill, a plan token, a step of N branches, a conclusion token) becomes a
+call parked with the scheduler, and the request's coroutine is suspended until its logits are
+there. The scheduler resumes every ready request until each has parked its next call (or
+ended), then runs ONE forward over all of them, whatever stage each is at (runtime/ragged.py
+keeps each call to its own cache), so a request joins at the next step and leaves when it is
+done; long prefills are cut into chunks interleaved with decode steps. No thread per request, no
+lock between requests' Python, no waiting window: the scheduler knows when every request has
+handed in its call. Each request's output is the one it gets alone (tested token for token):
+batching changes speed, not text.
 
 Limits: ``max_concurrent_requests`` running at once, ``max_batch_rows`` tokens per forward and
 an optional ``kv_budget_bytes`` reserved per request at admission; beyond them requests wait in
 a FIFO queue. Cancellation and timeouts take a request's calls out at the next step and free its
 KV; an out-of-memory (or any) error in a batched forward is retried in halves, so only the call
-that fails alone sees the error, and the batch cap shrinks.
+that fails alone sees the error, and the batch cap shrinks. At interpreter exit every request
+is cancelled at once and the scheduler is joined; calls made from non-daemon threads that
+outlive ``main`` are served until they end (the interpreter waits for those threads first).
 """
 
 from __future__ import annotations
@@ -22,9 +27,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import concurrent.futures
 import contextlib
-import dataclasses
+import functools
 import inspect
 import itertools
 import queue
@@ -34,6 +38,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import greenlet
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -51,7 +56,9 @@ from .calls import (
     drop_tracebacks,
     fresh_prefill,
     kv_bytes_per_token,
+    kv_reservation,
     timeout_error,
+    with_engine_report,
 )
 from .kv import SlabLayer
 from .prefix_cache import PrefixCache, common_prefix
@@ -62,11 +69,6 @@ from .threads import apply_threads
 __all__ = ["Engine", "EngineLimits", "engine_for"]
 
 _POLL_S = 0.05  # how often waiting threads look at cancel flags, deadlines and engine health
-# A step waits for the live requests' next calls: until none arrived for _GATHER_S, at most
-# _GATHER_MAX_S (a request busy in Python, e.g. compiling a grammar, joins the next step).
-# Measured with bench serve: 10 ms / 50 ms gave fewer but slower steps (2.4x vs 2.6x).
-_GATHER_S = 0.002
-_GATHER_MAX_S = 0.02
 _MIN_TAIL = 8  # prompt tokens a prefix-cache hit leaves to compute (see _share_prefill)
 _REGROW_STEPS = 32  # good steps after an out-of-memory before the row cap doubles again
 _ENGINE_NUMBERS = itertools.count(1)
@@ -96,7 +98,11 @@ class _Core:
         # Fresh prefills running now: id -> (prompt ids, set once its KV is stored).
         self.prefilling: dict[int, tuple[list[int], threading.Event]] = {}
         self.cond = threading.Condition()
-        self.turn = threading.Lock()  # held by the worker running pipeline code (see _serve)
+        # Requests' coroutines (greenlets, run on the scheduler thread only): ``ready`` ones are
+        # resumed before the next forward; ``sleeping`` ones (a retry's backoff) at their time.
+        self.ready: collections.deque[greenlet.greenlet] = collections.deque()
+        self.sleeping: list[tuple[float, int, greenlet.greenlet]] = []
+        self.hub: greenlet.greenlet | None = None  # the scheduler's own greenlet
         self.queue: collections.deque[Submission] = collections.deque()
         self.running: dict[int, Submission] = {}
         self.pending: list[Call] = []
@@ -108,9 +114,6 @@ class _Core:
         self.counters = collections.Counter()
         # Thread names carry the engine's number, so stats() can count this engine's threads.
         self.tag = f"parallel-reason-{next(_ENGINE_NUMBERS)}-"
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=limits.max_concurrent_requests, thread_name_prefix=self.tag + "req"
-        )
         self.thread = threading.Thread(target=self._loop, name=self.tag + "engine", daemon=True)
         self.thread.start()
         _THREADS.add(self.thread)
@@ -119,7 +122,9 @@ class _Core:
 
     def submit(self, request: Request, sink: Callable[[tuple[str, Any]], None]) -> Submission:
         req = Submission(request, sink, next(self.seq))
-        req.reserved = self._reservation(request)
+        req.reserved = kv_reservation(
+            request, request.tokenizer or self.tokenizer, self.kv_per_token, self.limits
+        )
         budget = self.limits.kv_budget_bytes
         if budget is not None and req.reserved > budget:
             msg = (
@@ -175,7 +180,6 @@ class _Core:
             for req in list(self.queue) + list(self.running.values()):
                 req.cancel.set()
             self.cond.notify_all()
-        self.pool.shutdown(wait=False)
         if join_s and threading.current_thread() is not self.thread:
             self.thread.join(join_s)
 
@@ -196,12 +200,9 @@ class _Core:
                     raise Cancelled("the engine was closed")
                 req.call = call
                 self.pending.append(call)
-                self.cond.notify_all()
             try:
-                with self._released():
-                    while not call.done.wait(_POLL_S):
-                        if not self.alive():
-                            raise RuntimeError("the engine's scheduler thread died; see the log")
+                while not call.done.is_set():  # the scheduler resumes us when it is
+                    self.hub.switch()
             finally:
                 req.call = None  # the call holds the request's cache
             error, logits = call.error, call.logits
@@ -242,10 +243,10 @@ class _Core:
             shared, done = max(running, key=lambda r: r[0], default=(0, None))
             if done is None or shared < stored + self.prefix.min_tokens:
                 break
-            with self._released():  # other requests run their Python meanwhile
-                while not done.wait(_POLL_S):
-                    if call.req.expired(time.monotonic()):
-                        raise Cancelled("decoding cancelled")
+            while not done.is_set():  # other requests run meanwhile (that one's among them)
+                if call.req.expired(time.monotonic()):
+                    raise Cancelled("decoding cancelled")
+                self.pause()
         hit, kv = self.prefix.match(ids, limit)
         if kv is not None:
             for layer, (keys, values) in enumerate(kv):
@@ -274,15 +275,23 @@ class _Core:
             return  # a layer that drops or shares tokens: nothing exact to store
         self.prefix.insert(ids.tolist(), [(layer.keys, layer.values) for layer in layers])
 
+    # -- a request's coroutine (runs on the scheduler thread) ---------------------------------
+
+    def pause(self) -> None:
+        """Let the other requests run until the scheduler's next round (from a request)."""
+        self.ready.append(greenlet.getcurrent())
+        self.hub.switch()
+
+    def sleep(self, seconds: float) -> None:
+        """Suspend the calling request for ``seconds`` (others run meanwhile)."""
+        wake = time.monotonic() + max(0.0, seconds)
+        self.sleeping.append((wake, next(self.seq), greenlet.getcurrent()))
+        self.hub.switch()
+
     def _serve(self, req: Submission) -> None:
         from .. import pipeline as pl
 
-        apply_threads(1)  # a worker only samples and detokenizes; the forwards are batched
         request = req.request
-        # Workers take turns on pipeline code (released while they wait for a forward): the
-        # tokenizer flips a flag on its shared backend per encode, and grammar and marker
-        # caches are shared, so two requests must not run that Python at once.
-        self.turn.acquire()
         try:
             if req.expired(time.monotonic()):
                 raise pl.PipelineCancelled("cancelled while queued")
@@ -302,8 +311,6 @@ class _Core:
             outcome, item = "failed", ("error", e)
         else:
             outcome, item = "completed", ("done", result)
-        finally:
-            self.turn.release()
         self._end(req, outcome)
         req.send(item)
 
@@ -324,15 +331,16 @@ class _Core:
                         try:
                             event = next(events)
                         except StopIteration as stop:
-                            return self._with_engine_report(req, stop.value)
+                            return with_engine_report(req, stop.value)
                         req.send(("event", event))
                         sent_text = sent_text or not isinstance(event, pl.StageEvent)
                 finally:
                     events.close()
 
         def backoff(seconds: float) -> None:
-            with self._released():  # other requests run their Python meanwhile
-                req.cancel.wait(seconds)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and not req.expired(time.monotonic()):
+                self.sleep(min(_POLL_S, end - time.monotonic()))
 
         # A transient failure (e.g. out of memory) before the caller saw any text is retried
         # from scratch; after that the partial answer is already out.
@@ -344,26 +352,6 @@ class _Core:
             sleep=backoff,
         )
 
-    @contextlib.contextmanager
-    def _released(self) -> Iterator[None]:
-        """Let other workers run their pipeline code while this one waits."""
-        self.turn.release()
-        try:
-            yield
-        finally:
-            self.turn.acquire()
-
-    def _with_engine_report(self, req: Submission, result: Any) -> Any:
-        info = {
-            "queue_wait_s": round((req.admitted or req.submitted) - req.submitted, 4),
-            "queued_ahead": req.queued_ahead,
-            "forwards": req.forwards,
-            "prefix_hit_tokens": req.prefix_hit_tokens,
-            "mean_batch_rows": round(req.batch_rows / req.forwards, 2) if req.forwards else 0.0,
-        }
-        report = result.report.model_copy(update={"engine": info})  # validated on creation
-        return dataclasses.replace(result, report=report)
-
     def _end(self, req: Submission, outcome: str) -> None:
         with self.cond:
             self.running.pop(req.seq, None)
@@ -371,55 +359,56 @@ class _Core:
             self.counters[outcome] += 1
             self.cond.notify_all()
 
-    def _reservation(self, request: Request) -> int:
-        """Upper bound of the KV bytes a request holds: its messages, the planning prompt and
-        step layout (a generous 512 tokens), and everything it may write."""
-        if self.limits.kv_budget_bytes is None:
-            return 0
-        text = " ".join(str(m.get("content") or "") for m in request.messages)
-        tokenizer = request.tokenizer or self.tokenizer
-        tokens = len(tokenizer.encode(text, add_special_tokens=False)) + 512
-        tokens += int(getattr(request.config, "max_tokens", 512))
-        return tokens * self.kv_per_token
-
     # -- the scheduler ----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self.cond:
-                batch = self._next_batch()
-                if batch is None:
-                    return
-            if batch:
-                self._run(batch)
-            # Drop the last step's calls before waiting: they hold their requests' caches.
-            batch = None
+        self.hub = greenlet.getcurrent()
+        # One inference-mode scope around everything the requests run: their own (nested)
+        # inference_mode / no_grad blocks interleave across switches, and each restores the
+        # state it found, which is then always this one.
+        with torch.inference_mode():
+            while True:
+                self._resume_ready()
+                with self.cond:
+                    batch = self._next_batch()
+                    if batch is None:
+                        return
+                if batch:
+                    self._run(batch)
+                # Drop the last step's calls before waiting: they hold their requests' caches.
+                batch = None
+
+    def _resume_ready(self) -> None:
+        """Resume every ready request until each has parked a call, paused or ended."""
+        now = time.monotonic()
+        due = [s for s in self.sleeping if s[0] <= now]
+        if due:
+            self.sleeping = [s for s in self.sleeping if s[0] > now]
+            self.ready.extend(g for _, _, g in sorted(due))
+        for _ in range(len(self.ready)):  # those that pause now run again next round
+            glet = self.ready.popleft()
+            if not glet.dead:
+                glet.switch()
 
     def _next_batch(self) -> list[tuple[Call, int]] | None:
-        """Under the lock: admit, expire, wait for calls; None when closed."""
+        """Under the lock: admit, expire, compose a forward; None when closed and idle."""
         while True:
             if self.closed and not self.running:
                 return None
             now = time.monotonic()
             self._expire(now)
-            self._admit(now)
+            if self._admit(now):
+                return []  # new requests run their Python first, to join this forward
             if self.pending:
-                break
-            self.cond.wait(_POLL_S if (self.running or self.queue) else None)
-        # Give the live requests a moment to hand in their next call (one step's worth of
-        # Python after the last forward), so they share this forward instead of the next.
-        # The wait ends _GATHER_S after the last arrival, or at _GATHER_MAX_S in all.
-        start = time.monotonic()
-        deadline, seen = start + _GATHER_S, len(self.pending)
-        while len(self.pending) < len(self.running):
-            left = min(deadline, start + _GATHER_MAX_S) - time.monotonic()
-            if left <= 0:
-                break
-            self.cond.wait(left)
-            if len(self.pending) > seen:
-                deadline, seen = time.monotonic() + _GATHER_S, len(self.pending)
-        self._expire(time.monotonic())
-        return self._compose()
+                return self._compose()
+            if self.ready:
+                return []  # paused requests (waiting for another's prefill) run again
+            wait = _POLL_S if (self.running or self.queue) else None
+            if self.sleeping:
+                wait = max(0.0, min(wait or _POLL_S, min(s[0] for s in self.sleeping) - now))
+                if wait == 0.0:
+                    return []
+            self.cond.wait(wait)
 
     def _expire(self, now: float) -> None:
         from .. import pipeline as pl
@@ -433,10 +422,12 @@ class _Core:
             req.send(("error", error))
         for call in [c for c in self.pending if c.req.expired(now)]:
             self.pending.remove(call)
-            call.finish(error=Cancelled("decoding cancelled"))
+            self._finish(call, error=Cancelled("decoding cancelled"))
 
-    def _admit(self, now: float) -> None:
+    def _admit(self, now: float) -> bool:
+        """Admit queued requests while there is room; True when any was admitted."""
         budget = self.limits.kv_budget_bytes
+        admitted = False
         while self.queue and len(self.running) < self.limits.max_concurrent_requests:
             req = self.queue[0]
             if budget is not None and self.running and self.reserved + req.reserved > budget:
@@ -445,7 +436,18 @@ class _Core:
             req.admitted = now
             self.running[req.seq] = req
             self.reserved += req.reserved
-            self.pool.submit(self._serve, req)
+            glet = greenlet.greenlet(functools.partial(self._serve, req), parent=self.hub)
+            req.glet = glet
+            self.ready.append(glet)
+            admitted = True
+        return admitted
+
+    def _finish(self, call: Call, logits=None, error: BaseException | None = None) -> None:
+        """End ``call`` and make its request ready to run again."""
+        glet = call.req.glet
+        call.finish(logits, error)
+        if glet is not None and not glet.dead:
+            self.ready.append(glet)
 
     def _compose(self) -> list[tuple[Call, int]]:
         """Take calls for one forward, oldest request first, up to ``row_cap`` tokens."""
@@ -492,7 +494,7 @@ class _Core:
             call, _ = batch[0]
             with self.cond, contextlib.suppress(ValueError):
                 self.pending.remove(call)
-            call.finish(error=e)
+            self._finish(call, error=e)
             return
         rows = sum(take for _, take in batch)
         with self.cond:
@@ -509,7 +511,7 @@ class _Core:
             call.req.batch_rows += rows
             call.ran += take
             if call.left == 0:
-                call.finish(logits)
+                self._finish(call, logits)
 
     def _forward(self, batch: list[tuple[Call, int]]) -> list[torch.Tensor | None]:
         """The step's single forward: returns each call's kept logits (None for a chunk that
