@@ -12,11 +12,9 @@ import time
 from collections.abc import Generator
 from dataclasses import replace
 
-import torch
 from transformers.cache_utils import DynamicCache
 
-from ..decoding.cache import crop_to
-from ..decoding.sequential import Cancelled, forward_tokens
+from ..decoding.sequential import Cancelled
 from ..decoding.stops import cut_at_stop
 from ..plan import PlanFormatError, format_plan
 from ..prompts import (
@@ -115,11 +113,10 @@ def _next_block(run: Run, cache: DynamicCache, number: int, earlier: set[str]) -
         )
         return None
     t = time.perf_counter()
-    crop_to(cache, len(end.context))  # the conclusion's own tokens make way for its text
-    with torch.inference_mode():
-        rest = torch.tensor(context[len(end.context) : -1], device=run.device)
-        if rest.numel():
-            forward_tokens(run.model, rest, cache, len(end.context))
+    run.backend.crop(cache, len(end.context))  # the conclusion's tokens make way for its text
+    rest = context[len(end.context) : -1]
+    if rest:
+        run.backend.forward_tokens(rest, cache, len(end.context))
     try:
         plan, plan_ids, attempts = run.plan(context, cache, cap=left // 2, preamble=False)
     except PlanFormatError as e:
@@ -135,7 +132,7 @@ def _next_block(run: Run, cache: DynamicCache, number: int, earlier: set[str]) -
     if len(kept) < len(plan.titles):  # the cache gets the plan as it is kept
         plan = plan.model_copy(update={"titles": kept})
         plan_ids = run.encode(format_plan(plan))
-        crop_to(cache, len(context) - 1)
+        run.backend.crop(cache, len(context) - 1)
     yield PlanEvent(list(plan.titles), "", block=number - 1)
     prefix = [*context, *plan_ids, *run.encode("\n")]
     per_step, left_tokens, _ = step_budget(run, plan.titles, prefix)

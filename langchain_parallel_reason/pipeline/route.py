@@ -11,9 +11,7 @@ from collections.abc import Generator
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache
 
-from ..decoding.sequential import iter_decode
 from ..prompts import (
     route_question,
 )
@@ -110,10 +108,9 @@ def route_by_model(run: Run) -> Generator[Event, None, bool]:
         run.route_reason = f"not routed ({why}): planned"
         return True
     choice = _YesNo(yes, no, cfg.route_bias)
-    gen = iter_decode(
-        run.model,
+    gen = run.backend.iter_decode(
         prompt,
-        DynamicCache(),
+        run.backend.new_cache(),
         start=0,
         max_new_tokens=1,
         params=run.params,

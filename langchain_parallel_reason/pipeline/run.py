@@ -8,30 +8,24 @@ raises ``PlanFormatError`` after the retries, never spending more than half of `
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
-import torch
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
-from transformers.cache_utils import DynamicCache
 
-from ..decoding.cache import crop_to
-from ..decoding.decoder import model_device
 from ..decoding.repetition import RepetitionControl
 from ..decoding.sampling import SamplingParams
-from ..decoding.sequential import forward_tokens, iter_decode
 from ..plan import PlanFormatError, parse_plan, plan_grammar_ebnf
 from ..prompts import (
     END_MARKER,
     example_titles,
 )
 from ..schemas import Plan
+from .backend import as_backend
 from .events import BlockEnd, drive
 from .render import (
     DistinctTitles,
     NoPlanRetry,
-    context_window,
-    grammar_constraint,
     resample_settings,
-    stop_token_ids,
 )
 from .settings import MIN_PLAN_TOKENS, PLAN_PREAMBLE_CHARS, PLAN_TITLE_CHARS, forced_route
 
@@ -44,7 +38,8 @@ class Run:
     """State of one ``iter_answer`` call (nothing survives the call)."""
 
     def __init__(self, model, tokenizer, messages, config, cancel, tools) -> None:
-        self.model = model
+        # A model (run in this process) or a backend (a server): see pipeline/backend.py.
+        self.backend = as_backend(model, tokenizer)
         self.tok = tokenizer
         self.messages = messages
         self.cfg = config
@@ -52,9 +47,9 @@ class Run:
         self.tools = tools
         self.params = SamplingParams(config.temperature, config.top_p, config.top_k)
         self.repetition = RepetitionControl(config.repetition_penalty, config.no_repeat_ngram_size)
-        self.stop_ids = stop_token_ids(model, tokenizer)
-        self.ctx = context_window(model)
-        self.device = model_device(model)
+        self.stop_ids = self.backend.stop_ids
+        self.ctx = self.backend.context_window
+        self.device = self.backend.device
         self.timings: dict[str, float] = {}
         self.output_tokens = 0
         self.input_tokens = 0
@@ -81,7 +76,7 @@ class Run:
     def plan(
         self,
         prompt: list[int],
-        cache: DynamicCache,
+        cache: Any,
         *,
         cap: int | None = None,
         preamble: bool = True,
@@ -120,15 +115,14 @@ class Run:
             self.plan_attempts += 1
             k = self.plan_attempts
             # Each attempt restarts from the prompt.
-            crop_to(cache, len(prompt) - 1)
+            self.backend.crop(cache, len(prompt) - 1)
             temperature, seed = resample_settings(self.params.temperature, cfg.seed, k)
             params = replace(self.params, temperature=temperature)
             constraint = DistinctTitles(
-                grammar_constraint(self.tok, grammar, self.vocab_size) if grammar else None,
+                self.backend.grammar(ebnf=grammar) if grammar else None,
                 self.tok,
             )
-            gen = iter_decode(
-                self.model,
+            gen = self.backend.iter_decode(
                 prompt[-1:],
                 cache,
                 start=len(prompt) - 1,
@@ -158,8 +152,7 @@ class Run:
 
         # The prompt but its last token is prefilled once; every attempt feeds that last token.
         if len(prompt) > 1 and cache.get_seq_length() == 0:
-            with torch.inference_mode():
-                forward_tokens(self.model, torch.tensor(prompt[:-1], device=self.device), cache, 0)
+            self.backend.forward_tokens(prompt[:-1], cache, 0)
         retrying = Retrying(
             stop=stop_after_attempt(cfg.plan_retries + 1),
             retry=retry_if_exception(
@@ -188,4 +181,4 @@ class Run:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return self.backend.vocab_size

@@ -13,9 +13,8 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache
 
-from ..decoding.sequential import Cancelled, iter_decode
+from ..decoding.sequential import Cancelled
 from ..plan import PlanFormatError, format_plan
 from ..prompts import (
     stage1_system_prompt,
@@ -52,12 +51,9 @@ __all__ = [
 
 def _output_constraint(run: Run, grammar: OutputGrammar) -> Any:
     """The constraint of an output grammar, stopping on the model's own stop tokens."""
-    from ..decoding.constraints import GrammarConstraint
-
-    kw = {"vocab_size": run.vocab_size, "stop_token_ids": run.stop_ids or None}
-    if grammar.json_schema is not None:
-        return GrammarConstraint.from_json_schema(run.tok, grammar.json_schema, **kw)
-    return GrammarConstraint.from_ebnf(run.tok, grammar.ebnf, **kw)
+    return run.backend.grammar(
+        ebnf=grammar.ebnf, json_schema=grammar.json_schema, stop_token_ids=run.stop_ids or None
+    )
 
 
 def iter_answer(
@@ -121,13 +117,12 @@ def _sequential(run: Run, reason: str | None, attempts: int, t0: float) -> Gener
     run.input_tokens = run.input_tokens or len(prompt)
     # A fallback answer gets what the plan attempts left of max_tokens (at least half of it).
     budget = max(1, min(cfg.max_tokens - run.output_tokens, run.ctx - len(prompt)))
-    cache = DynamicCache()
+    cache = run.backend.new_cache()
     stream = TextStream(run.tok, stops, lstrip=not forced)
     t = time.perf_counter()
     if grammar is not None and grammar.prefix:
         yield ContentDelta(grammar.prefix)
-    gen = iter_decode(
-        run.model,
+    gen = run.backend.iter_decode(
         prompt,
         cache,
         start=0,
@@ -188,7 +183,7 @@ def _parallel(run: Run, t0: float) -> Generator:
         )
         return (yield from _sequential(run, reason, 0, t0))
     run.input_tokens = len(prompt)
-    cache = DynamicCache()
+    cache = run.backend.new_cache()
 
     # Stage 1: the plan, decoded after the prompt in the same cache (or given by the caller).
     t = time.perf_counter()

@@ -15,10 +15,8 @@ from typing import Any
 
 import torch
 
-from ..decoding.cache import crop_to
-from ..decoding.decoder import iter_decode_branches
 from ..decoding.repetition import trim_loop
-from ..decoding.sequential import Cancelled, SuppressFirst, forward_tokens, iter_decode
+from ..decoding.sequential import Cancelled, SuppressFirst
 from ..decoding.stops import cut_at_stop
 from ..prompts import (
     STEP_MARKER,
@@ -76,9 +74,7 @@ def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t
     # Bring the cache to exactly the prefix: Stage 1 left prompt + plan minus its last token.
     have = cache.get_seq_length()
     t = time.perf_counter()
-    with torch.inference_mode():
-        rest = torch.tensor(prefix[have:], device=run.device)
-        prefix_logits = forward_tokens(run.model, rest, cache, have)
+    prefix_logits = run.backend.forward_tokens(prefix[have:], cache, have)
     headers = [step_header(title) for title in plan.titles]
     branch_prefixes = [run.encode(h) for h in headers]
     step_stops = (STEP_MARKER, *cfg.stop)
@@ -167,8 +163,7 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
     results, bodies = [], []
     for b, title in enumerate(plan.titles):
         stream = TextStream(tok, step_stops, lstrip=True)
-        gen = iter_decode(
-            run.model,
+        gen = run.backend.iter_decode(
             feed,
             cache,
             start=pos,
@@ -201,7 +196,7 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
         keep, text = _kept_tokens(tok, result, step_stops)
         row += [*feed, *result.token_ids[:keep]]
         pos = len(row)
-        crop_to(cache, pos)
+        run.backend.crop(cache, pos)
         glue = _glue(tok, result.token_ids, keep, text)
         feed = run.encode(glue + (headers[b + 1] if b + 1 < n else conclusion_cue()))
     run.timings["steps"] = time.perf_counter() - t
@@ -255,8 +250,7 @@ def _conclusion(run, cache, feed, start, context, t, logits=None):
             f"no conclusion: the plan and the steps used all of max_tokens={cfg.max_tokens}"
         )
     else:
-        gen3 = iter_decode(
-            run.model,
+        gen3 = run.backend.iter_decode(
             feed,
             cache,
             start=start,
@@ -326,9 +320,7 @@ def _reuse_requested(run: Run) -> bool:
     """Whether Stage 2 keeps the steps' KV for Stage 3 (a note says why not when asked)."""
     if run.cfg.conclusion_kv != "reuse":
         return False
-    from ..decoding.merge import kv_reuse_problem
-
-    problem = kv_reuse_problem(run.model)
+    problem = run.backend.kv_reuse_problem()
     if problem is not None:
         run.notes.append(f"conclusion_kv='reuse' unavailable ({problem}): steps re-prefilled")
     return problem is None
@@ -338,8 +330,6 @@ def _reuse_steps_kv(run, prefix, cache, branch_prefixes, out):
     """Lay the steps' own KV and the cue out after the prefix (``decoding.merge``); returns
     (the row's length, the logits after the cue, the row), or None after a failure (noted;
     the cache holds the prefix again and the steps are re-prefilled)."""
-    from ..decoding.merge import lay_out_branches
-
     tok = run.tok
     stops = (STEP_MARKER, *run.cfg.stop)
     kvs, kept, glues = [], [], []
@@ -352,11 +342,11 @@ def _reuse_steps_kv(run, prefix, cache, branch_prefixes, out):
     glues[-1] += conclusion_cue()
     glue_ids = [run.encode(g) for g in glues]
     try:
-        end, logits = lay_out_branches(run.model, cache, kvs, glue_ids, cancel=run.cancel)
+        end, logits = run.backend.lay_out_branches(cache, kvs, glue_ids, run.cancel)
     except Cancelled:
         raise
     except Exception as e:
-        crop_to(cache, len(prefix))
+        run.backend.crop(cache, len(prefix))
         run.notes.append(f"conclusion_kv='reuse' failed ({type(e).__name__}: {e}): re-prefilled")
         return None
     row = list(prefix)  # in position order: each step's kept tokens, then its glue
@@ -417,8 +407,7 @@ def _decode_steps(
     start = 0
     while start < n:
         group = list(range(start, min(n, start + width)))
-        gen = iter_decode_branches(
-            run.model,
+        gen = run.backend.iter_decode_branches(
             prefix,
             [branch_prefixes[i] for i in group],
             max_new_tokens=per_step,
