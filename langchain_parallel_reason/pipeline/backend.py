@@ -41,6 +41,8 @@ class Backend(Protocol):
     """Token ids that end an answer (EOS)."""
     vocab_size: int
     """Size of the logits' last dimension."""
+    longer_context: str
+    """How to get a longer context window (for the error of a prompt that does not fit)."""
 
     def new_cache(self) -> Any:
         """An empty cache (``get_seq_length()`` gives the tokens it holds)."""
@@ -88,6 +90,7 @@ class LocalBackend:
         self.model = model
         self.tokenizer = tokenizer
         self.name = "local"
+        self.longer_context = "use a model with a longer context"
         self.device = model_device(model)
         self.context_window = context_window(model)
         self.stop_ids = stop_token_ids(model, tokenizer)

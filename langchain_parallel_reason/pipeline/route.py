@@ -49,6 +49,7 @@ class _YesNo:
 
     def __init__(self, yes: list[int], no: list[int], bias: float) -> None:
         self.yes, self.no, self.bias = yes, no, bias
+        self.choice_ids = [*yes, *no]  # a backend that cannot mask logits asks for these only
         self.log_odds = 0.0
         self.done = False
 

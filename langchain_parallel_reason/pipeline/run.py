@@ -68,7 +68,7 @@ class Run:
         if len(ids) >= self.ctx:
             msg = (
                 f"the prompt has {len(ids)} tokens but the model's context window is {self.ctx}; "
-                "shorten the messages or use a model with a longer context"
+                f"shorten the messages or {self.backend.longer_context}"
             )
             raise ValueError(msg)
 

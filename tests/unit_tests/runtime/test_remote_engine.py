@@ -7,7 +7,8 @@ import re
 import pytest
 
 from langchain_parallel_reason import ChatParallelReason
-from langchain_parallel_reason.runtime.remote import STEP_OPENING_REGEX, RemoteEngine
+from langchain_parallel_reason.runtime.http import STEP_OPENING_REGEX
+from langchain_parallel_reason.runtime.remote import RemoteEngine
 
 
 @pytest.mark.parametrize(
@@ -37,22 +38,3 @@ def test_chat_model_with_base_url_loads_nothing_and_keeps_the_key_secret() -> No
     assert isinstance(engine, RemoteEngine)
     assert engine.root_url == "http://127.0.0.1:9"
     assert engine.stats()["requests_running"] == 0
-
-
-def test_remote_engine_states_that_it_neither_routes_nor_runs_later_blocks() -> None:
-    from langchain_parallel_reason.pipeline import PipelineConfig
-    from langchain_parallel_reason.runtime.remote import remote_route
-
-    route, reason, notes = remote_route(PipelineConfig(max_blocks=3))
-    assert (route, notes) == ("plan", ["max_blocks=3: the remote engine runs one block"])
-    assert "no router" in reason
-    # What the settings force is the same as locally.
-    assert remote_route(PipelineConfig(mode="sequential"))[:2] == (
-        "direct",
-        "mode='sequential' never plans",
-    )
-    assert remote_route(PipelineConfig(mode="parallel")) == (
-        "plan",
-        "mode='parallel' always plans",
-        [],
-    )
