@@ -186,8 +186,8 @@ class ChatParallelReason(BaseChatModel):
     device: str | None = None
     """Torch device to run on, e.g. "cpu" or "cuda"; None picks automatically."""
 
-    dtype: str | None = None
-    """Weights dtype: "auto", "float32", "bfloat16" or "float16"; None = the loader's default."""
+    dtype: str | None = "auto"
+    """"auto" (= None: the fastest here, `loading.auto_dtype`), "float32" (exact), "bfloat16"."""
 
     device_map: str | dict[str, Any] | None = None
     """Passed to `from_pretrained` for multi-device placement (e.g. "auto")."""

@@ -257,6 +257,19 @@ def _add_bench_questions(subparsers: _SubParsers) -> None:
     )
 
 
+def _add_bench_profile(subparsers: _SubParsers) -> None:
+    _add_bench_module(
+        subparsers,
+        "profile",
+        "profile",
+        "where a decode step's time goes at 1, 16 and 48 rows (torch.profiler)",
+        "Profile greedy decode steps after a cached prefix (1 row: sequential decoding; N "
+        "rows: N parallel branches in one sequence) and split each step into the model's "
+        "Linear layers, lm_head, attention, cache writes, other ops, Python inside the "
+        "forward, sampling and the decoder's own Python.",
+    )
+
+
 def _add_bench_busy(subparsers: _SubParsers) -> None:
     parser = subparsers.add_parser(
         "busy",
@@ -292,24 +305,59 @@ def _run_bench_busy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rate(text: str) -> float:
+    """argparse type: requests per second, a positive number or "inf"."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        msg = f"expected a positive number of requests per second or inf, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _add_bench_serve(subparsers: _SubParsers) -> None:
     parser = subparsers.add_parser(
         "serve",
         parents=[_common_options()],
         help="many requests on one engine: one at a time vs all at once (continuous batching)",
         description=(
-            "Serve a mixed set (given steps, model plans, sequential answers, forced tool calls) "
-            "through ChatParallelReason one at a time, then concurrently; report throughput, "
-            "latency percentiles and whether every output equals its one-at-a-time run."
+            "Stream a mixed set (given steps, model plans, sequential answers, forced tool "
+            "calls) through ChatParallelReason one at a time, then all at once; report vLLM's "
+            "serving metrics (TTFT, TPOT, ITL, end-to-end latency: mean, median, p99; request "
+            "and output throughput) and whether every output equals its one-at-a-time run. "
+            "With --base-url the same set also runs through the remote path on that server, "
+            "printed side by side."
         ),
     )
     _add_model_options(parser)
     parser.add_argument("--requests", type=positive_int, default=16, metavar="N")
-    parser.add_argument("--concurrency", type=positive_int, default=16, metavar="C")
+    parser.add_argument(
+        "--max-concurrency",
+        "--concurrency",
+        dest="max_concurrency",
+        type=positive_int,
+        default=16,
+        metavar="C",
+        help="most requests in flight in the all-at-once run (default 16)",
+    )
+    parser.add_argument(
+        "--request-rate",
+        type=_rate,
+        default=float("inf"),
+        metavar="R",
+        help="requests per second of the all-at-once run, Poisson arrivals (default inf: "
+        "all at the start)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     parser.add_argument("--max-tokens", type=positive_int, default=96, metavar="T")
     parser.add_argument("--step-max-tokens", type=positive_int, default=24, metavar="T")
     parser.add_argument(
-        "--dtype", default=None, help="weights dtype, e.g. float32 or bfloat16 (default: loader's)"
+        "--dtype",
+        choices=_DTYPE_CHOICES,
+        default="auto",
+        help="weights dtype (default auto, as ChatParallelReason; float32 is batch-invariant)",
     )
     parser.add_argument(
         "--prefix-cache-mib",
@@ -319,6 +367,7 @@ def _add_bench_serve(subparsers: _SubParsers) -> None:
         help="prompt-prefix KV kept across requests, in MiB (0 = off; default 256)",
     )
     add_threads_option(parser)
+    add_server_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument(
         "--plot", default=None, metavar="FILE.png", help="also sweep concurrency 1..32, draw it"
@@ -331,7 +380,12 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     from langchain_parallel_reason.chat_models import ChatParallelReason
 
     config = serve.ServeBenchConfig(
-        args.requests, args.concurrency, args.max_tokens, args.step_max_tokens
+        args.requests,
+        args.max_concurrency,
+        args.max_tokens,
+        args.step_max_tokens,
+        args.request_rate,
+        args.seed,
     )
     llm = ChatParallelReason(
         model=args.model,
@@ -339,7 +393,7 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         num_threads=args.threads,
         progress=False,
-        max_concurrent_requests=max(32, args.concurrency),
+        max_concurrent_requests=max(32, args.max_concurrency),
         prefix_cache_bytes=max(0, args.prefix_cache_mib) * 2**20,
     )
     result = serve.run_serve_bench(llm, config)
@@ -347,10 +401,16 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         result["sweep"] = serve.sweep_concurrency(llm, config)
         serve.plot_sweep(result["sweep"], args.plot, f"bench serve, {result['dtype']}")
         print(f"plot written to {args.plot}", file=sys.stderr)
+    remote = None
+    if args.base_url is not None:  # the same set through the remote path, side by side
+        server = ChatParallelReason(base_url=args.base_url, model=args.served_model)
+        remote = serve.run_serve_bench(server, config)
     if args.json:
-        print(json.dumps(result))
-    else:
+        print(json.dumps(result if remote is None else {"in_process": result, "remote": remote}))
+    elif remote is None:
         serve.render_serve(result)
+    else:
+        serve.render_side_by_side(result, remote)
     return 0
 
 
@@ -362,6 +422,7 @@ _BENCH_COMMANDS: list[Callable[[_SubParsers], None]] = [
     _add_bench_busy,
     _add_bench_serve,
     _add_bench_questions,
+    _add_bench_profile,
 ]
 
 

@@ -91,8 +91,12 @@ class AnswerView:
 # ----------------------------------------------------------------------------- rendering
 
 
-def format_report(result: Any, view: AnswerView) -> list[str]:
-    """The short report after an answer: mode, steps, tokens per forward pass, stage times."""
+def format_report(
+    result: Any, view: AnswerView, speed: dict[str, float] | None = None, dtype: str = ""
+) -> list[str]:
+    """The short report after an answer: mode, steps, tokens per forward pass, stage times;
+    with ``speed`` (`bench.costs.stepped_estimate`) the speed-up of the parallel steps, with
+    ``dtype`` (e.g. ``"bfloat16 (auto: ...)"``) the weights dtype and batch invariance."""
     report = result.report
     mode = report.mode_used + (f" (attention {report.attention})" if report.attention else "")
     parts = [f"mode: {mode}"]
@@ -121,6 +125,17 @@ def format_report(result: Any, view: AnswerView) -> list[str]:
     lines.append(
         f"tokens: prompt {result.input_tokens}, generated {result.output_tokens}{conclusion}"
     )
+    if speed is not None:
+        lines.append(
+            f"speed-up: x{speed['speedup']:.2f} over the same steps one after another "
+            f"(steps {speed['steps_s']:.2f} s vs about {speed['stepped_s']:.2f} s, priced from "
+            f"forwards timed here: 1 row {speed['t1_ms']:.0f} ms, {speed['rows']} rows "
+            f"{speed['tn_ms']:.0f} ms)"
+        )
+    if dtype:
+        invariant = {True: "batch-invariant", False: "not batch-invariant", None: ""}
+        tail = invariant[report.batch_invariant]
+        lines.append(f"dtype: {dtype}" + (f", {tail}" if tail else ""))
     if report.fallback_reason:
         lines.append(f"fallback: {report.fallback_reason}")
     lines.extend(f"note: {note}" for note in (*view.notes, *report.notes))
@@ -322,6 +337,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="as in transformers' generate, per step (default off)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+        default="auto",
+        help="weights dtype; auto (default): bfloat16 on CUDA and where bf16 matmuls are "
+        "measured faster on this CPU (AMX, AVX512-BF16), else float32; float32 is exact "
+        "(batch-invariant)",
+    )
+    parser.add_argument(
+        "--no-speedup",
+        action="store_true",
+        help="skip timing a few forwards after the answer to show the steps' speed-up",
+    )
     add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -374,23 +402,73 @@ def run(args: argparse.Namespace) -> int:
     from langchain_parallel_reason.runtime.threads import apply_threads
 
     apply_threads(args.threads)  # None: the cores this process may use
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, progress=True)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, device=args.device, dtype=args.dtype, progress=True
+    )
     messages = [{"role": "user", "content": args.question}]
     # The product's door: the engine that serves ChatParallelReason, one request.
     engine = Engine(model, tokenizer, name=args.model or EMBEDDED_LABEL)
     try:
-        return _show(args, engine.stream(Request(messages, config, num_threads=args.threads)))
+        items = engine.stream(Request(messages, config, num_threads=args.threads))
+        return _show(args, items, model)
     finally:
         engine.close()
 
 
-def _show(args: argparse.Namespace, gen: Any) -> int:
+def _dtype_label(args: argparse.Namespace, model: Any) -> str:
+    """The model's dtype, and why when "auto" chose it: ``"bfloat16 (auto: CPU with AMX)"``."""
+    from langchain_parallel_reason.loading import auto_dtype
+
+    dtype = next(model.parameters()).dtype
+    name = str(dtype).removeprefix("torch.")
+    if args.dtype != "auto":
+        return name
+    choice = auto_dtype(next(model.parameters()).device)  # cached: no second measurement
+    return f"{name} (auto: {choice.reason})" if choice.dtype == dtype else name
+
+
+def _with_dtype(result: Any, model: Any) -> Any:
+    """The answer with ``report.batch_invariant`` filled from the model's dtype."""
+    import dataclasses
+
+    from langchain_parallel_reason.loading import batch_invariant
+
+    invariant = batch_invariant(next(model.parameters()).dtype)
+    report = result.report.model_copy(update={"batch_invariant": invariant})
+    return dataclasses.replace(result, report=report)
+
+
+def _speedup(args: argparse.Namespace, result: Any, model: Any) -> dict[str, float] | None:
+    """The parallel steps' speed-up over the same steps one after another, priced from a few
+    forwards timed now at 1 row and at the answer's rows per pass (about 0.5-1 s)."""
+    from langchain_parallel_reason.bench.costs import (
+        forward_seconds,
+        rows_per_pass,
+        stepped_estimate,
+    )
+
+    report = result.report
+    if args.no_speedup or report.mode_used != "parallel" or not report.decode_steps:
+        return None
+    rows = rows_per_pass(report)
+    seconds = forward_seconds(model, tuple(sorted({1, rows})), context=result.input_tokens)
+    speed = stepped_estimate(report, seconds)
+    if speed is None:
+        return None
+    speed |= {"rows": rows, "t1_ms": seconds[1] * 1e3, "tn_ms": seconds[rows] * 1e3}
+    return {k: round(v, 3) for k, v in speed.items()}
+
+
+def _show(args: argparse.Namespace, gen: Any, model: Any) -> int:
     """Print the answer whose engine items ``gen`` yields (live, plain or JSON)."""
 
     if args.json:
         view = AnswerView()
-        result = _consume(gen, view.feed)
-        sys.stdout.write(json.dumps(_json_result(args, result, view)) + "\n")
+        result = _with_dtype(_consume(gen, view.feed), model)
+        out = _json_result(args, result, view)
+        out["dtype"] = _dtype_label(args, model)
+        out["speedup"] = _speedup(args, result, model)
+        sys.stdout.write(json.dumps(out) + "\n")
         return 0
 
     from rich.console import Console
@@ -402,10 +480,11 @@ def _show(args: argparse.Namespace, gen: Any) -> int:
         else _PlainRenderer(sys.stdout, stepped=args.mode == "stepped")
     )
     try:
-        result = _consume(gen, renderer.feed)
+        result = _with_dtype(_consume(gen, renderer.feed), model)
     finally:
         renderer.close()
-    lines = ["---", *format_report(result, renderer.view)]
+    speed = _speedup(args, result, model)
+    lines = ["---", *format_report(result, renderer.view, speed, _dtype_label(args, model))]
     if console.is_terminal:
         for line in lines:
             console.print(line, style="dim", markup=False)

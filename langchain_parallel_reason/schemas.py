@@ -225,6 +225,11 @@ class ParallelReport(BaseModel):
     in), ``mean_batch_rows`` (tokens per such forward, all requests together) and
     ``prefix_hit_tokens`` (prompt tokens served from the engine's prefix cache)."""
 
+    batch_invariant: bool | None = None
+    """Whether this answer equals its solo run whatever other requests shared its forward
+    passes: True in float32 (the exact dtype), False in bfloat16/float16 (their rounding
+    depends on the batch's row count); None when the backend did not say (a remote server)."""
+
     @field_validator("timings")
     @classmethod
     def _check_timings(cls, timings: dict[str, float]) -> dict[str, float]:

@@ -1,25 +1,40 @@
 """Serving benchmark: the same mixed requests one at a time, then all at once, on one engine.
 
 Contract: `run_serve_bench(llm, config)` builds `requests` calls that cycle through four kinds
-(given steps, a model-written plan, a plain sequential answer, a forced tool call), runs them one
-after another (`invoke`), then concurrently (`ainvoke`, at most `concurrency` in flight), and
-returns a JSON-able dict: `serial_s`, `concurrent_s`, `throughput_ratio` (serial / concurrent
-wall time for the same work), per-request `p50_latency_s` / `p95_latency_s` of the concurrent
-run, `identical` (every concurrent output equals its serial run: text and tool calls), `dtype`,
-`threads`, and the engine's rows per forward. `sweep_concurrency` reruns the concurrent phase at
-several concurrency levels for a throughput plot. Everything goes through `ChatParallelReason`:
-the engine under test is the product's.
+(given steps, a model-written plan, a plain sequential answer, a forced tool call), streams them
+one after another, then all at once (arrivals at `request_rate` per second, Poisson, or all at
+the start when infinite; at most `max_concurrency` in flight), and returns a JSON-able dict.
+Its top-level serving metrics are those of the all-at-once run, named as vLLM's
+``benchmark_serving`` names them: ``duration``, ``completed``, ``total_input_tokens``,
+``total_output_tokens``, ``request_throughput``, ``output_throughput``,
+``total_token_throughput``, and ``mean_/median_/std_/p99_`` of ``ttft_ms`` (time to the first
+streamed text), ``tpot_ms`` (per output token after the first), ``itl_ms`` (between streamed
+chunks) and ``e2el_ms`` (end to end); ``one_at_a_time`` holds the same for the serial run. Also:
+`serial_s`, `concurrent_s`, `throughput_ratio` (serial / concurrent wall time for the same work),
+`identical` (every concurrent output equals its serial run: text and tool calls), `dtype`,
+`batch_invariant`, `threads`, and on a local engine its rows per forward and a cost model.
+Everything goes through `ChatParallelReason` (local or `base_url`): the engine under test is
+the product's. `sweep_concurrency` reruns the concurrent phase at several levels for a plot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ServeBenchConfig", "render_serve", "run_serve_bench", "sweep_concurrency"]
+__all__ = [
+    "ServeBenchConfig",
+    "render_serve",
+    "render_side_by_side",
+    "run_serve_bench",
+    "serving_metrics",
+    "sweep_concurrency",
+]
 
 KINDS = ("steps", "planned", "sequential", "tool")
 
@@ -47,20 +62,28 @@ class ServeBenchConfig:
 
     Attributes:
         requests: calls in the set (cycling through KINDS and the questions).
-        concurrency: most calls in flight in the concurrent run.
+        max_concurrency: most calls in flight in the all-at-once run.
         max_tokens, step_max_tokens: budgets of each call.
+        request_rate: arrivals per second of the all-at-once run (a Poisson process seeded
+            with `seed`); ``math.inf`` (default) sends every request at the start.
+        seed: seed of the arrival times.
     """
 
     requests: int = 16
-    concurrency: int = 16
+    max_concurrency: int = 16
     max_tokens: int = 96
     step_max_tokens: int = 24
+    request_rate: float = math.inf
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("requests", "concurrency", "max_tokens", "step_max_tokens"):
+        for name in ("requests", "max_concurrency", "max_tokens", "step_max_tokens"):
             if getattr(self, name) < 1:
                 msg = f"{name} must be at least 1, got {getattr(self, name)}"
                 raise ValueError(msg)
+        if not self.request_rate > 0:
+            msg = f"request_rate must be positive (inf: all at once), got {self.request_rate}"
+            raise ValueError(msg)
 
 
 def _calls(llm: Any, config: ServeBenchConfig, count: int) -> list[tuple[str, Any, str]]:
@@ -78,23 +101,119 @@ def _calls(llm: Any, config: ServeBenchConfig, count: int) -> list[tuple[str, An
     ]
 
 
-def _summary(message: Any) -> tuple[str, str, int]:
-    calls = [(c["name"], sorted(c["args"].items())) for c in message.tool_calls]
-    return message.content, repr(calls), message.usage_metadata["output_tokens"]
+@dataclass
+class _Record:
+    """One streamed request: what it answered and when its chunks came (seconds)."""
+
+    summary: tuple[str, str]  # (text, tool calls): what `identical` compares
+    input_tokens: int
+    output_tokens: int
+    ttft: float
+    itl: list[float]
+    e2el: float
+    mode: str | None
 
 
-async def _concurrent(calls: list[tuple[str, Any, str]], concurrency: int) -> tuple[float, list]:
-    gate = asyncio.Semaphore(concurrency)
+async def _stream_one(runnable: Any, question: str) -> _Record:
+    """Stream one call; time its first text (or tool-call) chunk and the gaps between chunks."""
+    start = time.perf_counter()
+    first = last = None
+    gaps: list[float] = []
+    total = None
+    mode = None
+    async for chunk in runnable.astream(question):
+        now = time.perf_counter()
+        if chunk.content or chunk.tool_call_chunks:
+            if first is None:
+                first = now
+            else:
+                gaps.append(now - last)
+            last = now
+        total = chunk if total is None else total + chunk
+        mode = (chunk.response_metadata.get("parallel") or {}).get("mode_used", mode)
+    end = time.perf_counter()
+    usage = (total.usage_metadata if total is not None else None) or {}
+    calls = [(c["name"], sorted(c["args"].items())) for c in (total.tool_calls if total else [])]
+    return _Record(
+        summary=(str(total.content) if total is not None else "", repr(calls)),
+        input_tokens=int(usage.get("input_tokens", 0)),
+        output_tokens=int(usage.get("output_tokens", 0)),
+        ttft=(first if first is not None else end) - start,
+        itl=gaps,
+        e2el=end - start,
+        mode=mode,
+    )
 
-    async def one(runnable: Any, question: str) -> tuple[Any, float]:
+
+def _arrivals(count: int, rate: float, seed: int) -> list[float]:
+    """Send times (seconds after the start): all 0 at an infinite rate, else Poisson."""
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    for _ in range(count):
+        times.append(t)
+        if math.isfinite(rate):
+            t += rng.expovariate(rate)
+    return times
+
+
+async def _serve(
+    calls: list[tuple[str, Any, str]], rate: float, max_concurrency: int, seed: int = 0
+) -> tuple[float, list[_Record]]:
+    """Stream every call, sent at its arrival time, at most `max_concurrency` in flight."""
+    gate = asyncio.Semaphore(max_concurrency)
+
+    async def one(runnable: Any, question: str, at: float) -> _Record:
+        await asyncio.sleep(at)
         async with gate:
-            t = time.perf_counter()
-            message = await runnable.ainvoke(question)
-            return message, time.perf_counter() - t
+            return await _stream_one(runnable, question)
 
     t0 = time.perf_counter()
-    done = await asyncio.gather(*(one(r, q) for _, r, q in calls))
-    return time.perf_counter() - t0, done
+    arrivals = _arrivals(len(calls), rate, seed)
+    done = await asyncio.gather(
+        *(one(r, q, at) for (_, r, q), at in zip(calls, arrivals, strict=True))
+    )
+    return time.perf_counter() - t0, list(done)
+
+
+def _stats_ms(name: str, seconds: list[float]) -> dict[str, float]:
+    """``mean_/median_/std_/p99_<name>_ms`` of `seconds` (zeros when there are none)."""
+    ms = [s * 1e3 for s in seconds] or [0.0]
+    return {
+        f"mean_{name}_ms": round(statistics.fmean(ms), 2),
+        f"median_{name}_ms": round(statistics.median(ms), 2),
+        f"std_{name}_ms": round(statistics.pstdev(ms), 2),
+        f"p99_{name}_ms": round(_percentile(ms, 0.99), 2),
+    }
+
+
+def serving_metrics(
+    records: list[Any], duration: float, rate: float, max_concurrency: int
+) -> dict[str, Any]:
+    """vLLM ``benchmark_serving``'s summary of one run: throughputs and latency statistics.
+
+    TPOT of a request is ``(e2el - ttft) / (output_tokens - 1)`` (requests of one token are
+    left out, as vLLM does); ITL is the gap between streamed chunks, which here can carry
+    several tokens (a parallel step's chunk, a prefilled block), so ITL counts chunks, not
+    tokens.
+    """
+    inputs = sum(r.input_tokens for r in records)
+    outputs = sum(r.output_tokens for r in records)
+    tpot = [(r.e2el - r.ttft) / (r.output_tokens - 1) for r in records if r.output_tokens > 1]
+    return {
+        "duration": round(duration, 3),
+        "completed": len(records),
+        "request_rate": rate if math.isfinite(rate) else "inf",
+        "max_concurrency": max_concurrency,
+        "total_input_tokens": inputs,
+        "total_output_tokens": outputs,
+        "request_throughput": round(len(records) / duration, 3),
+        "output_throughput": round(outputs / duration, 2),
+        "total_token_throughput": round((inputs + outputs) / duration, 2),
+        **_stats_ms("ttft", [r.ttft for r in records]),
+        **_stats_ms("tpot", tpot),
+        **_stats_ms("itl", [gap for r in records for gap in r.itl]),
+        **_stats_ms("e2el", [r.e2el for r in records]),
+    }
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -136,32 +255,51 @@ def forward_cost(model: Any, rows: tuple[int, ...] = (1, 4, 16, 64), context: in
 
 
 def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
-    """Serve the set one at a time, then concurrently; see the module docstring."""
+    """Serve the set one at a time, then all at once; see the module docstring."""
     from langchain_parallel_reason.runtime.threads import default_threads
 
     calls = _calls(llm, config, config.requests)
     llm.invoke("Warm up.", mode="sequential", max_tokens=2)  # load the model, untimed
     engine = llm.get_engine()
-    # Both phases start from an empty prefix cache: each reuses only what it prefilled itself
-    # (the shared planning instructions), not the other phase's prompts.
-    engine.clear_prefix_cache()
+    local = llm.base_url is None
+    if local:
+        # Both phases start from an empty prefix cache: each reuses only what it prefilled
+        # itself (the shared planning instructions), not the other phase's prompts.
+        engine.clear_prefix_cache()
     first = engine.stats()
-    serial, serial_latency = [], []
-    t0 = time.perf_counter()
-    for _, runnable, question in calls:
-        t = time.perf_counter()
-        serial.append(runnable.invoke(question))
-        serial_latency.append(time.perf_counter() - t)
-    serial_s = time.perf_counter() - t0
-    engine.clear_prefix_cache()
+    serial_s, serial = asyncio.run(_serve(calls, math.inf, 1))  # one at a time
+    if local:
+        engine.clear_prefix_cache()
     before = engine.stats()
-    concurrent_s, done = asyncio.run(_concurrent(calls, config.concurrency))
+    concurrent_s, done = asyncio.run(
+        _serve(calls, config.request_rate, config.max_concurrency, config.seed)
+    )
     after = engine.stats()
-    latency = [seconds for _, seconds in done]
-    tokens = sum(m.usage_metadata["output_tokens"] for m in serial)
+    latency = [r.e2el for r in done]
+    tokens = sum(r.output_tokens for r in serial)
+    identical = [a.summary == b.summary for a, b in zip(serial, done, strict=True)]
+    result: dict[str, Any] = {
+        "requests": config.requests,
+        "kinds": {kind: sum(k == kind for k, _, _ in calls) for kind in KINDS},
+        **serving_metrics(done, concurrent_s, config.request_rate, config.max_concurrency),
+        "one_at_a_time": serving_metrics(serial, serial_s, math.inf, 1),
+        "serial_s": round(serial_s, 3),
+        "concurrent_s": round(concurrent_s, 3),
+        "throughput_ratio": round(serial_s / concurrent_s, 2),
+        "serial_tokens_per_s": round(tokens / serial_s, 1),
+        "concurrent_tokens_per_s": round(sum(r.output_tokens for r in done) / concurrent_s, 1),
+        "p50_latency_s": round(statistics.median(latency), 3),
+        "p95_latency_s": round(_percentile(latency, 0.95), 3),
+        "serial_p50_latency_s": round(statistics.median(r.e2el for r in serial), 3),
+        "identical": all(identical),
+        "identical_count": sum(identical),
+        "output_tokens": tokens,
+        "modes": [r.mode for r in serial],
+    }
+    if not local:
+        return result | {"engine": "remote", "base_url": llm.base_url}
     steps = after["steps"] - before["steps"]
     model = engine.model
-    identical = [_summary(a) == _summary(b) for a, (b, _) in zip(serial, done, strict=True)]
     # What batching could give at best on this machine: each phase's forwards priced as plain
     # forwards of as many tokens (no attention or engine overhead), serial over concurrent.
     cost = forward_cost(model)
@@ -170,34 +308,24 @@ def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
     ideal_serial = fixed * serial_steps + per_row * serial_rows
     ideal_concurrent = fixed * steps + per_row * (after["rows"] - before["rows"])
     ideal = ideal_serial / ideal_concurrent if ideal_concurrent > 0 else None
-    return {
-        "requests": config.requests,
-        "concurrency": config.concurrency,
-        "kinds": {kind: sum(k == kind for k, _, _ in calls) for kind in KINDS},
-        "serial_s": round(serial_s, 3),
-        "concurrent_s": round(concurrent_s, 3),
-        "throughput_ratio": round(serial_s / concurrent_s, 2),
+    from langchain_parallel_reason.loading import batch_invariant
+
+    dtype = next(model.parameters()).dtype
+    return result | {
+        "engine": "in-process",
         "ideal_ratio": None if ideal is None else round(ideal, 2),
         "of_ideal": None if not ideal else round(serial_s / concurrent_s / ideal, 2),
         "forward_cost": cost,
         "serial_forwards": serial_steps,
-        "serial_tokens_per_s": round(tokens / serial_s, 1),
-        "concurrent_tokens_per_s": round(tokens / concurrent_s, 1),
-        "p50_latency_s": round(statistics.median(latency), 3),
-        "p95_latency_s": round(_percentile(latency, 0.95), 3),
-        "serial_p50_latency_s": round(statistics.median(serial_latency), 3),
-        "identical": all(identical),
-        "identical_count": sum(identical),
-        "output_tokens": tokens,
         "forwards": steps,
         "mean_rows_per_forward": round((after["rows"] - before["rows"]) / steps, 1) if steps else 0,
         "prefix_hit_tokens": {
             "serial": before["prefix_cache_hit_tokens"] - first["prefix_cache_hit_tokens"],
             "concurrent": after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"],
         },
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_invariant": batch_invariant(dtype),
         "threads": llm.num_threads or default_threads(),
-        "modes": [m.response_metadata["parallel"]["mode_used"] for m in serial],
     }
 
 
@@ -208,8 +336,8 @@ def sweep_concurrency(
     points = []
     for level in levels:
         calls = _calls(llm, config, max(config.requests, level))
-        seconds, done = asyncio.run(_concurrent(calls, level))
-        tokens = sum(m.usage_metadata["output_tokens"] for m, _ in done)
+        seconds, done = asyncio.run(_serve(calls, math.inf, level))
+        tokens = sum(r.output_tokens for r in done)
         points.append(
             {
                 "concurrency": level,
@@ -241,14 +369,67 @@ def plot_sweep(points: list[dict[str, float]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+_ROWS = (
+    ("completed", "Successful requests", "{}"),
+    ("duration", "Benchmark duration (s)", "{:.2f}"),
+    ("total_output_tokens", "Total generated tokens", "{}"),
+    ("request_throughput", "Request throughput (req/s)", "{:.3f}"),
+    ("output_throughput", "Output token throughput (tok/s)", "{:.1f}"),
+    ("mean_ttft_ms", "Mean TTFT (ms)", "{:.0f}"),
+    ("median_ttft_ms", "Median TTFT (ms)", "{:.0f}"),
+    ("p99_ttft_ms", "P99 TTFT (ms)", "{:.0f}"),
+    ("mean_tpot_ms", "Mean TPOT (ms)", "{:.1f}"),
+    ("median_tpot_ms", "Median TPOT (ms)", "{:.1f}"),
+    ("p99_tpot_ms", "P99 TPOT (ms)", "{:.1f}"),
+    ("mean_itl_ms", "Mean ITL (ms, per chunk)", "{:.1f}"),
+    ("median_itl_ms", "Median ITL (ms, per chunk)", "{:.1f}"),
+    ("p99_itl_ms", "P99 ITL (ms, per chunk)", "{:.1f}"),
+    ("mean_e2el_ms", "Mean E2E latency (ms)", "{:.0f}"),
+    ("median_e2el_ms", "Median E2E latency (ms)", "{:.0f}"),
+    ("p99_e2el_ms", "P99 E2E latency (ms)", "{:.0f}"),
+)
+
+
+def _table(columns: dict[str, dict[str, Any]]) -> list[str]:
+    """vLLM's result lines, one column per named run."""
+    lines = [f"{'':<34}" + "".join(f"{name:>22}" for name in columns)]
+    for key, label, form in _ROWS:
+        cells = "".join(f"{form.format(run[key]):>22}" for run in columns.values())
+        lines.append(f"{label:<34}{cells}")
+    return lines
+
+
+def _columns(result: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    rate = result["request_rate"]
+    return {
+        f"{prefix}one at a time": result["one_at_a_time"],
+        f"{prefix}{result['max_concurrency']} at once"
+        + ("" if rate == "inf" else f", {rate}/s"): result,
+    }
+
+
 def render_serve(result: dict[str, Any]) -> None:
-    """Print the result as a few lines of text."""
+    """Print the run as vLLM's benchmark prints it: one column one at a time, one at once."""
+    where = result.get("dtype", result.get("base_url", ""))
+    print(f"{result['requests']} requests ({result['kinds']}), {result['engine']}, {where}")
+    print("\n".join(_table(_columns(result))))
+    extra = f" ({result['mean_rows_per_forward']} rows per forward)" if "forwards" in result else ""
     print(
-        f"{result['requests']} requests ({result['kinds']}), {result['dtype']}, "
-        f"{result['threads']} threads\n"
-        f"one at a time {result['serial_s']} s, {result['concurrency']} at once "
-        f"{result['concurrent_s']} s: throughput x{result['throughput_ratio']} "
-        f"({result['mean_rows_per_forward']} rows per forward)\n"
-        f"latency p50 {result['p50_latency_s']} s, p95 {result['p95_latency_s']} s "
-        f"(alone p50 {result['serial_p50_latency_s']} s); identical: {result['identical']}"
+        f"throughput x{result['throughput_ratio']} at once over one at a time{extra}; "
+        f"identical: {result['identical']} ({result['identical_count']}/{result['requests']})"
     )
+
+
+def render_side_by_side(local: dict[str, Any], remote: dict[str, Any]) -> None:
+    """The same request set in-process and through the remote path, column by column."""
+    print(
+        f"{local['requests']} requests ({local['kinds']}); in-process {local['dtype']}, "
+        f"remote {remote['base_url']}"
+    )
+    columns = _columns(local, "local, ") | _columns(remote, "remote, ")
+    print("\n".join(_table(columns)))
+    for name, run in (("in-process", local), ("remote", remote)):
+        print(
+            f"{name}: x{run['throughput_ratio']} at once over one at a time; identical: "
+            f"{run['identical']} ({run['identical_count']}/{run['requests']})"
+        )

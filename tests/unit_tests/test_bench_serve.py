@@ -21,8 +21,14 @@ def test_serve_bench_reports_throughput_latency_and_identity(
     tiny_llama: Any, tiny_tokenizer: Any
 ) -> None:
     llm = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, plan_max_tokens=24)
-    result = run_serve_bench(llm, ServeBenchConfig(requests=8, concurrency=8, max_tokens=40))
+    result = run_serve_bench(llm, ServeBenchConfig(requests=8, max_concurrency=8, max_tokens=40))
     for key in (
+        "request_throughput",
+        "output_throughput",
+        "mean_ttft_ms",
+        "median_tpot_ms",
+        "p99_itl_ms",
+        "p99_e2el_ms",
         "serial_s",
         "concurrent_s",
         "throughput_ratio",
@@ -38,6 +44,16 @@ def test_serve_bench_reports_throughput_latency_and_identity(
     assert result["p95_latency_s"] >= result["p50_latency_s"] > 0
     assert result["mean_rows_per_forward"] > 1  # the concurrent run shared forwards
     assert result["dtype"] == "float32"
+    assert result["batch_invariant"] is True
+    assert result["completed"] == result["one_at_a_time"]["completed"] == 8
+    assert result["total_output_tokens"] == result["output_tokens"]
+    for run in (result, result["one_at_a_time"]):
+        assert 0 < run["mean_ttft_ms"] <= run["mean_e2el_ms"]
+        assert run["median_e2el_ms"] <= run["p99_e2el_ms"]
+        assert run["output_throughput"] == pytest.approx(
+            run["total_output_tokens"] / run["duration"], rel=0.01
+        )
+    assert result["one_at_a_time"]["max_concurrency"] == 1
     # The cost model prices more rows higher, and the ideal counts the same work both ways.
     cost = result["forward_cost"]
     assert cost["per_row_s"] > 0
@@ -54,7 +70,25 @@ def test_serve_bench_reports_throughput_latency_and_identity(
 
 def test_serve_bench_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="concurrency must be at least 1"):
-        ServeBenchConfig(concurrency=0)
+        ServeBenchConfig(max_concurrency=0)
+    with pytest.raises(ValueError, match="request_rate"):
+        ServeBenchConfig(request_rate=0)
+
+
+def test_poisson_arrivals_at_a_finite_rate(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    from langchain_parallel_reason.bench.serve import _arrivals
+
+    assert _arrivals(3, float("inf"), 0) == [0.0, 0.0, 0.0]
+    times = _arrivals(200, 50.0, 1)
+    assert times == sorted(times)
+    assert times[0] == 0.0
+    assert 2.0 < times[-1] < 6.0  # about 199 / 50 s
+    assert _arrivals(5, 50.0, 1) == _arrivals(5, 50.0, 1)  # seeded
+    llm = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, plan_max_tokens=24)
+    config = ServeBenchConfig(requests=4, max_concurrency=2, max_tokens=20, request_rate=40.0)
+    result = run_serve_bench(llm, config)
+    assert (result["request_rate"], result["max_concurrency"]) == (40.0, 2)
+    assert result["identical"] is True
 
 
 def test_cli_serve_needs_positive_counts(capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,7 +100,24 @@ def test_cli_serve_json_on_a_model_folder(
     tiny_model_dir: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["bench", "serve", "--model", str(tiny_model_dir), "--requests", "4", "--json"]
-    assert main([*argv, "--max-tokens", "20", "--step-max-tokens", "6"]) == 0
+    # float32: the exact dtype, whose batched outputs equal their solo runs.
+    assert main([*argv, "--max-tokens", "20", "--step-max-tokens", "6", "--dtype", "fp32"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["identical"] is True
     assert result["requests"] == 4
+
+
+def test_side_by_side_prints_both_runs_in_columns(
+    tiny_llama: Any, tiny_tokenizer: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from langchain_parallel_reason.bench.serve import render_side_by_side
+
+    llm = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, plan_max_tokens=24)
+    local = run_serve_bench(llm, ServeBenchConfig(requests=2, max_concurrency=2, max_tokens=12))
+    remote = local | {"engine": "remote", "base_url": "http://127.0.0.1:9/v1"}  # same shape
+    render_side_by_side(local, remote)
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "local, one at a time" in line)
+    assert "remote, 2 at once" in header
+    assert sum(line.startswith("Median TPOT (ms)") for line in out.splitlines()) == 1
+    assert "remote: x" in out

@@ -113,8 +113,14 @@ def test_live_view_renders_one_panel_per_step():
 def test_ask_json(tiny_model_dir, capsys):
     assert cli.main([*_ask(tiny_model_dir, *_STEPS), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"model", "content", "conclusion", "steps", "report", "usage"}
+    keys = {"model", "content", "conclusion", "steps", "report", "usage", "dtype", "speedup"}
+    assert set(result) == keys
     assert result["report"]["mode_used"] == "parallel"
+    # The tiny folder is float32 and --dtype auto may choose bf16: the report says which holds.
+    assert result["report"]["batch_invariant"] is result["dtype"].startswith("float32")
+    speed = result["speedup"]
+    assert speed["speedup"] > 0
+    assert speed["stepped_s"] == pytest.approx(speed["steps_s"] * speed["speedup"], rel=0.01)
     assert [s["title"] for s in result["steps"]] == ["Taste", "Price"]
     usage = result["usage"]
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
@@ -131,6 +137,8 @@ def test_ask_plain_lines_when_not_a_terminal(tiny_model_dir, capsys):
     assert "---" in lines
     assert any(line.startswith("mode: parallel") for line in lines)
     assert any(line.startswith("times: ") for line in lines)
+    assert any(line.startswith("speed-up: x") for line in lines)
+    assert any(line.startswith("dtype: ") for line in lines)
     assert "\x1b[" not in out  # no terminal control codes in a pipe
 
 
@@ -143,6 +151,19 @@ def test_ask_stepped_and_reuse(tiny_model_dir, capsys):
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)["report"]
     assert (report["mode_used"], report["conclusion_kv"]) == ("parallel", "reuse")
+
+
+def test_ask_float32_is_batch_invariant(tiny_model_dir, capsys):
+    argv = [*_ask(tiny_model_dir, *_STEPS), "--dtype", "float32", "--no-speedup", "--json"]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "float32"
+    assert result["report"]["batch_invariant"] is True
+    assert result["speedup"] is None
+    argv = [*_ask(tiny_model_dir, *_STEPS), "--dtype", "bf16", "--no-speedup", "--json"]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["dtype"], result["report"]["batch_invariant"]) == ("bfloat16", False)
 
 
 def test_ask_sequential(tiny_model_dir, capsys):

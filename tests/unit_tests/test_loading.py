@@ -229,10 +229,6 @@ def test_resolve_device() -> None:
 @pytest.mark.parametrize(
     ("dtype", "device", "expected"),
     [
-        (None, "cpu", torch.float32),
-        ("auto", "cpu", torch.float32),
-        (None, "cuda", torch.bfloat16),
-        ("AUTO", "cuda", torch.bfloat16),
         ("float32", "cuda", torch.float32),
         ("fp32", "cpu", torch.float32),
         ("bfloat16", "cpu", torch.bfloat16),
@@ -247,6 +243,44 @@ def test_resolve_dtype(dtype: str | torch.dtype | None, device: str, expected: t
     assert resolve_dtype(dtype, torch.device(device)) == expected
 
 
+@pytest.mark.parametrize("dtype", [None, "auto", "AUTO", " Auto "])
+def test_auto_dtype_is_the_measured_choice(dtype: str | None) -> None:
+    choice = loading.auto_dtype("cpu")
+    assert choice.dtype in (torch.float32, torch.bfloat16)
+    assert choice.reason
+    assert loading.auto_dtype("cpu") is choice  # measured once per process
+    assert resolve_dtype(dtype, torch.device("cpu")) == choice.dtype
+
+
+def test_auto_dtype_cpu_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    def choose(amx: bool, fp32_s: float, bf16_s: float) -> torch.dtype:
+        loading._cpu_choice.cache_clear()
+        monkeypatch.setattr(loading, "_cpu_has_amx", lambda: amx)
+        seconds = {torch.float32: fp32_s, torch.bfloat16: bf16_s}
+        monkeypatch.setattr(loading, "_linear_seconds", lambda dtype, rows: seconds[dtype])
+        return loading.auto_dtype("cpu").dtype
+
+    try:
+        assert choose(amx=True, fp32_s=1.0, bf16_s=5.0) == torch.bfloat16  # AMX: no measuring
+        assert choose(amx=False, fp32_s=2.0, bf16_s=1.0) == torch.bfloat16
+        assert choose(amx=False, fp32_s=1.0, bf16_s=1.0) == torch.float32  # not clearly faster
+        assert choose(amx=False, fp32_s=1.0, bf16_s=4.0) == torch.float32
+    finally:
+        loading._cpu_choice.cache_clear()
+
+
+def test_auto_dtype_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert loading.auto_dtype("cuda").dtype == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_only_float32_is_batch_invariant() -> None:
+    assert loading.batch_invariant(torch.float32)
+    assert not loading.batch_invariant(torch.bfloat16)
+    assert not loading.batch_invariant(torch.float16)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "int8", "", torch.int64])
 def test_resolve_dtype_rejects_unknown(dtype: str | torch.dtype) -> None:
     with pytest.raises(ValueError, match="dtype"):
@@ -258,7 +292,7 @@ def test_resolve_dtype_rejects_unknown(dtype: str | torch.dtype) -> None:
 
 @pytest.mark.usefixtures("no_cuda")
 def test_loads_a_folder_ready_for_inference(tiny_folder: Path) -> None:
-    model, tokenizer = load_model_and_tokenizer(str(tiny_folder), progress=False)
+    model, tokenizer = load_model_and_tokenizer(str(tiny_folder), dtype="fp32", progress=False)
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert model.dtype == torch.float32
@@ -280,7 +314,7 @@ def test_loading_options_are_applied(tiny_folder: Path) -> None:
 
     model, _ = load_model_and_tokenizer(tiny_folder, device_map="cpu", progress=False)
     assert model.device == torch.device("cpu")
-    assert model.dtype == torch.float32
+    assert model.dtype == loading.auto_dtype("cpu").dtype
     assert not model.training
 
 

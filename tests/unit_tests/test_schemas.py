@@ -111,6 +111,7 @@ def test_sequential_report_defaults() -> None:
         "route_reason": None,
         "blocks": [],
         "engine": {},
+        "batch_invariant": None,
     }
 
 
