@@ -685,12 +685,12 @@ class ChatParallelReason(BaseChatModel):
                 a forced call of a tool made from the schema (`bind_tools`). "json_mode":
                 JSON output; the schema, when given, is enforced as well.
             include_raw: Return ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}``
-                instead of raising on a parsing error.
+                instead of raising on a parsing error (a cut-off object is one, never data).
             strict: Accepted for compatibility; the grammar always enforces the schema.
 
         Raises:
-            ValueError: An unknown method, unexpected keyword arguments, or no schema where
-                one is needed.
+            ValueError: An unknown method or keyword, no schema where one is needed, or a
+                schema the grammar cannot enforce (an unknown type, recursion).
         """
         if kwargs:
             msg = f"unexpected keyword arguments {sorted(kwargs)} for with_structured_output"

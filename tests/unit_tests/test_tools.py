@@ -591,9 +591,15 @@ def test_structured_output_dict_schemas(chat: ChatParallelReason, schema: Any) -
     assert isinstance(result["count"], int)
 
 
-def test_structured_output_json_mode_without_schema(chat: ChatParallelReason) -> None:
-    result = chat.with_structured_output(None, method="json_mode").invoke("Any JSON.")
-    assert isinstance(result, dict)
+def test_structured_output_json_mode_without_schema(
+    chat: ChatParallelReason, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Any object: the random model writes one string until the budget ends, an error.
+    result = chat.with_structured_output(None, method="json_mode", include_raw=True).invoke("?")
+    assert result["raw"].response_metadata["finish_reason"] == "length"
+    assert isinstance(result["parsing_error"], OutputParserException)
+    monkeypatch.setattr(pl, "iter_answer", _fake_answer('{"x": [1, 2]}', "sequential"))
+    assert chat.with_structured_output(None, method="json_mode").invoke("?") == {"x": [1, 2]}
 
 
 def test_structured_output_include_raw(chat: ChatParallelReason) -> None:
@@ -618,6 +624,121 @@ def test_structured_output_include_raw_reports_a_parsing_error(
     assert result["raw"].response_metadata["finish_reason"] == "length"
     with pytest.raises(OutputParserException):
         chat.with_structured_output(Record).invoke("Hi")
+
+
+class Pair(BaseModel):
+    """Two optional strings: a cut-off object would still validate if it were closed."""
+
+    a: str | None = None
+    b: str | None = None
+
+
+_PAIR_DICT = {
+    "title": "Pair",
+    "type": "object",
+    "properties": {"a": {"type": "string"}, "b": {"type": "string"}},
+    "required": ["a", "b"],
+}
+
+
+@pytest.mark.parametrize(
+    ("schema", "method"),
+    [
+        (_PAIR_DICT, "json_schema"),
+        (Pair, "json_schema"),
+        (_PAIR_DICT, "function_calling"),
+        (Pair, "function_calling"),
+    ],
+)
+def test_structured_output_cut_off_is_a_parsing_error_never_partial_data(
+    tiny_llama: Any, tiny_tokenizer: Any, schema: Any, method: str
+) -> None:
+    # Eight tokens cut the object inside its first string: LangChain's own parsers closed
+    # it ({"a": "..."}) or returned None; here it is a parsing error, returned or raised.
+    chat = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, max_tokens=8)
+    runnable = chat.with_structured_output(schema, method=method, include_raw=True)  # type: ignore[arg-type]
+    result = runnable.invoke("Name two cats.")
+    assert result["raw"].response_metadata["finish_reason"] == "length"
+    assert result["parsed"] is None
+    assert isinstance(result["parsing_error"], OutputParserException)
+    assert "max_tokens" in str(result["parsing_error"])
+    strict = chat.with_structured_output(schema, method=method)  # type: ignore[arg-type]
+    with pytest.raises(OutputParserException, match="not complete"):
+        strict.invoke("Name two cats.")
+    with pytest.raises(OutputParserException, match="not complete"):
+        list(strict.stream("Name two cats."))
+
+
+async def test_structured_output_cut_off_stream_raises_async(
+    tiny_llama: Any, tiny_tokenizer: Any
+) -> None:
+    chat = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, max_tokens=8)
+    with pytest.raises(OutputParserException, match="not complete"):
+        async for _ in chat.with_structured_output(_PAIR_DICT).astream("Name two cats."):
+            pass
+
+
+class TreeNode(BaseModel):
+    """A recursive model: a grammar for it would have no finite shape."""
+
+    name: str
+    children: list[TreeNode] = []
+
+
+_RECURSIVE_DICT = {
+    "title": "A",
+    "type": "object",
+    "properties": {"b": {"$ref": "#/$defs/B"}},
+    "$defs": {
+        "A": {"type": "object", "properties": {"b": {"$ref": "#/$defs/B"}}},
+        "B": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("schema", "match"),
+    [
+        ({"type": "banana", "title": "X"}, "'banana', which is not a JSON Schema type"),
+        (
+            {"title": "X", "type": "object", "properties": {"a": {"type": ["string", "pear"]}}},
+            "#/properties/a has type 'pear'",
+        ),
+        (_RECURSIVE_DICT, r"recursive \(#/\$defs/B -> #/\$defs/A -> #/\$defs/B\)"),
+        (TreeNode, r"recursive \(#/\$defs/TreeNode -> #/\$defs/TreeNode\)"),
+        ({"title": "X", "properties": {"a": {"$ref": "other.json#/A"}}}, "does not point into"),
+    ],
+)
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_structured_output_refuses_a_schema_the_grammar_cannot_enforce(
+    chat: ChatParallelReason, schema: Any, match: str, method: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        chat.with_structured_output(schema, method=method)  # type: ignore[arg-type]
+
+
+def test_response_format_refuses_a_schema_the_grammar_cannot_enforce(
+    chat: ChatParallelReason,
+) -> None:
+    # Bound by hand, the check runs when the call starts, before anything is decoded.
+    bad = {"type": "json_schema", "json_schema": {"schema": {"type": "banana"}}}
+    with pytest.raises(ValueError, match="banana"):
+        chat.bind(response_format=bad).invoke("Hi")
+    with pytest.raises(ValueError, match="recursive"):
+        chat.bind(response_format=TreeNode).invoke("Hi")
+
+
+def test_schema_check_accepts_property_names_that_are_keywords() -> None:
+    # Names such as "type" or "enum" are property names here, not keywords.
+    schema = {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string"},
+            "enum": {"$ref": "#/$defs/E"},
+        },
+        "$defs": {"E": {"enum": ["a", "b"]}},
+    }
+    assert grammar_safe_schema(schema)["properties"]["enum"] == {"enum": ["a", "b"]}
 
 
 def test_structured_output_streams_valid_instances(chat: ChatParallelReason) -> None:
