@@ -31,7 +31,6 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -40,10 +39,9 @@ from pydantic import (
 from . import tools as _tools
 from .call_settings import (
     CALL_OPTIONS,
-    IGNORED_KWARGS,
-    OUTPUT_KWARGS,
+    call_overrides,
+    check_field_names,
     check_timeout,
-    field_adapter,
     pipeline_config,
     validate_steps,
 )
@@ -332,6 +330,12 @@ class ChatParallelReason(BaseChatModel):
     _tokenizer: Any = PrivateAttr(default=None)  # from_model's own (None: the engine's)
     _remote: RemoteEngine | None = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_field_names(cls, values: Any) -> Any:
+        """Refuse a misspelled field (pydantic would drop it silently), naming the closest."""
+        return check_field_names(cls, values)
+
     @field_validator("model", "gguf_file")
     @classmethod
     def _check_name(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -483,32 +487,8 @@ class ChatParallelReason(BaseChatModel):
         self, stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[PipelineConfig, float | None, list[dict[str, Any]] | None]:
         """Fields with this call's overrides, as (pipeline config, timeout, tools)."""
-        overrides: dict[str, Any] = {}
         tools = None  # tools reach the template through OutputForm.prepare
-        for name, value in kwargs.items():
-            if name in IGNORED_KWARGS:
-                continue
-            if name == "model":
-                if value not in (None, self.model, self._model_name):
-                    msg = (
-                        f"model={value!r} cannot be changed per call: ChatParallelReason "
-                        "runs one local model; create another ChatParallelReason for it"
-                    )
-                    raise ValueError(msg)
-            elif name in OUTPUT_KWARGS:
-                continue  # see OutputForm
-            elif name in CALL_OPTIONS:
-                try:
-                    overrides[name] = field_adapter(type(self), name).validate_python(value)
-                except ValidationError as e:
-                    msg = f"invalid per-call {name}={value!r}: {e.errors()[0]['msg']}"
-                    raise ValueError(msg) from e
-            else:
-                msg = (
-                    f"unknown keyword argument {name!r}; per-call options are stop, "
-                    f"{', '.join(CALL_OPTIONS)}"
-                )
-                raise ValueError(msg)
+        overrides = call_overrides(type(self), kwargs, (None, self.model, self._model_name))
         values = {name: getattr(self, name) for name in CALL_OPTIONS} | overrides
         config = pipeline_config(  # validates steps against max_branches
             values,
@@ -561,8 +541,6 @@ class ChatParallelReason(BaseChatModel):
             engine = await asyncio.to_thread(self._get_engine)
         async for kind, value in engine.astream(request):
             yield kind, ((value, config) if kind == "done" else value)
-
-    # -- events to LangChain objects -------------------------------------------------------
 
     # -- BaseChatModel hooks ---------------------------------------------------------------
 

@@ -413,6 +413,34 @@ def test_unknown_call_option_raises(chat: ChatParallelReason) -> None:
         chat.invoke(QUESTIONS[0], model="another/model")
 
 
+@pytest.mark.parametrize(
+    ("fields", "named", "closest"),
+    [
+        ({"temprature": 1.0}, "temprature", "temperature"),
+        ({"max_token": 5}, "max_token", "max_tokens"),
+        ({"temperature": 0.5, "stepz": ["A", "B"]}, "stepz", "steps"),
+    ],
+)
+def test_misspelled_constructor_field_raises_naming_the_closest(
+    fields: dict[str, Any], named: str, closest: str
+) -> None:
+    # Pydantic's default drops unknown fields: the setting silently kept its default.
+    with pytest.raises(ValueError, match=f"no field '{named}': did you mean '{closest}'"):
+        ChatParallelReason(**fields)
+
+
+def test_unknown_constructor_field_without_a_close_one_lists_the_fields(
+    tiny_llama: Any, tiny_tokenizer: Any
+) -> None:
+    with pytest.raises(ValueError, match="no field 'zzz': the fields are .*max_tokens"):
+        ChatParallelReason(zzz=1)
+    with pytest.raises(ValueError, match="no field 'max_new_tokens'"):
+        ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, max_new_tokens=5)
+    # LangChain's own fields are fields too.
+    chat = ChatParallelReason(temperature=0.5, tags=["t"], metadata={"k": 1}, verbose=False)
+    assert (chat.temperature, chat.tags) == (0.5, ["t"])
+
+
 def test_tokenizer_without_chat_template_raises(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.chat_template = None
