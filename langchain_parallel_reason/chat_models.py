@@ -233,11 +233,12 @@ class ChatParallelReason(BaseChatModel):
     many blocks ran. 1 (the default) cuts the conclusion there: the embedded 135M model's
     later blocks mostly restate the first (README, "Several blocks")."""
 
-    route_bias: float = Field(default=0.75, allow_inf_nan=False)
+    route_bias: float = Field(default=0.75, allow_inf_nan=False, **bounds("route_bias"))
     """In mode "auto" without `steps`, the model first answers yes (plan) or no (direct
     answer) to "should the answer be split into several independent parts?"; this is added
     to its "yes" logit (higher: plan more often). The default is calibrated on the embedded
-    SmolLM2-135M; the report's ``route_reason`` shows the model's own log-odds."""
+    SmolLM2-135M; the report's ``route_reason`` shows the model's own log-odds. Values past
+    +-100 are refused (they would overflow the logits): use `mode` to always or never plan."""
 
     temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     """Sampling temperature; 0 is greedy (argmax)."""
@@ -251,11 +252,14 @@ class ChatParallelReason(BaseChatModel):
     seed: int | None = Field(default=None, ge=-(2**62), le=2**62)
     """Seed of the sampling generator: the same seed gives the same answer (|seed| <= 2**62)."""
 
-    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(
+        default=None, allow_inf_nan=False, **bounds("repetition_penalty")
+    )
     """As in transformers' `generate`: a token already in the context (prompt included) has its
     logit divided by this when positive, multiplied when negative; applied to each parallel
     step over its own context, and to the conclusion or a sequential answer. None or 1.0 = off;
-    1.1-1.3 discourages loops. (Every step and the conclusion also stop at a loop anyway.)"""
+    1.1-1.3 discourages loops. (Every step and the conclusion also stop at a loop anyway.)
+    Values outside [0.01, 100] are refused: they would overflow the logits."""
 
     no_repeat_ngram_size: int | None = Field(default=None, ge=0)
     """As in transformers' `generate`: no n-gram of this size may occur twice in a step's (or
