@@ -417,6 +417,21 @@ class ChatParallelReason(BaseChatModel):
             params["ls_stop"] = ls_stop
         return params
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` by the model's own tokenizer (loading the model on first use),
+        special-token spellings read as `parse_special_tokens` says; LangChain's default is
+        GPT-2's, which is another vocabulary and is not available offline."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        if self.base_url is not None:  # hook: the server's /tokenize (RemoteEngine) goes here
+            msg = (
+                "counting tokens of a remote model is not supported yet: pass custom_get_token_ids"
+            )
+            raise NotImplementedError(msg)
+        tokenizer = self._tokenizer or self._get_engine().tokenizer
+        split = not self.parse_special_tokens
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split)
+
     # -- loading and per-call settings -----------------------------------------------------
 
     def _limits(self) -> EngineLimits:

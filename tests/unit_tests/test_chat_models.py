@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -432,7 +433,7 @@ def test_misspelled_constructor_field_raises_naming_the_closest(
 def test_unknown_constructor_field_without_a_close_one_lists_the_fields(
     tiny_llama: Any, tiny_tokenizer: Any
 ) -> None:
-    with pytest.raises(ValueError, match="no field 'zzz': the fields are .*max_tokens"):
+    with pytest.raises(ValueError, match=r"no field 'zzz': the fields are .*max_tokens"):
         ChatParallelReason(zzz=1)
     with pytest.raises(ValueError, match="no field 'max_new_tokens'"):
         ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, max_new_tokens=5)
@@ -585,3 +586,39 @@ def test_no_threads_per_call(chat: ChatParallelReason) -> None:
     # The engine's scheduler and its worker pool are reused: calls add no threads.
     assert len(_request_threads()) <= max(len(before), 2)
     assert chat._get_engine().stats()["running"] == 0
+
+
+def test_token_counts_use_the_models_own_tokenizer(
+    tiny_llama: Any, tiny_tokenizer: Any, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LangChain's default is GPT-2's tokenizer: offline it gave 0 (or retried downloads).
+    import langchain_core.language_models.base as lc_base
+
+    def no_gpt2() -> Any:
+        raise AssertionError("GPT-2's tokenizer was used")
+
+    monkeypatch.setattr(lc_base, "get_tokenizer", no_gpt2)
+    text = "Hello world, this is a test."
+    expected = tiny_tokenizer.encode(text, add_special_tokens=False)
+    for chat in (
+        ChatParallelReason.from_model(tiny_llama, tiny_tokenizer),
+        ChatParallelReason(model=str(tiny_model_dir), progress=False),
+    ):
+        assert chat.get_token_ids(text) == expected
+        assert chat.get_num_tokens(text) == len(expected) > 0
+    # A special token's spelling is plain text unless parse_special_tokens says otherwise.
+    end = "<|im_end|>"
+    end_id = tiny_tokenizer.convert_tokens_to_ids(end)
+    assert end_id not in ChatParallelReason.from_model(tiny_llama, tiny_tokenizer).get_token_ids(
+        end
+    )
+    trusted = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, parse_special_tokens=True)
+    assert trusted.get_token_ids(end) == [end_id]
+
+
+def test_token_counts_of_a_remote_model_say_what_to_do() -> None:
+    remote = ChatParallelReason(base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(NotImplementedError, match="custom_get_token_ids"):
+        remote.get_num_tokens("Hello")
+    counted = ChatParallelReason(base_url="http://127.0.0.1:9/v1", custom_get_token_ids=list)
+    assert counted.get_num_tokens("Hello") == 5
