@@ -622,3 +622,18 @@ def test_token_counts_of_a_remote_model_say_what_to_do() -> None:
         remote.get_num_tokens("Hello")
     counted = ChatParallelReason(base_url="http://127.0.0.1:9/v1", custom_get_token_ids=list)
     assert counted.get_num_tokens("Hello") == 5
+
+
+@pytest.mark.parametrize("max_tokens", [3, 4, 13])
+def test_an_answer_cut_inside_a_character_drops_its_first_bytes(
+    tiny_llama: Any, tiny_tokenizer: Any, max_tokens: int
+) -> None:
+    # The tiny model's greedy answer has multi-byte characters split over tokens: cut at
+    # these budgets, it ended in U+FFFD (the first bytes of a character, decoded alone).
+    chat = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, mode="sequential")
+    question = "Write something in Japanese."
+    cut = chat.invoke(question, max_tokens=max_tokens)
+    assert cut.response_metadata["finish_reason"] == "length"
+    assert not cut.text.endswith("\ufffd")
+    assert chat.invoke(question, max_tokens=24).text.startswith(cut.text)
+    assert "".join(c.text for c in chat.stream(question, max_tokens=max_tokens)) == cut.text
