@@ -133,8 +133,16 @@ def check_field_names(cls: type[BaseModel], values: Any) -> Any:
     return values
 
 
-def validate_steps(steps: list[str], max_branches: int) -> None:
-    """Raise ValueError unless ``steps`` form a valid plan for ``max_branches``."""
+def validate_steps(steps: list[str], max_branches: int, mode: str = "auto") -> None:
+    """Raise ValueError unless ``steps`` form a valid plan for ``max_branches`` in ``mode``
+    ("sequential" never plans, so it cannot take steps)."""
+    if mode == "sequential":
+        msg = (
+            f"mode='sequential' never plans, so it cannot decode steps={reprlib.repr(steps)}: "
+            "pass steps=None for a sequential answer, or mode='auto', 'parallel' or 'stepped' "
+            "to use the steps"
+        )
+        raise ValueError(msg)
     for title in steps:
         if isinstance(title, str) and not title.isascii():
             try:
@@ -195,7 +203,11 @@ def pipeline_config(
     fields = {k: v for k, v in values.items() if k != "timeout"}
     steps = fields.pop("steps", None)
     if steps is not None:
-        validate_steps(list(steps), fields.get("max_branches", PipelineConfig.max_branches))
+        validate_steps(
+            list(steps),
+            fields.get("max_branches", PipelineConfig.max_branches),
+            fields.get("mode", PipelineConfig.mode),
+        )
     return PipelineConfig(
         **fields,
         steps=None if steps is None else tuple(steps),

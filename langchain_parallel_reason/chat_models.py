@@ -205,7 +205,8 @@ class ChatParallelReason(BaseChatModel):
     `steps` forces a plan."""
 
     steps: list[str] | None = None
-    """Step titles to decode in parallel, in order; Stage 1 (planning) is skipped."""
+    """Step titles to decode in parallel, in order; Stage 1 (planning) is skipped. Mode
+    "sequential" never plans: steps with it are a ValueError."""
 
     max_branches: int = Field(default=6, **bounds("max_branches"))
     """Most steps decoded in parallel (at least 2)."""
@@ -354,9 +355,9 @@ class ChatParallelReason(BaseChatModel):
 
     @model_validator(mode="after")
     def _check_steps(self) -> Self:
-        """Reject `steps` that cannot form a plan (count, empty or duplicate titles)."""
+        """Reject `steps` that cannot form a plan (count, empty or duplicate titles, mode)."""
         if self.steps is not None:
-            validate_steps(self.steps, self.max_branches)
+            validate_steps(self.steps, self.max_branches, self.mode)
         return self
 
     @classmethod

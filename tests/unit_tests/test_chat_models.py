@@ -111,6 +111,20 @@ def test_steps_per_call_override_does_not_leak(chat: ChatParallelReason) -> None
     assert chat.steps is None
 
 
+def test_steps_with_sequential_mode_are_conflicting_options(chat: ChatParallelReason) -> None:
+    # The steps were silently ignored: the answer came back sequential, without them.
+    conflict = r"mode='sequential' never plans, so it cannot decode steps=.*pass steps=None"
+    with pytest.raises(ValueError, match=conflict):
+        chat.invoke(QUESTIONS[5], mode="sequential", steps=["Pros", "Cons"])
+    with pytest.raises(ValueError, match=conflict):
+        ChatParallelReason(mode="sequential", steps=["Pros", "Cons"])
+    with pytest.raises(ValueError, match=conflict):
+        chat.bind(steps=["Pros", "Cons"]).invoke(QUESTIONS[5], mode="sequential")
+    # Steps with any mode that plans are fine; so is sequential without steps.
+    stepped = chat.invoke(QUESTIONS[5], mode="stepped", steps=["Pros", "Cons"])
+    assert stepped.response_metadata["parallel"]["steps"] == ["Pros", "Cons"]
+
+
 def test_max_tokens_override_is_respected(chat: ChatParallelReason) -> None:
     short = chat.invoke(QUESTIONS[1], mode="sequential", max_tokens=5)
     assert short.usage_metadata is not None
