@@ -170,15 +170,51 @@ def with_system_text(messages: Sequence[dict[str, Any]], text: str) -> list[dict
     return out
 
 
-def structured_output_instruction(schema: dict[str, Any] | None) -> str:
-    """The system-prompt line that tells the model what JSON to write."""
+# The schema shown to the model is a hint (the grammar enforces the whole schema), so it is
+# kept short: a 20,000-value enum written out made the prompt overflow the context window.
+SCHEMA_HINT_CHARS = 4000
+_HINT_ITEMS = 12
+_HINT_TEXT_CHARS = 200
+
+
+def structured_output_instruction(
+    schema: dict[str, Any] | None, max_chars: int = SCHEMA_HINT_CHARS
+) -> str:
+    """The system-prompt line that tells the model what JSON to write.
+
+    The schema is shown as JSON of at most about ``max_chars`` characters: long enums show
+    their first values and a count of the rest, long descriptions are cut, and a schema still
+    too long is named by its top-level fields only. The output grammar enforces all of it.
+    """
     if schema is None:
         return "Reply with one JSON object and nothing else."
+    lead = "Reply with one JSON object and nothing else. It must match this JSON schema"
     text = json.dumps(schema, ensure_ascii=False)
-    return (
-        "Reply with one JSON object and nothing else. It must match this JSON schema, with "
-        f"short, sensible values for the user's request:\n{text}"
-    )
+    if len(text) > max_chars:
+        text = json.dumps(_hint(schema), ensure_ascii=False)
+    if len(text) <= max_chars:
+        return f"{lead}, with short, sensible values for the user's request:\n{text}"
+    fields = list(schema.get("properties") or {})
+    shown = ", ".join(fields[:_HINT_ITEMS]) + (", ..." if len(fields) > _HINT_ITEMS else "")
+    return f"{lead} (too long to show); its top-level fields are: {shown or 'none'}."
+
+
+def _hint(node: Any) -> Any:
+    """``node`` with long enums and texts shortened (for the prompt, not the grammar)."""
+    if isinstance(node, list):
+        return [_hint(item) for item in node]
+    if isinstance(node, str) and len(node) > _HINT_TEXT_CHARS:
+        return node[:_HINT_TEXT_CHARS] + "..."
+    if not isinstance(node, dict):
+        return node
+    out = {key: _hint(value) for key, value in node.items() if key != "enum"}
+    enum = node.get("enum")
+    if isinstance(enum, list) and len(enum) > _HINT_ITEMS:
+        rest = len(enum) - _HINT_ITEMS
+        out["enum"] = [*enum[:_HINT_ITEMS], f"... ({rest} more allowed values)"]
+    elif enum is not None:
+        out["enum"] = enum
+    return out
 
 
 # ------------------------------------------------------------------------- tool choice

@@ -45,6 +45,7 @@ from langchain_parallel_reason.tools import (
     parallel_reasoner_tool,
     parse_tool_calls,
     render_tool_messages,
+    structured_output_instruction,
     tool_call_format,
 )
 
@@ -739,6 +740,34 @@ def test_schema_check_accepts_property_names_that_are_keywords() -> None:
         "$defs": {"E": {"enum": ["a", "b"]}},
     }
     assert grammar_safe_schema(schema)["properties"]["enum"] == {"enum": ["a", "b"]}
+
+
+def test_a_huge_enum_is_enforced_without_writing_it_into_the_prompt(
+    tiny_llama: Any, tiny_tokenizer: Any
+) -> None:
+    # Written out, 1,000 values made the prompt overflow the tiny model's 2,048-token window
+    # and the error said to shorten the messages; the prompt's schema is a hint, kept short.
+    values = [f"v{i}" for i in range(1000)]
+    schema = {
+        "title": "Code",
+        "type": "object",
+        "properties": {"code": {"enum": values}},
+        "required": ["code"],
+    }
+    chat = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, max_tokens=12)
+    result = chat.with_structured_output(schema, include_raw=True).invoke("Pick a code.")
+    assert result["parsing_error"] is None
+    assert result["parsed"]["code"] in values
+    assert result["raw"].usage_metadata["input_tokens"] < 400
+
+
+def test_the_schema_hint_is_bounded() -> None:
+    wide = {"type": "object", "properties": {f"f{i}": {"type": "integer"} for i in range(2000)}}
+    hint = structured_output_instruction(wide)
+    assert len(hint) < 300
+    assert "top-level fields are: f0, f1" in hint
+    small = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}}
+    assert json.dumps(small) in structured_output_instruction(small)
 
 
 def test_structured_output_streams_valid_instances(chat: ChatParallelReason) -> None:
