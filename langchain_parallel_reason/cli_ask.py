@@ -268,8 +268,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=("auto", "parallel", "sequential", "stepped"),
         default="auto",
-        help="auto (default): parallel steps when the plan validates, else sequential; "
-        "parallel: the same, a fallback is reported; sequential: no plan; stepped: the "
+        help="auto (default): the model first chooses between a plan and a direct answer, "
+        "and a plan's steps are decoded in parallel (sequential when it does not validate); "
+        "parallel: always a plan, a fallback is reported; sequential: no plan; stepped: the "
         "paper's baseline, the plan's steps written one after another",
     )
     parser.add_argument(

@@ -241,3 +241,10 @@ def test_ask_bad_temperature_is_refused_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist" not in err  # the config was checked first
     assert err.count("\n") == 1
+
+
+def test_ask_help_describes_the_router_of_mode_auto(capsys):
+    # The help described "auto" as the plan-or-fallback of the time before the router.
+    assert cli.main(["ask", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "auto (default): the model first chooses between a plan and a direct answer" in help_text
