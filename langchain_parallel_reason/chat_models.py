@@ -239,7 +239,7 @@ class ChatParallelReason(BaseChatModel):
     answer) to "should the answer be split into several independent parts?"; this is added
     to its "yes" logit (higher: plan more often). The default is calibrated on the embedded
     SmolLM2-135M; the report's ``route_reason`` shows the model's own log-odds. Values past
-    +-100 are refused (they would overflow the logits): use `mode` to always or never plan."""
+    +-1e4 are refused (far past them the logits overflow); `mode` always or never plans."""
 
     temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     """Sampling temperature; 0 is greedy (argmax)."""

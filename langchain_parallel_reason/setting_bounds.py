@@ -23,10 +23,10 @@ INT_BOUNDS: dict[str, tuple[int, int | None]] = {
 
 
 # Float settings that scale or shift logits: values past these are refused, not clamped. They
-# already make the outcome certain, and beyond them the float32 logits overflow to inf
+# already make the outcome certain, and far beyond them the float32 logits overflow to inf
 # (route_bias=1e308 or repetition_penalty=1e-308 made the sampler's probabilities NaN).
 FLOAT_BOUNDS: dict[str, tuple[float, float]] = {
-    "route_bias": (-100.0, 100.0),  # a logit offset: +-100 is odds of e**100
+    "route_bias": (-1e4, 1e4),  # a logit offset: +-1e4 forces the choice on any model
     "repetition_penalty": (0.01, 100.0),  # a logit divisor: 1.1-1.3 is the useful range
 }
 

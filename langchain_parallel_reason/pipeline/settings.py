@@ -133,7 +133,7 @@ class PipelineConfig:
         route_bias: in mode "auto" without ``steps``, a router first asks the model whether
             the question should be split into independent parts; "yes" plans, "no" answers
             directly (ordinary decoding, not a fallback). This is added to the "yes" logit
-            before that choice (higher: plan more often); past +-100 refused.
+            before that choice (higher: plan more often); past +-1e4 refused.
     """
 
     mode: Mode = "auto"
