@@ -24,7 +24,6 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
-from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -47,7 +46,7 @@ from .call_settings import (
 )
 from .chunks import chat_result, event_chunk, final_chunk
 from .messages import check_chat_template, convert_messages
-from .output_forms import OutputForm, structured_output
+from .output_forms import OutputForm, bound_tools, structured_output
 from .runtime.base import EngineLimits, Request
 from .setting_bounds import bounds
 
@@ -653,10 +652,10 @@ class ChatParallelReason(BaseChatModel):
             **kwargs: Other per-call options to bind (e.g. ``max_tokens``).
 
         Raises:
-            ValueError: ``tool_choice`` names no bound tool.
+            ValueError: ``tool_choice`` names no bound tool, or forces a call of a tool whose
+                schema the grammar cannot enforce (e.g. a recursive model).
         """
-        formatted = [convert_to_openai_tool(tool) for tool in tools]
-        choice = _tools.normalize_tool_choice(tool_choice, _tools.tool_names(formatted))
+        formatted, choice = bound_tools(tools, tool_choice)
         if choice is not None:
             kwargs["tool_choice"] = choice
         return super().bind(tools=formatted, **kwargs)

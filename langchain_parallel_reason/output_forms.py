@@ -10,6 +10,7 @@ cannot render them; a grammar and a sequential reason for forced output).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TOOLS_SEQUENTIAL",
     "OutputForm",
+    "bound_tools",
     "enforceable_json_schema",
     "response_schema",
     "structured_output",
@@ -152,6 +154,34 @@ def response_schema(response_format: Any) -> tuple[dict[str, Any] | None, bool]:
     return enforceable_json_schema(response_format), False
 
 
+def bound_tools(tools: Sequence[Any], tool_choice: Any) -> tuple[list[dict[str, Any]], str | None]:
+    """``bind_tools``' arguments as (OpenAI-format tools, normalized tool choice).
+
+    A forced call is decoded under a grammar from the tool's schema, so each tool it may call
+    is checked first (`tools.check_schema`); conversion would resolve a Pydantic model's
+    recursive ``$ref`` to "any value" and the grammar would then enforce nothing there.
+    """
+    formatted = [convert_to_openai_tool(tool) for tool in tools]
+    choice = _tools.normalize_tool_choice(tool_choice, _tools.tool_names(formatted))
+    if choice not in (None, "auto", "none"):
+        for tool, spec in zip(tools, formatted, strict=True):
+            if choice == "any" or spec["function"]["name"] == choice:
+                _check_before_conversion(tool)
+    return formatted, choice
+
+
+def _check_before_conversion(schema: Any) -> None:
+    """Check a schema (or a tool's) as given: conversion drops an unknown top-level type, and
+    resolves a Pydantic class's recursive $refs to "any value"."""
+    if isinstance(schema, dict) and isinstance(schema.get("function"), dict):  # OpenAI tool
+        schema = schema["function"].get("parameters") or {}
+    schema = getattr(schema, "args_schema", None) or schema  # a LangChain tool
+    if isinstance(schema, dict):
+        _tools.check_schema(schema)
+    elif isinstance(schema, type) and is_basemodel_subclass(schema):
+        _tools.check_schema(schema.model_json_schema())
+
+
 def enforceable_json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
     """``schema`` (a Pydantic class, TypedDict or JSON schema dict) as a JSON schema dict.
 
@@ -159,12 +189,7 @@ def enforceable_json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
         ValueError: It is not a schema, or the output grammar cannot enforce it
             (`tools.check_schema`: an unknown type, recursion).
     """
-    # Checked before conversion too: it drops an unknown top-level type, and resolves a
-    # Pydantic class's recursive $refs to "any value".
-    if isinstance(schema, dict):
-        _tools.check_schema(schema)
-    elif isinstance(schema, type) and is_basemodel_subclass(schema):
-        _tools.check_schema(schema.model_json_schema())
+    _check_before_conversion(schema)
     try:
         converted = convert_to_json_schema(schema)
     except (TypeError, ValueError) as e:

@@ -718,6 +718,21 @@ def test_structured_output_refuses_a_schema_the_grammar_cannot_enforce(
         chat.with_structured_output(schema, method=method)  # type: ignore[arg-type]
 
 
+def test_a_forced_call_of_a_tool_the_grammar_cannot_enforce_is_refused(
+    chat: ChatParallelReason,
+) -> None:
+    # Converting TreeNode to a tool resolved its recursion to "any value": the forced call's
+    # grammar then constrained nothing below the first level.
+    with pytest.raises(ValueError, match="recursive"):
+        chat.bind_tools([TreeNode], tool_choice="any")
+    banana = {"type": "function", "function": {"name": "f", "parameters": {"type": "banana"}}}
+    with pytest.raises(ValueError, match="banana"):
+        chat.bind_tools([add, banana], tool_choice="f")
+    # Not forced, the model writes the call freely: nothing to enforce, nothing refused.
+    chat.bind_tools([TreeNode])
+    chat.bind_tools([add, banana], tool_choice="add")
+
+
 def test_response_format_refuses_a_schema_the_grammar_cannot_enforce(
     chat: ChatParallelReason,
 ) -> None:
