@@ -98,7 +98,9 @@ def tool_call_format(chat_template: Any) -> ToolCallFormat:
 
 
 def _tools_system_prompt(tools: Sequence[dict[str, Any]]) -> str:
-    functions = json.dumps([tool["function"] for tool in tools], ensure_ascii=False)
+    # Long enums and descriptions shortened as in the structured-output hint (`_hint`): a
+    # forced call's grammar enforces the whole schema, a free one is checked when parsed.
+    functions = json.dumps([_hint(tool["function"]) for tool in tools], ensure_ascii=False)
     return (
         "You can call functions to answer the user. The functions you may call are listed "
         f"as JSON inside <tools></tools>:\n<tools>{functions}</tools>\n"

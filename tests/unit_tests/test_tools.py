@@ -776,6 +776,21 @@ def test_a_huge_enum_is_enforced_without_writing_it_into_the_prompt(
     assert result["raw"].usage_metadata["input_tokens"] < 400
 
 
+def test_tools_written_as_text_show_long_enums_shortened() -> None:
+    codes = [f"v{i}" for i in range(1000)]
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a code up.",
+            "parameters": {"type": "object", "properties": {"code": {"enum": codes}}},
+        },
+    }
+    system = render_tool_messages([{"role": "user", "content": "Hi"}], [tool])[0]["content"]
+    assert '"v11", "... (988 more allowed values)"' in system
+    assert len(system) < 2000
+
+
 def test_the_schema_hint_is_bounded() -> None:
     wide = {"type": "object", "properties": {f"f{i}": {"type": "integer"} for i in range(2000)}}
     hint = structured_output_instruction(wide)
