@@ -1,7 +1,8 @@
 """Async use: `abatch` and `asyncio.gather` over one model, without blocking the event loop.
 
-Calls on one model run one at a time (a lock serialises them), so a batch gives the same
-answers as calling one by one, with the same seed; the event loop stays free meanwhile.
+Calls on one model share its engine, which decodes them together (continuous batching: one
+forward pass serves every running call); each answer is the one the call gives alone with the
+same seed, and the event loop stays free meanwhile.
 Run: `python examples/async_batch.py`.
 """
 
@@ -48,7 +49,7 @@ async def main() -> None:
     print(f"abatch == gather (same seed): {same}")
     print(f"{2 * len(QUESTIONS)} calls in {elapsed:.1f} s; event-loop ticks meanwhile: {ticks}")
 
-    # Cancelling a task stops decoding at the next forward pass and frees the model.
+    # Cancelling a task stops its decoding at the next forward pass and frees its place.
     task = asyncio.create_task(llm.ainvoke("Write a long story about a lighthouse."))
     await asyncio.sleep(0.5)
     task.cancel()

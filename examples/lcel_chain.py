@@ -21,8 +21,8 @@ def main() -> None:
     # Small budgets keep the example quick on a CPU.
     llm = ChatParallelReason(max_tokens=96, step_max_tokens=32, plan_retries=1)
 
-    # 1. The usual chain: the model plans its steps (the 135M model often cannot, and then
-    #    answers sequentially; the report says why).
+    # 1. The usual chain: in mode "auto" the model first chooses between a plan (its steps
+    #    decoded in parallel) and a direct answer; the report's route_reason says which and why.
     chain = prompt | llm | StrOutputParser()
     print(f"Q: {QUESTION}\n")
     print(chain.invoke({"question": QUESTION}))

@@ -2,8 +2,9 @@
 
 Each stream chunk carries either content or live step text in
 `chunk.additional_kwargs["parallel_steps"]` (a list of {"step", "title", "text"}).
-Run: `python examples/streaming_steps.py` (add `--plan` to let the model plan its own steps;
-the 135M embedded model often fails to plan and then answers sequentially).
+Run: `python examples/streaming_steps.py` (add `--plan` to let the model decide: in mode "auto"
+it first chooses between a plan and a direct answer, and `response_metadata["parallel"]`
+gives its `route` and `route_reason`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ so a field added to the chat model reaches the pipeline the same way everywhere.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import reprlib
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,8 @@ __all__ = [
     "OUTPUT_KWARGS",
     "STEP_TITLE_CHARS",
     "TIMEOUT_MAX_S",
+    "call_overrides",
+    "check_field_names",
     "check_timeout",
     "field_adapter",
     "pipeline_config",
@@ -76,8 +79,70 @@ def check_timeout(timeout: float | None) -> float | None:
     return timeout
 
 
-def validate_steps(steps: list[str], max_branches: int) -> None:
-    """Raise ValueError unless ``steps`` form a valid plan for ``max_branches``."""
+def call_overrides(
+    cls: type[BaseModel], kwargs: Mapping[str, Any], models: Sequence[str | None]
+) -> dict[str, Any]:
+    """This call's overrides of ``cls``'s fields from its kwargs, validated as the fields are.
+
+    Kwargs LangChain passes down and the answer's form (``OUTPUT_KWARGS``, read by
+    `OutputForm`) are skipped; ``model`` may only repeat one of ``models``. Raises ValueError
+    naming the option for an invalid value or an unknown keyword.
+    """
+    overrides: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name in IGNORED_KWARGS or name in OUTPUT_KWARGS:
+            continue
+        if name == "model":
+            if value not in models:
+                msg = (
+                    f"model={value!r} cannot be changed per call: ChatParallelReason "
+                    "runs one local model; create another ChatParallelReason for it"
+                )
+                raise ValueError(msg)
+        elif name in CALL_OPTIONS:
+            try:
+                overrides[name] = field_adapter(cls, name).validate_python(value)
+            except ValidationError as e:
+                msg = f"invalid per-call {name}={value!r}: {e.errors()[0]['msg']}"
+                raise ValueError(msg) from e
+        else:
+            msg = (
+                f"unknown keyword argument {name!r}; per-call options are stop, "
+                f"{', '.join(CALL_OPTIONS)}"
+            )
+            raise ValueError(msg)
+    return overrides
+
+
+def check_field_names(cls: type[BaseModel], values: Any) -> Any:
+    """``values`` unchanged, or ValueError for a key that is no field of ``cls``.
+
+    Pydantic would drop a misspelled field silently (``temprature=1.0`` left temperature at
+    0); the error names the closest field so the fix is one edit.
+    """
+    if not isinstance(values, Mapping):
+        return values
+    fields = cls.model_fields
+    for name in values:
+        if name in fields:
+            continue
+        close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"the fields are {', '.join(fields)}"
+        msg = f"{cls.__name__} has no field {name!r}: {hint}"
+        raise ValueError(msg)
+    return values
+
+
+def validate_steps(steps: list[str], max_branches: int, mode: str = "auto") -> None:
+    """Raise ValueError unless ``steps`` form a valid plan for ``max_branches`` in ``mode``
+    ("sequential" never plans, so it cannot take steps)."""
+    if mode == "sequential":
+        msg = (
+            f"mode='sequential' never plans, so it cannot decode steps={reprlib.repr(steps)}: "
+            "pass steps=None for a sequential answer, or mode='auto', 'parallel' or 'stepped' "
+            "to use the steps"
+        )
+        raise ValueError(msg)
     for title in steps:
         if isinstance(title, str) and not title.isascii():
             try:
@@ -138,7 +203,11 @@ def pipeline_config(
     fields = {k: v for k, v in values.items() if k != "timeout"}
     steps = fields.pop("steps", None)
     if steps is not None:
-        validate_steps(list(steps), fields.get("max_branches", PipelineConfig.max_branches))
+        validate_steps(
+            list(steps),
+            fields.get("max_branches", PipelineConfig.max_branches),
+            fields.get("mode", PipelineConfig.mode),
+        )
     return PipelineConfig(
         **fields,
         steps=None if steps is None else tuple(steps),

@@ -24,14 +24,12 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
-from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import (
     AfterValidator,
     BaseModel,
     Field,
     PrivateAttr,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -40,16 +38,15 @@ from pydantic import (
 from . import tools as _tools
 from .call_settings import (
     CALL_OPTIONS,
-    IGNORED_KWARGS,
-    OUTPUT_KWARGS,
+    call_overrides,
+    check_field_names,
     check_timeout,
-    field_adapter,
     pipeline_config,
     validate_steps,
 )
 from .chunks import chat_result, event_chunk, final_chunk
 from .messages import check_chat_template, convert_messages
-from .output_forms import OutputForm, structured_output
+from .output_forms import OutputForm, bound_tools, structured_output
 from .runtime.base import EngineLimits, Request
 from .setting_bounds import bounds
 
@@ -207,7 +204,8 @@ class ChatParallelReason(BaseChatModel):
     `steps` forces a plan."""
 
     steps: list[str] | None = None
-    """Step titles to decode in parallel, in order; Stage 1 (planning) is skipped."""
+    """Step titles to decode in parallel, in order; Stage 1 (planning) is skipped. Mode
+    "sequential" never plans: steps with it are a ValueError."""
 
     max_branches: int = Field(default=6, **bounds("max_branches"))
     """Most steps decoded in parallel (at least 2)."""
@@ -235,11 +233,12 @@ class ChatParallelReason(BaseChatModel):
     many blocks ran. 1 (the default) cuts the conclusion there: the embedded 135M model's
     later blocks mostly restate the first (README, "Several blocks")."""
 
-    route_bias: float = Field(default=0.75, allow_inf_nan=False)
+    route_bias: float = Field(default=0.75, allow_inf_nan=False, **bounds("route_bias"))
     """In mode "auto" without `steps`, the model first answers yes (plan) or no (direct
     answer) to "should the answer be split into several independent parts?"; this is added
     to its "yes" logit (higher: plan more often). The default is calibrated on the embedded
-    SmolLM2-135M; the report's ``route_reason`` shows the model's own log-odds."""
+    SmolLM2-135M; the report's ``route_reason`` shows the model's own log-odds. Values past
+    +-1e4 are refused (far past them the logits overflow); `mode` always or never plans."""
 
     temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     """Sampling temperature; 0 is greedy (argmax)."""
@@ -253,11 +252,14 @@ class ChatParallelReason(BaseChatModel):
     seed: int | None = Field(default=None, ge=-(2**62), le=2**62)
     """Seed of the sampling generator: the same seed gives the same answer (|seed| <= 2**62)."""
 
-    repetition_penalty: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(
+        default=None, allow_inf_nan=False, **bounds("repetition_penalty")
+    )
     """As in transformers' `generate`: a token already in the context (prompt included) has its
     logit divided by this when positive, multiplied when negative; applied to each parallel
     step over its own context, and to the conclusion or a sequential answer. None or 1.0 = off;
-    1.1-1.3 discourages loops. (Every step and the conclusion also stop at a loop anyway.)"""
+    1.1-1.3 discourages loops. (Every step and the conclusion also stop at a loop anyway.)
+    Values outside [0.01, 100] are refused: they would overflow the logits."""
 
     no_repeat_ngram_size: int | None = Field(default=None, ge=0)
     """As in transformers' `generate`: no n-gram of this size may occur twice in a step's (or
@@ -332,6 +334,12 @@ class ChatParallelReason(BaseChatModel):
     _tokenizer: Any = PrivateAttr(default=None)  # from_model's own (None: the engine's)
     _remote: RemoteEngine | None = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_field_names(cls, values: Any) -> Any:
+        """Refuse a misspelled field (pydantic would drop it silently), naming the closest."""
+        return check_field_names(cls, values)
+
     @field_validator("model", "gguf_file")
     @classmethod
     def _check_name(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -346,9 +354,9 @@ class ChatParallelReason(BaseChatModel):
 
     @model_validator(mode="after")
     def _check_steps(self) -> Self:
-        """Reject `steps` that cannot form a plan (count, empty or duplicate titles)."""
+        """Reject `steps` that cannot form a plan (count, empty or duplicate titles, mode)."""
         if self.steps is not None:
-            validate_steps(self.steps, self.max_branches)
+            validate_steps(self.steps, self.max_branches, self.mode)
         return self
 
     @classmethod
@@ -408,6 +416,21 @@ class ChatParallelReason(BaseChatModel):
         if ls_stop := stop or self.stop:
             params["ls_stop"] = ls_stop
         return params
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` by the model's own tokenizer (loading the model on first use),
+        special-token spellings read as `parse_special_tokens` says; LangChain's default is
+        GPT-2's, which is another vocabulary and is not available offline."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        if self.base_url is not None:  # hook: the server's /tokenize (RemoteEngine) goes here
+            msg = (
+                "counting tokens of a remote model is not supported yet: pass custom_get_token_ids"
+            )
+            raise NotImplementedError(msg)
+        tokenizer = self._tokenizer or self._get_engine().tokenizer
+        split = not self.parse_special_tokens
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split)
 
     # -- loading and per-call settings -----------------------------------------------------
 
@@ -483,32 +506,8 @@ class ChatParallelReason(BaseChatModel):
         self, stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[PipelineConfig, float | None, list[dict[str, Any]] | None]:
         """Fields with this call's overrides, as (pipeline config, timeout, tools)."""
-        overrides: dict[str, Any] = {}
         tools = None  # tools reach the template through OutputForm.prepare
-        for name, value in kwargs.items():
-            if name in IGNORED_KWARGS:
-                continue
-            if name == "model":
-                if value not in (None, self.model, self._model_name):
-                    msg = (
-                        f"model={value!r} cannot be changed per call: ChatParallelReason "
-                        "runs one local model; create another ChatParallelReason for it"
-                    )
-                    raise ValueError(msg)
-            elif name in OUTPUT_KWARGS:
-                continue  # see OutputForm
-            elif name in CALL_OPTIONS:
-                try:
-                    overrides[name] = field_adapter(type(self), name).validate_python(value)
-                except ValidationError as e:
-                    msg = f"invalid per-call {name}={value!r}: {e.errors()[0]['msg']}"
-                    raise ValueError(msg) from e
-            else:
-                msg = (
-                    f"unknown keyword argument {name!r}; per-call options are stop, "
-                    f"{', '.join(CALL_OPTIONS)}"
-                )
-                raise ValueError(msg)
+        overrides = call_overrides(type(self), kwargs, (None, self.model, self._model_name))
         values = {name: getattr(self, name) for name in CALL_OPTIONS} | overrides
         config = pipeline_config(  # validates steps against max_branches
             values,
@@ -561,8 +560,6 @@ class ChatParallelReason(BaseChatModel):
             engine = await asyncio.to_thread(self._get_engine)
         async for kind, value in engine.astream(request):
             yield kind, ((value, config) if kind == "done" else value)
-
-    # -- events to LangChain objects -------------------------------------------------------
 
     # -- BaseChatModel hooks ---------------------------------------------------------------
 
@@ -655,10 +652,10 @@ class ChatParallelReason(BaseChatModel):
             **kwargs: Other per-call options to bind (e.g. ``max_tokens``).
 
         Raises:
-            ValueError: ``tool_choice`` names no bound tool.
+            ValueError: ``tool_choice`` names no bound tool, or forces a call of a tool whose
+                schema the grammar cannot enforce (e.g. a recursive model).
         """
-        formatted = [convert_to_openai_tool(tool) for tool in tools]
-        choice = _tools.normalize_tool_choice(tool_choice, _tools.tool_names(formatted))
+        formatted, choice = bound_tools(tools, tool_choice)
         if choice is not None:
             kwargs["tool_choice"] = choice
         return super().bind(tools=formatted, **kwargs)
@@ -685,12 +682,12 @@ class ChatParallelReason(BaseChatModel):
                 a forced call of a tool made from the schema (`bind_tools`). "json_mode":
                 JSON output; the schema, when given, is enforced as well.
             include_raw: Return ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}``
-                instead of raising on a parsing error.
+                instead of raising on a parsing error (a cut-off object is one, never data).
             strict: Accepted for compatibility; the grammar always enforces the schema.
 
         Raises:
-            ValueError: An unknown method, unexpected keyword arguments, or no schema where
-                one is needed.
+            ValueError: An unknown method or keyword, no schema where one is needed, or a
+                schema the grammar cannot enforce (an unknown type, recursion).
         """
         if kwargs:
             msg = f"unexpected keyword arguments {sorted(kwargs)} for with_structured_output"

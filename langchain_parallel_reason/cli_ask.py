@@ -143,7 +143,9 @@ def format_report(
 
 
 class _PlainRenderer:
-    """Complete lines on a non-terminal stream: plan, step lines as they end, answer lines."""
+    """Complete lines on a non-terminal stream: the plan, then each step's lines once Stage 2
+    ended (its final body: a looping step's repeats are trimmed there, and printed lines cannot
+    be taken back), then the answer's lines as they end."""
 
     def __init__(self, out: TextIO, stepped: bool = False) -> None:
         self.out = out
@@ -151,7 +153,6 @@ class _PlainRenderer:
             "Steps (written one after another):" if stepped else "Steps (decoded in parallel):"
         )
         self.view = AnswerView()
-        self.step_buf: list[str] = []
         self.final_buf = ""
         self.final_header = False
 
@@ -171,18 +172,12 @@ class _PlainRenderer:
                 for i, title in enumerate(view.titles, start=1):
                     self._write(f"  {i}. {title}")
                 self._write(self.steps_header)
-                self.step_buf = [""] * len(view.titles)
-            case ev.StepDelta():
-                self.step_buf[event.step] += event.text
-                *done, self.step_buf[event.step] = self.step_buf[event.step].split("\n")
-                for line in done:
-                    self._step_line(event.step, line)
             case ev.StepsRetryEvent():
                 self._write(f"note: {view.notes[-1]}")
-                self.step_buf = [""] * len(view.titles)
             case ev.StepsDoneEvent():
-                for b, rest in enumerate(self.step_buf):
-                    self._step_line(b, rest)
+                for b, body in enumerate(view.steps):  # the bodies the event carried
+                    for line in body.split("\n"):
+                        self._step_line(b, line)
             case ev.FallbackEvent():
                 self._write(f"Fallback to sequential decoding: {view.fallback}")
                 self.final_buf = ""
@@ -288,8 +283,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=("auto", "parallel", "sequential", "stepped"),
         default="auto",
-        help="auto (default): parallel steps when the plan validates, else sequential; "
-        "parallel: the same, a fallback is reported; sequential: no plan; stepped: the "
+        help="auto (default): the model first chooses between a plan and a direct answer, "
+        "and a plan's steps are decoded in parallel (sequential when it does not validate); "
+        "parallel: always a plan, a fallback is reported; sequential: no plan; stepped: the "
         "paper's baseline, the plan's steps written one after another",
     )
     parser.add_argument(

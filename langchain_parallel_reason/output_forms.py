@@ -10,22 +10,23 @@ cannot render them; a grammar and a sequential reason for forced output).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.output_parsers import (
-    JsonOutputKeyToolsParser,
-    JsonOutputParser,
-    PydanticOutputParser,
-    PydanticToolsParser,
-)
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from . import tools as _tools
+from .structured_parsers import (
+    CompleteJsonParser,
+    CompletePydanticParser,
+    CompletePydanticToolParser,
+    CompleteToolArgsParser,
+)
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = [
     "TOOLS_SEQUENTIAL",
     "OutputForm",
+    "bound_tools",
+    "enforceable_json_schema",
     "response_schema",
     "structured_output",
 ]
@@ -146,15 +149,57 @@ def response_schema(response_format: Any) -> tuple[dict[str, Any] | None, bool]:
         if not isinstance(schema, dict):
             msg = "response_format {'type': 'json_schema'} needs a 'schema' dict"
             raise ValueError(msg)
+        _tools.check_schema(schema)
         return schema, False
+    return enforceable_json_schema(response_format), False
+
+
+def bound_tools(tools: Sequence[Any], tool_choice: Any) -> tuple[list[dict[str, Any]], str | None]:
+    """``bind_tools``' arguments as (OpenAI-format tools, normalized tool choice).
+
+    A forced call is decoded under a grammar from the tool's schema, so each tool it may call
+    is checked first (`tools.check_schema`); conversion would resolve a Pydantic model's
+    recursive ``$ref`` to "any value" and the grammar would then enforce nothing there.
+    """
+    formatted = [convert_to_openai_tool(tool) for tool in tools]
+    choice = _tools.normalize_tool_choice(tool_choice, _tools.tool_names(formatted))
+    if choice not in (None, "auto", "none"):
+        for tool, spec in zip(tools, formatted, strict=True):
+            if choice == "any" or spec["function"]["name"] == choice:
+                _check_before_conversion(tool)
+    return formatted, choice
+
+
+def _check_before_conversion(schema: Any) -> None:
+    """Check a schema (or a tool's) as given: conversion drops an unknown top-level type, and
+    resolves a Pydantic class's recursive $refs to "any value"."""
+    if isinstance(schema, dict) and isinstance(schema.get("function"), dict):  # OpenAI tool
+        schema = schema["function"].get("parameters") or {}
+    schema = getattr(schema, "args_schema", None) or schema  # a LangChain tool
+    if isinstance(schema, dict):
+        _tools.check_schema(schema)
+    elif isinstance(schema, type) and is_basemodel_subclass(schema):
+        _tools.check_schema(schema.model_json_schema())
+
+
+def enforceable_json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
+    """``schema`` (a Pydantic class, TypedDict or JSON schema dict) as a JSON schema dict.
+
+    Raises:
+        ValueError: It is not a schema, or the output grammar cannot enforce it
+            (`tools.check_schema`: an unknown type, recursion).
+    """
+    _check_before_conversion(schema)
     try:
-        return convert_to_json_schema(response_format), False
+        converted = convert_to_json_schema(schema)
     except (TypeError, ValueError) as e:
         msg = (
-            f"response_format={response_format!r} is not a schema; pass a Pydantic class, "
-            "a TypedDict, a JSON schema dict or {'type': 'json_object'}"
+            f"{schema!r} is not a schema; pass a Pydantic class, a TypedDict, a JSON schema "
+            "dict (with a 'title') or {'type': 'json_object'}"
         )
         raise ValueError(msg) from e
+    _tools.check_schema(converted)
+    return converted
 
 
 def _pipeline() -> ModuleType:
@@ -183,6 +228,7 @@ def structured_output(
     if schema is None and method != "json_mode":
         msg = f"method={method!r} needs a schema; pass one or use method='json_mode'"
         raise ValueError(msg)
+    json_schema = None if schema is None else enforceable_json_schema(schema)
     is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
     ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
     if schema is None:
@@ -194,18 +240,20 @@ def structured_output(
             [schema], tool_choice=tool_name, ls_structured_output_format=ls_format
         )
         parser = (
-            PydanticToolsParser(tools=[schema], first_tool_only=True)
+            CompletePydanticToolParser(tools=[schema], first_tool_only=True)
             if is_pydantic
-            else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
+            else CompleteToolArgsParser(key_name=tool_name, first_tool_only=True)
         )
     elif method in ("json_schema", "json_mode"):
         response_format: dict[str, Any] = (
             {"type": "json_object"}
             if schema is None
-            else {"type": "json_schema", "schema": convert_to_json_schema(schema)}
+            else {"type": "json_schema", "schema": json_schema}
         )
         llm = model.bind(response_format=response_format, ls_structured_output_format=ls_format)
-        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        parser = (
+            CompletePydanticParser(pydantic_object=schema) if is_pydantic else CompleteJsonParser()
+        )
     else:
         msg = (
             f"method={method!r} is not supported; use 'json_schema', 'function_calling' "

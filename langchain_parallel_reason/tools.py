@@ -31,6 +31,7 @@ __all__ = [
     "ParsedOutput",
     "ToolCallFormat",
     "ToolCallStream",
+    "check_schema",
     "forced_call_schema",
     "grammar_safe_schema",
     "normalize_tool_choice",
@@ -97,7 +98,9 @@ def tool_call_format(chat_template: Any) -> ToolCallFormat:
 
 
 def _tools_system_prompt(tools: Sequence[dict[str, Any]]) -> str:
-    functions = json.dumps([tool["function"] for tool in tools], ensure_ascii=False)
+    # Long enums and descriptions shortened as in the structured-output hint (`_hint`): a
+    # forced call's grammar enforces the whole schema, a free one is checked when parsed.
+    functions = json.dumps([_hint(tool["function"]) for tool in tools], ensure_ascii=False)
     return (
         "You can call functions to answer the user. The functions you may call are listed "
         f"as JSON inside <tools></tools>:\n<tools>{functions}</tools>\n"
@@ -169,15 +172,51 @@ def with_system_text(messages: Sequence[dict[str, Any]], text: str) -> list[dict
     return out
 
 
-def structured_output_instruction(schema: dict[str, Any] | None) -> str:
-    """The system-prompt line that tells the model what JSON to write."""
+# The schema shown to the model is a hint (the grammar enforces the whole schema), so it is
+# kept short: a 20,000-value enum written out made the prompt overflow the context window.
+SCHEMA_HINT_CHARS = 4000
+_HINT_ITEMS = 12
+_HINT_TEXT_CHARS = 200
+
+
+def structured_output_instruction(
+    schema: dict[str, Any] | None, max_chars: int = SCHEMA_HINT_CHARS
+) -> str:
+    """The system-prompt line that tells the model what JSON to write.
+
+    The schema is shown as JSON of at most about ``max_chars`` characters: long enums show
+    their first values and a count of the rest, long descriptions are cut, and a schema still
+    too long is named by its top-level fields only. The output grammar enforces all of it.
+    """
     if schema is None:
         return "Reply with one JSON object and nothing else."
+    lead = "Reply with one JSON object and nothing else. It must match this JSON schema"
     text = json.dumps(schema, ensure_ascii=False)
-    return (
-        "Reply with one JSON object and nothing else. It must match this JSON schema, with "
-        f"short, sensible values for the user's request:\n{text}"
-    )
+    if len(text) > max_chars:
+        text = json.dumps(_hint(schema), ensure_ascii=False)
+    if len(text) <= max_chars:
+        return f"{lead}, with short, sensible values for the user's request:\n{text}"
+    fields = list(schema.get("properties") or {})
+    shown = ", ".join(fields[:_HINT_ITEMS]) + (", ..." if len(fields) > _HINT_ITEMS else "")
+    return f"{lead} (too long to show); its top-level fields are: {shown or 'none'}."
+
+
+def _hint(node: Any) -> Any:
+    """``node`` with long enums and texts shortened (for the prompt, not the grammar)."""
+    if isinstance(node, list):
+        return [_hint(item) for item in node]
+    if isinstance(node, str) and len(node) > _HINT_TEXT_CHARS:
+        return node[:_HINT_TEXT_CHARS] + "..."
+    if not isinstance(node, dict):
+        return node
+    out = {key: _hint(value) for key, value in node.items() if key != "enum"}
+    enum = node.get("enum")
+    if isinstance(enum, list) and len(enum) > _HINT_ITEMS:
+        rest = len(enum) - _HINT_ITEMS
+        out["enum"] = [*enum[:_HINT_ITEMS], f"... ({rest} more allowed values)"]
+    elif enum is not None:
+        out["enum"] = enum
+    return out
 
 
 # ------------------------------------------------------------------------- tool choice
@@ -221,9 +260,87 @@ def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
 _LENGTH_KEYS = ("minLength", "maxLength")
 
 
+_JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
+
+
+def check_schema(schema: Any) -> None:
+    """Raise ValueError, naming the place, where the output grammar cannot enforce ``schema``.
+
+    Refused: a ``type`` that is not a JSON Schema type (``{"type": "banana"}``), a ``$ref``
+    that does not point into the schema itself, and recursion (a ``$ref`` reached again while
+    it is being expanded: a tree or a linked list), which resolving the references would
+    otherwise loosen silently to "any value".
+    """
+    if not isinstance(schema, dict):
+        msg = f"the schema must be a JSON schema dict, got {type(schema).__name__}"
+        raise ValueError(msg)
+    _check_node(schema, schema, "#", ())
+
+
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas
+# (``items`` is a schema or, in older drafts, a list).
+_SUBSCHEMA = frozenset(
+    {"additionalProperties", "not", "contains", "propertyNames", "if", "then", "else"}
+    | {"additionalItems", "unevaluatedItems", "unevaluatedProperties"}
+)
+_SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})
+_SUBSCHEMA_MAPS = frozenset({"properties", "patternProperties", "dependentSchemas"})
+
+
+def _check_node(node: Any, root: dict[str, Any], path: str, expanding: tuple[str, ...]) -> None:
+    """Check one (sub)schema at ``path``; ``expanding`` holds the $refs being expanded."""
+    if not isinstance(node, dict):
+        return  # true / false schemas
+    kinds = node.get("type")
+    for kind in kinds if isinstance(kinds, list) else [] if kinds is None else [kinds]:
+        if kind not in _JSON_TYPES:
+            msg = (
+                f"the schema cannot be enforced: {path} has type {kind!r}, which is not a JSON "
+                f"Schema type; use one of {sorted(_JSON_TYPES)}"
+            )
+            raise ValueError(msg)
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        if ref in expanding:
+            cycle = " -> ".join([*expanding[expanding.index(ref) :], ref])
+            msg = (
+                f"the schema cannot be enforced: it is recursive ({cycle}); a grammar for "
+                "structured output needs a finite shape: write the nesting out to the depth "
+                "you need (e.g. a Node with a list of Leaf children)"
+            )
+            raise ValueError(msg)
+        _check_node(_resolve(ref, root), root, ref, (*expanding, ref))
+    for key, value in node.items():
+        if key in _SUBSCHEMA or (key == "items" and isinstance(value, dict)):
+            _check_node(value, root, f"{path}/{key}", expanding)
+        elif key in _SUBSCHEMA_LISTS or (key == "items" and isinstance(value, list)):
+            for i, item in enumerate(value if isinstance(value, list) else []):
+                _check_node(item, root, f"{path}/{key}/{i}", expanding)
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            for name, item in value.items():
+                _check_node(item, root, f"{path}/{key}/{name}", expanding)
+
+
+def _resolve(ref: str, root: dict[str, Any]) -> Any:
+    """The part of ``root`` a local ``$ref`` ("#/$defs/Name") points to."""
+    target: Any = root
+    if ref == "#" or ref.startswith("#/"):
+        for part in ref[2:].split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, dict) else None
+        if target is not None:
+            return target
+    msg = (
+        f"the schema cannot be enforced: $ref {ref!r} does not point into the schema; "
+        "put the definition under $defs and refer to it as '#/$defs/Name'"
+    )
+    raise ValueError(msg)
+
+
 def grammar_safe_schema(schema: Any, max_string_chars: int | None = None) -> Any:
     """A copy of a JSON schema that xgrammar turns into a correct, bounded grammar.
 
+    Raises ValueError where the grammar cannot enforce it (`check_schema`).
     ``$ref``s are resolved, and string length bounds become an equivalent ``pattern``
     (``^.{min,max}$``, which admits no escapes, quotes or control characters) unless the
     string already has a pattern, in which case the bounds are dropped. With
@@ -231,6 +348,7 @@ def grammar_safe_schema(schema: Any, max_string_chars: int | None = None) -> Any
     small model that loops inside a string then closes it instead of spending the whole
     token budget (the output still matches the original schema).
     """
+    check_schema(schema)
     if isinstance(schema, dict) and ("$defs" in schema or "definitions" in schema):
         schema = dereference_refs(schema)
         schema = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}

@@ -154,8 +154,10 @@ def sample_next(
     # float64, and the best logit moved to 0 before dividing: (x - max) / t is 0 for the best
     # token and <= 0 (or -inf) for the rest for any finite t > 0, so the softmax below never
     # sees inf - inf. In float32, t = 1e-300 made every score inf and t = 3.5e38 (above the
-    # float32 range) made -inf masks NaN: torch.multinomial then raised.
-    scores = logits.double()
+    # float32 range) made -inf masks NaN: torch.multinomial then raised. A +inf logit (a
+    # half-precision model overflowing) is clamped to float64's largest number first: the
+    # overflowed tokens share the draw instead of making it NaN; -inf stays a mask.
+    scores = logits.double().clamp(max=torch.finfo(torch.float64).max)
     scores = (scores - scores.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k:
         scores = _filter_top_k(scores, params.top_k)

@@ -166,9 +166,14 @@ class TextStream:
         self.tokens.clear()
         self.emitted = 0
 
+    def _final(self) -> str:
+        # A budget can cut the text inside a character: its first bytes decode to U+FFFD, which
+        # is no part of the answer (push never emits it either), so it is dropped.
+        return cut_at_stop(self._text(), self.stops)[0].rstrip("\ufffd")
+
     def finish(self) -> str:
-        """Return the held-back tail (stop strings cut)."""
-        text, _ = cut_at_stop(self._text(), self.stops)
+        """Return the held-back tail (stop strings and a cut-off last character removed)."""
+        text = self._final()
         delta = text[self.emitted :]
         self.emitted = len(text)
         return delta
@@ -176,7 +181,7 @@ class TextStream:
     @property
     def text(self) -> str:
         """Everything final so far after ``finish()``."""
-        return cut_at_stop(self._text(), self.stops)[0]
+        return self._final()
 
 
 def drive(gen: Generator, sink: list | None = None) -> Any:

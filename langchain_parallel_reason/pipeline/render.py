@@ -109,22 +109,26 @@ def check_question(messages: Sequence[dict[str, Any]]) -> None:
     """Raise ValueError unless ``messages`` ask something the answer can respond to.
 
     The last user or tool message is the question: a user message must hold text (a tool
-    result may be empty), and a tool message must follow an assistant message with tool
-    calls. Without this, a model answers the planning prompt's example instead.
+    result may be empty), and a tool message must answer a call an earlier assistant message
+    made: its ``tool_call_id`` is that call's id (a call without an id may be answered by any
+    result). Without this, a model answers the planning prompt's example instead, or reads a
+    stray result as the output of a call it never made.
     """
     if not messages:
         raise ValueError("messages is empty: pass at least one user message")
-    called = False
+    ids: set[Any] = set()  # ids of the calls made so far; None for a call without one
     last = None
     for message in messages:
         role = message.get("role")
-        if role == "assistant" and message.get("tool_calls"):
-            called = True
-        elif role == "tool" and not called:
+        if role == "assistant":
+            ids.update(call.get("id") or None for call in message.get("tool_calls") or ())
+        if role == "tool" and message.get("tool_call_id") not in ids and None not in ids:
+            made = sorted(map(str, ids)) if ids else "none"
             msg = (
                 f"a tool message (tool_call_id={message.get('tool_call_id')!r}) answers no "
-                "earlier tool call: put the AIMessage with that tool call before it, or pass "
-                "the text as a user message"
+                f"earlier tool call (the ids of earlier calls: {made}): give it the id of the "
+                "AIMessage tool call it answers and put that AIMessage before it, or pass the "
+                "text as a user message"
             )
             raise ValueError(msg)
         if role in ("user", "tool"):

@@ -13,7 +13,7 @@ from typing import Literal
 
 from ..decoding.repetition import RepetitionControl
 from ..decoding.sampling import SamplingParams
-from ..setting_bounds import INT_BOUNDS
+from ..setting_bounds import FLOAT_BOUNDS, INT_BOUNDS
 
 __all__ = [
     "MIN_CONCLUSION_TOKENS",
@@ -112,7 +112,7 @@ class PipelineConfig:
         temperature, top_p, top_k, seed: sampling (temperature 0 is greedy).
         repetition_penalty, no_repeat_ngram_size: as in transformers' ``generate``, applied to
             each step (over its own context) and to the conclusion or sequential answer;
-            None = off.
+            None = off; outside [0.01, 100] refused (``setting_bounds.FLOAT_BOUNDS``).
         stop: stop strings; one inside a step ends that step only, one in the conclusion or a
             sequential answer ends the answer.
         attention: Stage-2 backend, "auto", "split" or "mask".
@@ -133,7 +133,7 @@ class PipelineConfig:
         route_bias: in mode "auto" without ``steps``, a router first asks the model whether
             the question should be split into independent parts; "yes" plans, "no" answers
             directly (ordinary decoding, not a fallback). This is added to the "yes" logit
-            before that choice (higher: plan more often).
+            before that choice (higher: plan more often); past +-1e4 refused.
     """
 
     mode: Mode = "auto"
@@ -176,8 +176,10 @@ class PipelineConfig:
                 f"route_bias must be a finite number, got {self.route_bias}",
             ),
         ]
-        for name, (low, high) in INT_BOUNDS.items():
+        for name, (low, high) in (INT_BOUNDS | FLOAT_BOUNDS).items():
             value = getattr(self, name)
+            if value is None:  # repetition_penalty: off
+                continue
             checks.append((value >= low, f"{name} must be >= {low}, got {value}"))
             if high is not None:
                 checks.append((value <= high, f"{name} must be <= {high}, got {value}"))

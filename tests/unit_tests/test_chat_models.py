@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,6 +109,20 @@ def test_steps_per_call_override_does_not_leak(chat: ChatParallelReason) -> None
     assert plain.response_metadata["parallel"]["mode_used"] == "sequential"
     assert plain.response_metadata["parallel"]["steps"] == []
     assert chat.steps is None
+
+
+def test_steps_with_sequential_mode_are_conflicting_options(chat: ChatParallelReason) -> None:
+    # The steps were silently ignored: the answer came back sequential, without them.
+    conflict = r"mode='sequential' never plans, so it cannot decode steps=.*pass steps=None"
+    with pytest.raises(ValueError, match=conflict):
+        chat.invoke(QUESTIONS[5], mode="sequential", steps=["Pros", "Cons"])
+    with pytest.raises(ValueError, match=conflict):
+        ChatParallelReason(mode="sequential", steps=["Pros", "Cons"])
+    with pytest.raises(ValueError, match=conflict):
+        chat.bind(steps=["Pros", "Cons"]).invoke(QUESTIONS[5], mode="sequential")
+    # Steps with any mode that plans are fine; so is sequential without steps.
+    stepped = chat.invoke(QUESTIONS[5], mode="stepped", steps=["Pros", "Cons"])
+    assert stepped.response_metadata["parallel"]["steps"] == ["Pros", "Cons"]
 
 
 def test_max_tokens_override_is_respected(chat: ChatParallelReason) -> None:
@@ -413,6 +428,34 @@ def test_unknown_call_option_raises(chat: ChatParallelReason) -> None:
         chat.invoke(QUESTIONS[0], model="another/model")
 
 
+@pytest.mark.parametrize(
+    ("fields", "named", "closest"),
+    [
+        ({"temprature": 1.0}, "temprature", "temperature"),
+        ({"max_token": 5}, "max_token", "max_tokens"),
+        ({"temperature": 0.5, "stepz": ["A", "B"]}, "stepz", "steps"),
+    ],
+)
+def test_misspelled_constructor_field_raises_naming_the_closest(
+    fields: dict[str, Any], named: str, closest: str
+) -> None:
+    # Pydantic's default drops unknown fields: the setting silently kept its default.
+    with pytest.raises(ValueError, match=f"no field '{named}': did you mean '{closest}'"):
+        ChatParallelReason(**fields)
+
+
+def test_unknown_constructor_field_without_a_close_one_lists_the_fields(
+    tiny_llama: Any, tiny_tokenizer: Any
+) -> None:
+    with pytest.raises(ValueError, match=r"no field 'zzz': the fields are .*max_tokens"):
+        ChatParallelReason(zzz=1)
+    with pytest.raises(ValueError, match="no field 'max_new_tokens'"):
+        ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, max_new_tokens=5)
+    # LangChain's own fields are fields too.
+    chat = ChatParallelReason(temperature=0.5, tags=["t"], metadata={"k": 1}, verbose=False)
+    assert (chat.temperature, chat.tags) == (0.5, ["t"])
+
+
 def test_tokenizer_without_chat_template_raises(tiny_llama: Any, tiny_tokenizer: Any) -> None:
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.chat_template = None
@@ -557,3 +600,54 @@ def test_no_threads_per_call(chat: ChatParallelReason) -> None:
     # The engine's scheduler and its worker pool are reused: calls add no threads.
     assert len(_request_threads()) <= max(len(before), 2)
     assert chat._get_engine().stats()["running"] == 0
+
+
+def test_token_counts_use_the_models_own_tokenizer(
+    tiny_llama: Any, tiny_tokenizer: Any, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LangChain's default is GPT-2's tokenizer: offline it gave 0 (or retried downloads).
+    import langchain_core.language_models.base as lc_base
+
+    def no_gpt2() -> Any:
+        raise AssertionError("GPT-2's tokenizer was used")
+
+    monkeypatch.setattr(lc_base, "get_tokenizer", no_gpt2)
+    text = "Hello world, this is a test."
+    expected = tiny_tokenizer.encode(text, add_special_tokens=False)
+    for chat in (
+        ChatParallelReason.from_model(tiny_llama, tiny_tokenizer),
+        ChatParallelReason(model=str(tiny_model_dir), progress=False),
+    ):
+        assert chat.get_token_ids(text) == expected
+        assert chat.get_num_tokens(text) == len(expected) > 0
+    # A special token's spelling is plain text unless parse_special_tokens says otherwise.
+    end = "<|im_end|>"
+    end_id = tiny_tokenizer.convert_tokens_to_ids(end)
+    assert end_id not in ChatParallelReason.from_model(tiny_llama, tiny_tokenizer).get_token_ids(
+        end
+    )
+    trusted = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, parse_special_tokens=True)
+    assert trusted.get_token_ids(end) == [end_id]
+
+
+def test_token_counts_of_a_remote_model_say_what_to_do() -> None:
+    remote = ChatParallelReason(base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(NotImplementedError, match="custom_get_token_ids"):
+        remote.get_num_tokens("Hello")
+    counted = ChatParallelReason(base_url="http://127.0.0.1:9/v1", custom_get_token_ids=list)
+    assert counted.get_num_tokens("Hello") == 5
+
+
+@pytest.mark.parametrize("max_tokens", [3, 4, 13])
+def test_an_answer_cut_inside_a_character_drops_its_first_bytes(
+    tiny_llama: Any, tiny_tokenizer: Any, max_tokens: int
+) -> None:
+    # The tiny model's greedy answer has multi-byte characters split over tokens: cut at
+    # these budgets, it ended in U+FFFD (the first bytes of a character, decoded alone).
+    chat = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, mode="sequential")
+    question = "Write something in Japanese."
+    cut = chat.invoke(question, max_tokens=max_tokens)
+    assert cut.response_metadata["finish_reason"] == "length"
+    assert not cut.text.endswith("\ufffd")
+    assert chat.invoke(question, max_tokens=24).text.startswith(cut.text)
+    assert "".join(c.text for c in chat.stream(question, max_tokens=max_tokens)) == cut.text

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from langchain_parallel_reason import cli
-from langchain_parallel_reason.cli_ask import AnswerView, _LiveView
+from langchain_parallel_reason.cli_ask import AnswerView, _LiveView, _PlainRenderer
 from langchain_parallel_reason.pipeline import (
     ContentDelta,
     FallbackEvent,
@@ -89,6 +89,34 @@ def test_view_of_a_sequential_answer():
     for event in [ContentDelta("Just "), ContentDelta("text.")]:
         view.feed(event)
     assert (view.final, view.titles, view.phase) == ("Just text.", [], "answer")
+
+
+def test_plain_renderer_prints_the_trimmed_body_of_a_looping_step():
+    # The step looped ("Tea.\n" over and over) and the pipeline kept one copy; the plain
+    # renderer had printed every live line, repeats included, beside "loops cut: 1".
+    out = io.StringIO()
+    renderer = _PlainRenderer(out)
+    events = [
+        PlanEvent(["Taste", "Price"], ""),
+        StepDelta(0, "Taste", "Mild.\n"),
+        *[StepDelta(1, "Price", "Tea.\n") for _ in range(5)],
+        StepsDoneEvent([2, 10], ["Mild.", "Tea."]),
+        ContentDelta("**Taste**: Mild.\n\n**Price**: Tea.\n\n"),
+        ContentDelta("Drink tea."),
+    ]
+    for event in events:
+        renderer.feed(event)
+    renderer.close()
+    assert out.getvalue().splitlines() == [
+        "Plan:",
+        "  1. Taste",
+        "  2. Price",
+        "Steps (decoded in parallel):",
+        "[1 Taste] Mild.",
+        "[2 Price] Tea.",
+        "Conclusion:",
+        "Drink tea.",
+    ]
 
 
 def test_live_view_renders_one_panel_per_step():
@@ -234,3 +262,10 @@ def test_ask_bad_temperature_is_refused_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist" not in err  # the config was checked first
     assert err.count("\n") == 1
+
+
+def test_ask_help_describes_the_router_of_mode_auto(capsys):
+    # The help described "auto" as the plan-or-fallback of the time before the router.
+    assert cli.main(["ask", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "auto (default): the model first chooses between a plan and a direct answer" in help_text

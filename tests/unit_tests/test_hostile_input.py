@@ -304,8 +304,26 @@ def test_a_lone_surrogate_in_a_step_title_is_a_value_error(chat: ChatParallelRea
             [HumanMessage("Hi"), ToolMessage("5", tool_call_id="call_1")],
             "answers no earlier tool call",
         ),
+        (
+            [
+                HumanMessage("Add 2 and 3."),
+                AIMessage("", tool_calls=[{"name": "add", "args": {"a": 2}, "id": "call_1"}]),
+                ToolMessage("5", tool_call_id="call_9"),
+            ],
+            r"tool_call_id='call_9'\) answers no earlier tool call \(the ids of earlier calls: "
+            r"\['call_1'\]\)",
+        ),
     ],
-    ids=["empty", "blank", "empty-last-turn", "system-only", "no-user", "tool-only", "stray-tool"],
+    ids=[
+        "empty",
+        "blank",
+        "empty-last-turn",
+        "system-only",
+        "no-user",
+        "tool-only",
+        "stray-tool",
+        "wrong-call-id",
+    ],
 )
 @pytest.mark.parametrize("how", ["invoke", "stream", "tools"])
 def test_no_question_is_a_value_error(

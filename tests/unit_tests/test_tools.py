@@ -45,6 +45,7 @@ from langchain_parallel_reason.tools import (
     parallel_reasoner_tool,
     parse_tool_calls,
     render_tool_messages,
+    structured_output_instruction,
     tool_call_format,
 )
 
@@ -591,9 +592,15 @@ def test_structured_output_dict_schemas(chat: ChatParallelReason, schema: Any) -
     assert isinstance(result["count"], int)
 
 
-def test_structured_output_json_mode_without_schema(chat: ChatParallelReason) -> None:
-    result = chat.with_structured_output(None, method="json_mode").invoke("Any JSON.")
-    assert isinstance(result, dict)
+def test_structured_output_json_mode_without_schema(
+    chat: ChatParallelReason, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Any object: the random model writes one string until the budget ends, an error.
+    result = chat.with_structured_output(None, method="json_mode", include_raw=True).invoke("?")
+    assert result["raw"].response_metadata["finish_reason"] == "length"
+    assert isinstance(result["parsing_error"], OutputParserException)
+    monkeypatch.setattr(pl, "iter_answer", _fake_answer('{"x": [1, 2]}', "sequential"))
+    assert chat.with_structured_output(None, method="json_mode").invoke("?") == {"x": [1, 2]}
 
 
 def test_structured_output_include_raw(chat: ChatParallelReason) -> None:
@@ -618,6 +625,179 @@ def test_structured_output_include_raw_reports_a_parsing_error(
     assert result["raw"].response_metadata["finish_reason"] == "length"
     with pytest.raises(OutputParserException):
         chat.with_structured_output(Record).invoke("Hi")
+
+
+class Pair(BaseModel):
+    """Two optional strings: a cut-off object would still validate if it were closed."""
+
+    a: str | None = None
+    b: str | None = None
+
+
+_PAIR_DICT = {
+    "title": "Pair",
+    "type": "object",
+    "properties": {"a": {"type": "string"}, "b": {"type": "string"}},
+    "required": ["a", "b"],
+}
+
+
+@pytest.mark.parametrize(
+    ("schema", "method"),
+    [
+        (_PAIR_DICT, "json_schema"),
+        (Pair, "json_schema"),
+        (_PAIR_DICT, "function_calling"),
+        (Pair, "function_calling"),
+    ],
+)
+def test_structured_output_cut_off_is_a_parsing_error_never_partial_data(
+    tiny_llama: Any, tiny_tokenizer: Any, schema: Any, method: str
+) -> None:
+    # Eight tokens cut the object inside its first string: LangChain's own parsers closed
+    # it ({"a": "..."}) or returned None; here it is a parsing error, returned or raised.
+    chat = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, max_tokens=8)
+    runnable = chat.with_structured_output(schema, method=method, include_raw=True)  # type: ignore[arg-type]
+    result = runnable.invoke("Name two cats.")
+    assert result["raw"].response_metadata["finish_reason"] == "length"
+    assert result["parsed"] is None
+    assert isinstance(result["parsing_error"], OutputParserException)
+    assert "max_tokens" in str(result["parsing_error"])
+    strict = chat.with_structured_output(schema, method=method)  # type: ignore[arg-type]
+    with pytest.raises(OutputParserException, match="not complete"):
+        strict.invoke("Name two cats.")
+    with pytest.raises(OutputParserException, match="not complete"):
+        list(strict.stream("Name two cats."))
+
+
+async def test_structured_output_cut_off_stream_raises_async(
+    tiny_llama: Any, tiny_tokenizer: Any
+) -> None:
+    chat = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, max_tokens=8)
+    with pytest.raises(OutputParserException, match="not complete"):
+        async for _ in chat.with_structured_output(_PAIR_DICT).astream("Name two cats."):
+            pass
+
+
+class TreeNode(BaseModel):
+    """A recursive model: a grammar for it would have no finite shape."""
+
+    name: str
+    children: list[TreeNode] = []
+
+
+_RECURSIVE_DICT = {
+    "title": "A",
+    "type": "object",
+    "properties": {"b": {"$ref": "#/$defs/B"}},
+    "$defs": {
+        "A": {"type": "object", "properties": {"b": {"$ref": "#/$defs/B"}}},
+        "B": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("schema", "match"),
+    [
+        ({"type": "banana", "title": "X"}, "'banana', which is not a JSON Schema type"),
+        (
+            {"title": "X", "type": "object", "properties": {"a": {"type": ["string", "pear"]}}},
+            "#/properties/a has type 'pear'",
+        ),
+        (_RECURSIVE_DICT, r"recursive \(#/\$defs/B -> #/\$defs/A -> #/\$defs/B\)"),
+        (TreeNode, r"recursive \(#/\$defs/TreeNode -> #/\$defs/TreeNode\)"),
+        ({"title": "X", "properties": {"a": {"$ref": "other.json#/A"}}}, "does not point into"),
+    ],
+)
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_structured_output_refuses_a_schema_the_grammar_cannot_enforce(
+    chat: ChatParallelReason, schema: Any, match: str, method: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        chat.with_structured_output(schema, method=method)  # type: ignore[arg-type]
+
+
+def test_a_forced_call_of_a_tool_the_grammar_cannot_enforce_is_refused(
+    chat: ChatParallelReason,
+) -> None:
+    # Converting TreeNode to a tool resolved its recursion to "any value": the forced call's
+    # grammar then constrained nothing below the first level.
+    with pytest.raises(ValueError, match="recursive"):
+        chat.bind_tools([TreeNode], tool_choice="any")
+    banana = {"type": "function", "function": {"name": "f", "parameters": {"type": "banana"}}}
+    with pytest.raises(ValueError, match="banana"):
+        chat.bind_tools([add, banana], tool_choice="f")
+    # Not forced, the model writes the call freely: nothing to enforce, nothing refused.
+    chat.bind_tools([TreeNode])
+    chat.bind_tools([add, banana], tool_choice="add")
+
+
+def test_response_format_refuses_a_schema_the_grammar_cannot_enforce(
+    chat: ChatParallelReason,
+) -> None:
+    # Bound by hand, the check runs when the call starts, before anything is decoded.
+    bad = {"type": "json_schema", "json_schema": {"schema": {"type": "banana"}}}
+    with pytest.raises(ValueError, match="banana"):
+        chat.bind(response_format=bad).invoke("Hi")
+    with pytest.raises(ValueError, match="recursive"):
+        chat.bind(response_format=TreeNode).invoke("Hi")
+
+
+def test_schema_check_accepts_property_names_that_are_keywords() -> None:
+    # Names such as "type" or "enum" are property names here, not keywords.
+    schema = {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string"},
+            "enum": {"$ref": "#/$defs/E"},
+        },
+        "$defs": {"E": {"enum": ["a", "b"]}},
+    }
+    assert grammar_safe_schema(schema)["properties"]["enum"] == {"enum": ["a", "b"]}
+
+
+def test_a_huge_enum_is_enforced_without_writing_it_into_the_prompt(
+    tiny_llama: Any, tiny_tokenizer: Any
+) -> None:
+    # Written out, 1,000 values made the prompt overflow the tiny model's 2,048-token window
+    # and the error said to shorten the messages; the prompt's schema is a hint, kept short.
+    values = [f"v{i}" for i in range(1000)]
+    schema = {
+        "title": "Code",
+        "type": "object",
+        "properties": {"code": {"enum": values}},
+        "required": ["code"],
+    }
+    chat = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, max_tokens=12)
+    result = chat.with_structured_output(schema, include_raw=True).invoke("Pick a code.")
+    assert result["parsing_error"] is None
+    assert result["parsed"]["code"] in values
+    assert result["raw"].usage_metadata["input_tokens"] < 400
+
+
+def test_tools_written_as_text_show_long_enums_shortened() -> None:
+    codes = [f"v{i}" for i in range(1000)]
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a code up.",
+            "parameters": {"type": "object", "properties": {"code": {"enum": codes}}},
+        },
+    }
+    system = render_tool_messages([{"role": "user", "content": "Hi"}], [tool])[0]["content"]
+    assert '"v11", "... (988 more allowed values)"' in system
+    assert len(system) < 2000
+
+
+def test_the_schema_hint_is_bounded() -> None:
+    wide = {"type": "object", "properties": {f"f{i}": {"type": "integer"} for i in range(2000)}}
+    hint = structured_output_instruction(wide)
+    assert len(hint) < 300
+    assert "top-level fields are: f0, f1" in hint
+    small = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}}
+    assert json.dumps(small) in structured_output_instruction(small)
 
 
 def test_structured_output_streams_valid_instances(chat: ChatParallelReason) -> None:

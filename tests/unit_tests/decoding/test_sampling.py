@@ -50,3 +50,13 @@ def test_ordinary_settings_still_sample_the_distribution() -> None:
     assert set(draws[:, 0].tolist()) == {1, 2, 4}
     counts = torch.bincount(draws[:, 0], minlength=6)
     assert counts[2] > counts[1]
+
+
+def test_overflowed_logits_share_the_draw_instead_of_raising() -> None:
+    # A half-precision model can overflow to +inf: inf - inf was NaN and multinomial raised.
+    logits = torch.tensor([[0.0, float("inf"), 3.0, float("inf"), float("-inf")]])
+    generator = make_generator(0)
+    drawn = {
+        int(sample_next(logits, SamplingParams(temperature=0.7), generator)) for _ in range(64)
+    }
+    assert drawn == {1, 3}
