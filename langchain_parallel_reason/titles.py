@@ -17,6 +17,7 @@ __all__ = [
     "MIN_CANDIDATES",
     "enumerated_items",
     "fold",
+    "lists_parallel_items",
     "phrase_candidates",
     "title_candidates",
 ]
@@ -223,3 +224,20 @@ def title_candidates(question: str, *, max_chars: int = 28, limit: int = 12) -> 
         if len(item) <= max_chars and item[:1].isalpha() and not set(item) & set("#:%")
     ]
     return out[:limit]
+
+
+def lists_parallel_items(question: str) -> bool:
+    """True when ``question`` lists 2 or more parts (`enumerated_items`) that are not proper
+    names: "Who wrote Romeo and Juliet?" lists a title's words, not parts to answer apart,
+    so a list whose items are all capitalised inside the sentence does not count."""
+    items = enumerated_items(question)
+    if len(items) < 2:
+        return False
+    names = 0
+    for item in items:
+        first = item.split()[0]
+        at = [m.start() for m in re.finditer(rf"\b{re.escape(first)}\b", question, re.IGNORECASE)]
+        spelled = [question[i : i + len(first)] for i in at if i > 0]
+        if spelled and all(w[:1].isupper() for w in spelled):
+            names += 1
+    return names < len(items)

@@ -3,19 +3,24 @@ the plan grammar that offers them, decoded under random logits and on a tiny mod
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from tiny_models import build_tiny_tokenizer
 
+from langchain_parallel_reason.bench.questions import echoed_words, titles_from_question
 from langchain_parallel_reason.decoding.constraints import GrammarConstraint
-from langchain_parallel_reason.pipeline import PipelineConfig, answer
+from langchain_parallel_reason.pipeline import PipelineConfig, answer, choose_route
+from langchain_parallel_reason.pipeline.route import LIST_LEAN
 from langchain_parallel_reason.plan import parse_plan, plan_grammar_ebnf
 from langchain_parallel_reason.titles import (
     MAX_TITLE_WORDS,
     enumerated_items,
     fold,
+    lists_parallel_items,
     phrase_candidates,
     title_candidates,
 )
@@ -137,3 +142,43 @@ def test_the_pipeline_plans_with_the_question_titles(tiny_llama, tiny_tokenizer)
     given_steps = PipelineConfig(steps=("Taste", "Price"), max_tokens=60, step_max_tokens=8)
     mine = answer(tiny_llama, tiny_tokenizer, [{"role": "user", "content": question}], given_steps)
     assert mine.report.titles is None
+
+
+def test_proper_names_are_not_parallel_items() -> None:
+    assert lists_parallel_items("Compare tea and coffee.")
+    assert lists_parallel_items("Should I take the train or fly from Paris to London?")
+    assert not lists_parallel_items("Who wrote Romeo and Juliet?")
+    assert not lists_parallel_items("What is 2+3?")
+
+
+def test_the_router_leans_to_a_plan_when_the_question_lists_its_parts(
+    tiny_llama, tiny_tokenizer
+) -> None:
+    listing = [{"role": "user", "content": "Compare tea and coffee."}]
+    _route, reason = choose_route(tiny_llama, tiny_tokenizer, listing, PipelineConfig())
+    assert f"the question lists its parts {LIST_LEAN:+.2f}" in reason
+    log_odds = float(re.search(r"log-odds yes-no ([-+0-9.]+)", reason).group(1))
+    # The choice flips where the model's log-odds plus the bias plus the lean cross 0.
+    for bias, expected in (
+        (-log_odds - LIST_LEAN + 0.02, "plan"),
+        (-log_odds - LIST_LEAN - 0.02, "direct"),
+    ):
+        assert (
+            choose_route(tiny_llama, tiny_tokenizer, listing, PipelineConfig(route_bias=bias))[0]
+            == expected
+        )
+    plain = [{"role": "user", "content": "Say hello."}]
+    assert (
+        "lists its parts"
+        not in choose_route(tiny_llama, tiny_tokenizer, plain, PipelineConfig())[1]
+    )
+
+
+def test_bench_checks_titles_and_echoes() -> None:
+    question = "Compare a bus and a train for a commute."
+    assert titles_from_question(["Buses", "Train"], question)
+    assert not titles_from_question(["Buses", "Drivers"], question)
+    assert not titles_from_question(["Bus"], question)
+    words = frozenset({"rabbit", "hamster", "cage"})
+    assert echoed_words("The hamster in its cage.", question, words) == ["cage", "hamster"]
+    assert echoed_words("A hamster cage.", "Is a hamster happy?", words) == ["cage"]
