@@ -227,8 +227,8 @@ def plan_grammar_ebnf(
             line (a later block, which the model opens by writing ``####`` after a conclusion).
         titles: Grounded titles (e.g. `titles.title_candidates` of the question): when
             given, each title is one of them, written exactly, and the plan has
-            2..min(len(titles), max_branches) steps; the model picks which and in what order
-            (repeats are left to the plan's other checks). None: free titles as above.
+            2..min(len(titles), max_branches) steps, each title at most once (the first 6
+            titles are offered); the model picks which and in what order. None: free titles.
 
     Raises:
         ValueError: If a limit is out of range, or ``titles`` has fewer than 2 entries or
@@ -240,7 +240,7 @@ def plan_grammar_ebnf(
     _check_limit("max_preamble_chars", max_preamble_chars, 1)
     if titles is not None:
         _check_titles(titles, max_title_chars)
-    most = max_branches if titles is None else min(max_branches, len(titles))
+    most = max_branches if titles is None else min(max_branches, len(titles), _MAX_GROUNDED)
     preamble_char = f"[^#{_CONTROL_CLASS}]"
     head = f"preamble {_ebnf_string(chr(10))} " if preamble else ""
     rules = [
@@ -256,8 +256,8 @@ def plan_grammar_ebnf(
         f"step ::= {_ebnf_string(STEP_MARKER)} title {_ebnf_string(f':{PLACEHOLDER}' + chr(10))}",
     ]
     if titles is not None:
-        rules.append("title ::= " + " | ".join(_ebnf_string(t) for t in titles))
-        return "\n".join(rules) + "\n"
+        rules[0] = f"root ::= {head}used_0"
+        return "\n".join(rules[:-1] + _distinct_steps(titles[:_MAX_GROUNDED], most)) + "\n"
     if max_title_chars == 1:
         rules.append("title ::= title_first")
     else:
@@ -269,6 +269,29 @@ def plan_grammar_ebnf(
         f"title_last ::= [^#:{_CONTROL_CLASS}{_SPACE_CLASS}]",
     ]
     return "\n".join(rules) + "\n"
+
+
+# Grounded titles beyond this many are not offered: the grammar has a rule per subset.
+_MAX_GROUNDED = 6
+
+
+def _distinct_steps(titles: Sequence[str], most: int) -> list[str]:
+    """Rules ``used_<mask>``: the step lines still allowed once the titles in ``mask`` (a bit
+    per title) were written, so no title is written twice, however the model spells it in
+    tokens; the closing marker is allowed from the second step, forced at ``most`` steps."""
+    rules = []
+    for mask in range(1 << len(titles)):
+        count = bin(mask).count("1")
+        options = [
+            f"{_ebnf_string(STEP_MARKER + t + ':' + PLACEHOLDER + chr(10))} used_{mask | 1 << i}"
+            for i, t in enumerate(titles)
+            if not mask & 1 << i and count < most
+        ]
+        if count >= 2:
+            options.append(_ebnf_string(END_MARKER))
+        if options:
+            rules.append(f"used_{mask} ::= " + " | ".join(options))
+    return rules
 
 
 _BAD_TITLE_RE = re.compile(f"[#:{_CONTROL_CLASS}]")
