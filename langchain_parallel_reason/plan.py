@@ -10,6 +10,7 @@ match has the plan's shape (what no grammar rules out, repeats and placeholders,
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from pydantic import ValidationError
 
@@ -204,6 +205,7 @@ def plan_grammar_ebnf(
     max_preamble_chars: int = 160,
     *,
     preamble: bool = True,
+    titles: Sequence[str] | None = None,
 ) -> str:
     """Return an xgrammar EBNF grammar that forces the exact Stage-1 plan shape.
 
@@ -223,17 +225,26 @@ def plan_grammar_ebnf(
         max_preamble_chars: Longest preamble; at least 1 (`Plan` accepts up to 400).
         preamble: False leaves the preamble line out: the text starts with the first step
             line (a later block, which the model opens by writing ``####`` after a conclusion).
+        titles: Grounded titles (e.g. `titles.title_candidates` of the question): when
+            given, each title is one of them, written exactly, and the plan has
+            2..min(len(titles), max_branches) steps, each title at most once (the first 6
+            titles are offered); the model picks which and in what order. None: free titles.
 
     Raises:
-        ValueError: If a limit is out of range.
+        ValueError: If a limit is out of range, or ``titles`` has fewer than 2 entries or
+            one that is not a valid title (empty, longer than ``max_title_chars``, with
+            ``#``, ``:``, a control character, or spaces at its ends).
     """
     _check_limit("max_branches", max_branches, 2)
     _check_limit("max_title_chars", max_title_chars, 1)
     _check_limit("max_preamble_chars", max_preamble_chars, 1)
+    if titles is not None:
+        _check_titles(titles, max_title_chars)
+    most = max_branches if titles is None else min(max_branches, len(titles), _MAX_GROUNDED)
     preamble_char = f"[^#{_CONTROL_CLASS}]"
     head = f"preamble {_ebnf_string(chr(10))} " if preamble else ""
     rules = [
-        f"root ::= {head}step{{2,{max_branches}}} {_ebnf_string(END_MARKER)}",
+        f"root ::= {head}step{{2,{most}}} {_ebnf_string(END_MARKER)}",
         *(
             [
                 f"preamble ::= {preamble_char} preamble_rest",
@@ -244,6 +255,9 @@ def plan_grammar_ebnf(
         ),
         f"step ::= {_ebnf_string(STEP_MARKER)} title {_ebnf_string(f':{PLACEHOLDER}' + chr(10))}",
     ]
+    if titles is not None:
+        rules[0] = f"root ::= {head}used_0"
+        return "\n".join(rules[:-1] + _distinct_steps(titles[:_MAX_GROUNDED], most)) + "\n"
     if max_title_chars == 1:
         rules.append("title ::= title_first")
     else:
@@ -255,6 +269,55 @@ def plan_grammar_ebnf(
         f"title_last ::= [^#:{_CONTROL_CLASS}{_SPACE_CLASS}]",
     ]
     return "\n".join(rules) + "\n"
+
+
+# Grounded titles beyond this many are not offered: the grammar has a rule per subset.
+_MAX_GROUNDED = 6
+
+
+def _distinct_steps(titles: Sequence[str], most: int) -> list[str]:
+    """Rules ``used_<mask>``: the step lines still allowed once the titles in ``mask`` (a bit
+    per title) were written, so no title is written twice, however the model spells it in
+    tokens; the closing marker is allowed from the second step, forced at ``most`` steps."""
+    rules = []
+    for mask in range(1 << len(titles)):
+        count = bin(mask).count("1")
+        options = [
+            f"{_ebnf_string(STEP_MARKER + t + ':' + PLACEHOLDER + chr(10))} used_{mask | 1 << i}"
+            for i, t in enumerate(titles)
+            if not mask & 1 << i and count < most
+        ]
+        if count >= 2:
+            options.append(_ebnf_string(END_MARKER))
+        if options:
+            rules.append(f"used_{mask} ::= " + " | ".join(options))
+    return rules
+
+
+_BAD_TITLE_RE = re.compile(f"[#:{_CONTROL_CLASS}]")
+
+
+def _check_titles(titles: Sequence[str], max_title_chars: int) -> None:
+    """Raise ValueError unless ``titles`` holds 2 or more valid grounded titles."""
+    if isinstance(titles, str) or len(titles) < 2:
+        msg = f"titles must list at least 2 titles, got {titles!r}"
+        raise ValueError(msg)
+    for title in titles:
+        if (
+            not isinstance(title, str)
+            or not title
+            or len(title) > max_title_chars
+            or title != title.strip()
+            or title.startswith("%")
+            or _BAD_TITLE_RE.search(title)
+            or is_placeholder_title(title)
+        ):
+            msg = (
+                f"invalid grounded title {title!r}: 1..{max_title_chars} characters, "
+                "no '#', ':' or control character, no spaces at its ends, not starting with '%', "
+                "not a placeholder"
+            )
+            raise ValueError(msg)
 
 
 # Up to this many repetitions are written as a plain `item{0,n}`; longer runs are split into

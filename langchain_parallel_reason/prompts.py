@@ -8,6 +8,7 @@ Contract: the texts live in the top-level ``prompts/`` folder (a checkout) or in
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +21,7 @@ __all__ = [
     "STEP_MARKER",
     "conclusion_cue",
     "example_titles",
+    "example_words",
     "load_prompt",
     "route_question",
     "stage1_system_prompt",
@@ -122,7 +124,8 @@ def example_titles() -> frozenset[str]:
     """The step titles of the Stage-1 prompt's own example, casefolded.
 
     A small model tends to copy them whatever the question; the pipeline drops a copied title
-    unless the question itself uses it.
+    unless the question itself uses it. The shipped prompt shows only the shape of an answer,
+    whose titles are placeholders (``<first part>``).
     """
     text = _read_text("stage1_plan")
     return frozenset(
@@ -130,6 +133,94 @@ def example_titles() -> frozenset[str]:
         for line in text.splitlines()
         if line.startswith(STEP_MARKER) and not line.startswith(END_MARKER)
     )
+
+
+# Words of an example that say nothing about its topic: an answer may use them freely.
+_FORMAT_WORDS = frozenset(
+    (
+        "title",
+        "titles",
+        "conclusion",
+        "question",
+        "answer",
+        "part",
+        "parts",
+        "step",
+        "steps",
+        "detail",
+        "line",
+        "example",
+        "shape",
+        "format",
+        "words",
+    )
+)
+
+
+def example_words(prompt: str | None = None) -> frozenset[str]:
+    """Content words of the Stage-1 prompt's example (casefolded, 4 letters or more, no
+    ``<placeholder>`` and no format word): what an answer must not repeat unless its question
+    uses it. Empty for the shipped prompt, which shows the answer's shape with placeholders
+    instead of a worked example (a rabbit-or-hamster example leaked into answers, issue 21).
+    ``prompt``: another Stage-1 prompt's text to read instead (to compare prompts)."""
+    text = _read_text("stage1_plan") if prompt is None else prompt
+    start = max(text.find("\nExample."), text.find("\nThe shape"))
+    # The example's body: after its header line ("Example." or "The shape, ...").
+    body = text[text.find("\n", start + 1) :] if start >= 0 else ""
+    body = re.sub(r"<[^>\n]*>", " ", body)
+    words = {w.casefold() for w in re.findall(r"[A-Za-z]{4,}", body)}
+    return frozenset(words - _FORMAT_WORDS - _STOP_WORDS)
+
+
+_STOP_WORDS = frozenset(
+    (
+        "that",
+        "this",
+        "with",
+        "from",
+        "have",
+        "into",
+        "than",
+        "then",
+        "they",
+        "them",
+        "their",
+        "there",
+        "here",
+        "what",
+        "when",
+        "which",
+        "while",
+        "will",
+        "would",
+        "could",
+        "should",
+        "about",
+        "after",
+        "before",
+        "because",
+        "being",
+        "every",
+        "some",
+        "more",
+        "most",
+        "much",
+        "many",
+        "very",
+        "only",
+        "also",
+        "just",
+        "like",
+        "your",
+        "each",
+        "other",
+        "same",
+        "since",
+        "look",
+        "needs",
+        "better",
+    )
+)
 
 
 def conclusion_cue() -> str:

@@ -213,6 +213,12 @@ class ParallelReport(BaseModel):
     """Why that route: the model's own choice in ``mode="auto"`` (with its yes/no log-odds),
     or what forced it (``mode="parallel"``, ``steps=``, ``mode="sequential"``, tools...)."""
 
+    titles: Literal["question", "free"] | None = None
+    """Where the plan's step titles came from: ``"question"`` (the Stage-1 grammar offered
+    only spans of the user's message, the items it lists, and the model chose among them) or
+    ``"free"`` (the question lists fewer than 2 parts, or the plan was unconstrained: the
+    model named the steps). None when the model wrote no plan (direct answer, ``steps=``)."""
+
     blocks: list[BlockReport] = Field(default_factory=list)
     """One entry per parallel block, in order (empty when no steps were decoded in parallel).
     The top-level ``steps``, ``branch_tokens``, ``branch_finish_reasons``, ``decode_steps``,

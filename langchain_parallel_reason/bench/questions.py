@@ -5,7 +5,9 @@ the model's own route and plan (no `steps`) through `pipeline.answer` and return
 dict: per question its label, route, plan, branch finish reasons and checks, and in total how
 many were routed as labelled (`route`), how many plans validated, looked sensible
 (`sensible_titles`), had a step still stuck in a loop, or ended without a conclusion although
-budget was left. `run_route_bench` only asks the router (one forward a question).
+budget was left; plans of questions that list their parts whose titles are the question's
+own words (`titles_from_question`), answers that echo the prompt's example
+(`echoed_words`) and plans with a conclusion. `run_route_bench` only asks the router (one forward a question).
 `load_questions()` / `load_labeled_questions()` read the question set kept in the package
 (`questions.txt`, one ``label: question`` a line).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from importlib import resources
@@ -23,6 +26,7 @@ __all__ = [
     "LABELS",
     "QUESTIONS_FILE",
     "add_arguments",
+    "echoed_words",
     "load_labeled_questions",
     "load_questions",
     "route_totals",
@@ -30,6 +34,7 @@ __all__ = [
     "run_question_bench",
     "run_route_bench",
     "sensible_titles",
+    "titles_from_question",
 ]
 
 QUESTIONS_FILE = "questions.txt"
@@ -85,6 +90,27 @@ def sensible_titles(titles: list[str], question: str) -> bool:
     )
 
 
+def titles_from_question(titles: list[str], question: str) -> bool:
+    """True when every title of a plan (2 or more) is a span of ``question``, compared with
+    case and plural folded (`titles.fold`): "Buses" is taken from "a bus or a train"."""
+    from langchain_parallel_reason.titles import fold
+
+    words = re.findall(r"[^\W_]+(?:['\u2019-][^\W_]+)*", question)
+    folded = f" {fold(' '.join(words))} "
+    return len(titles) >= 2 and all(f" {fold(t)} " in folded for t in titles)
+
+
+def echoed_words(content: str, question: str, words: frozenset[str] | None = None) -> list[str]:
+    """The content words of the Stage-1 prompt's example (`prompts.example_words`, or
+    ``words``) that ``content`` uses and ``question`` does not; 2 or more is an echo."""
+    from langchain_parallel_reason.prompts import example_words
+
+    words = example_words() if words is None else words
+    said = {w.casefold() for w in re.findall(r"[A-Za-z]+", content)}
+    asked = {w.casefold() for w in re.findall(r"[A-Za-z]+", question)}
+    return sorted((said & words) - asked)
+
+
 def _looping(tokenizer: Any, text: str) -> bool:
     """True when ``text`` still ends in a loop (what the guard should have cut)."""
     from langchain_parallel_reason.decoding.repetition import find_loop
@@ -133,6 +159,7 @@ def run_question_bench(
     return per-question rows and totals. Plan checks count answers with a plan."""
     from langchain_parallel_reason.runtime.base import Request
     from langchain_parallel_reason.runtime.engine import engine_for
+    from langchain_parallel_reason.titles import MIN_CANDIDATES, title_candidates
 
     engine = engine_for(model, tokenizer)  # the door ChatParallelReason uses
     rows = []
@@ -156,6 +183,10 @@ def run_question_bench(
             "branch_finish_reasons": report.branch_finish_reasons,
             "validated": parallel,
             "sensible": parallel and sensible_titles(report.steps, question),
+            "enumerates": len(title_candidates(question)) >= MIN_CANDIDATES,
+            "titles": report.titles,
+            "titles_from_question": parallel and titles_from_question(report.steps, question),
+            "echo": echoed_words(result.content, question),
             "loops_cut": report.branch_finish_reasons.count("repetition"),
             "stuck_in_loop": any(_looping(tokenizer, body) for body in bodies),
             "conclusion_tokens": report.conclusion_tokens,
@@ -174,7 +205,12 @@ def run_question_bench(
                 file=sys.stderr,
             )
     n = len(rows)
+    listing = [r for r in rows if r["enumerates"] and r["validated"]]
     return {
+        "enumerating_plans": len(listing),
+        "titles_from_question": sum(r["titles_from_question"] for r in listing),
+        "echoes": sum(len(r["echo"]) >= 2 for r in rows),
+        "conclusions": sum(r["validated"] and r["conclusion_tokens"] > 0 for r in rows),
         "questions": n,
         "route": route_totals(rows),
         "planned": sum(r["route"] == "plan" for r in rows),
@@ -260,6 +296,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.route_only:
         return 0
+    print(
+        f"titles from the question in {result['titles_from_question']}/"
+        f"{result['enumerating_plans']} plans of questions that list their parts; example "
+        f"echoes {result['echoes']}; conclusions {result['conclusions']}/{result['validated']} "
+        "plans"
+    )
     print(
         f"planned {result['planned']}/{n}: own plan validated {result['validated']}, sensible "
         f"{result['sensible']}/{n}; steps stuck in a loop {result['stuck_in_loop']} "

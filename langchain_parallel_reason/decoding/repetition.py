@@ -4,9 +4,11 @@ Contract: ``RepetitionControl(penalty, ngram_size).start(context_ids)`` gives th
 sequence (a parallel branch, a sequential answer); ``state.apply(logits)`` rewrites its logits
 ``[V]`` exactly as transformers' ``generate(repetition_penalty=..., no_repeat_ngram_size=...)``
 does over the same context (prompt included), and ``state.push(token)`` records the sampled
-token. ``find_loop(tokens)`` says whether generated tokens end in a loop (the same unit repeated),
-so a decoder can end that sequence with finish reason ``"repetition"``; ``trim_loop`` keeps the
-text up to the first copy of the unit.
+token. The loop guard, pure functions over a sequence's token ids (so any backend can run it on
+what it produced): ``find_loop(tokens)`` says whether generated tokens end in a loop, either the
+same unit repeated or a template repeated with one changing slot ("a cat is a cat, a dog is a
+dog, a rabbit is a rabbit,"), so a decoder can end that sequence with finish reason
+``"repetition"``; ``loop_cut`` / ``trim_loop`` keep the tokens up to the first copy.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ import torch
 __all__ = [
     "LOOP_MAX_PERIOD",
     "LOOP_MIN_SPAN",
+    "PATTERN_MAX_SLOT",
+    "PATTERN_MAX_UNIT",
     "RepetitionControl",
     "RepetitionState",
     "find_loop",
+    "find_patterned_loop",
+    "loop_cut",
     "trim_loop",
 ]
 
@@ -32,16 +38,38 @@ LOOP_MIN_SPAN = 16
 """A loop must cover at least this many tokens (and three copies of its unit) to count."""
 
 
+PATTERN_MAX_UNIT = 40
+"""Longest copy of a patterned loop's template (in tokens, slot included): a sentence."""
+
+PATTERN_MAX_SLOT = 4
+"""Longest changing slot of a patterned loop, in tokens: one word."""
+
+# A template must have at least this many fixed tokens per copy (and no fewer than its slot
+# has tokens): a list such as "apples, pears, plums, figs," is a one-token template, not a loop.
+_PATTERN_MIN_FIXED = 4
+
+
 def find_loop(
     tokens: Sequence[int], *, max_period: int = LOOP_MAX_PERIOD, min_span: int = LOOP_MIN_SPAN
 ) -> int | None:
-    """Return the period of the loop ``tokens`` end in, or None.
+    """Return the length of the repeated unit ``tokens`` end in, or None.
 
-    The tail is a loop of period ``p`` when its last ``max(3 * p, min_span)`` tokens repeat
-    with period ``p`` (token ``i`` equals token ``i - p``). Three copies and ``min_span``
-    tokens keep ordinary text (a repeated word, "..." or a short list) from counting; the
-    shortest period wins. Cost: O(max_period * min_span) per call, independent of the length.
+    Exact loops first: the tail is a loop of period ``p`` when its last ``max(3 * p,
+    min_span)`` tokens repeat with period ``p`` (token ``i`` equals token ``i - p``). Three
+    copies and ``min_span`` tokens keep ordinary text (a repeated word, "..." or a short list)
+    from counting; the shortest period wins. Then patterned loops (`find_patterned_loop`):
+    the length of the last copy. Cost: O(max_period * min_span) for the first test and about
+    O(`PATTERN_MAX_UNIT` * 3) for the second, independent of the length of ``tokens``.
     """
+    period = _exact_period(tokens, max_period, min_span)
+    if period is not None:
+        return period
+    found = find_patterned_loop(tokens, min_span=min_span)
+    return None if found is None else found[1] - found[0]
+
+
+def _exact_period(tokens: Sequence[int], max_period: int, min_span: int) -> int | None:
+    """The shortest period ``p`` such that the last ``max(3p, min_span)`` tokens repeat."""
     n = len(tokens)
     for p in range(1, max_period + 1):
         span = max(3 * p, min_span)
@@ -53,6 +81,135 @@ def find_loop(
     return None
 
 
+def find_patterned_loop(
+    tokens: Sequence[int],
+    *,
+    max_unit: int = PATTERN_MAX_UNIT,
+    max_slot: int = PATTERN_MAX_SLOT,
+    min_span: int = LOOP_MIN_SPAN,
+) -> tuple[int, int] | None:
+    """``(start, end)`` of the first copy when ``tokens`` end in a template repeated three
+    times with one changing slot, else None.
+
+    The last three copies ``u1 u2 u3`` (each at most ``max_unit`` tokens, ``u3`` ending the
+    tokens) share their first and last tokens; what differs, the slot, is at most
+    ``max_slot`` tokens in each copy, or appears twice with the same value ("a cat is a
+    cat,"). Copies are cut after the last token (the template's end), so ``u2`` and ``u3``
+    each follow that token; ``u1``'s first token may differ (a capitalised sentence start).
+    At least ``_PATTERN_MIN_FIXED`` fixed tokens per copy and ``min_span`` tokens in all.
+    Earlier copies before ``u1`` are walked back over, so ``start`` is the first copy's.
+    """
+    n = len(tokens)
+    if n < min_span:
+        return None
+    last = tokens[-1]
+    lo = max(0, n - 3 * max_unit - 1)
+    # Ends of earlier copies: positions holding the template's last token.
+    ends = [j for j in range(n - 2, lo - 1, -1) if tokens[j] == last]
+    for e2 in ends:
+        u3 = tokens[e2 + 1 :]
+        if len(u3) > max_unit:
+            break
+        for e1 in ends:
+            if e1 >= e2:
+                continue
+            u2 = tokens[e1 + 1 : e2 + 1]
+            if len(u2) > max_unit or abs(len(u2) - len(u3)) > 2 * max_slot:
+                if len(u2) > max_unit:
+                    break
+                continue
+            if not _same_template(u2, u3, max_slot, aligned=True):
+                continue
+            longest = min(max_unit, len(u2) + 2 * max_slot)
+            for l1 in range(max(2, len(u2) - 2 * max_slot), longest + 1):
+                start = e1 + 1 - l1
+                if start < 0:
+                    break
+                if n - start < min_span:
+                    continue
+                u1 = tokens[start : e1 + 1]
+                if _same_template(u1, u2, max_slot, loose_start=True):
+                    return _walk_back(tokens, start, e1 + 1, max_slot)
+    return None
+
+
+def _walk_back(tokens: Sequence[int], start: int, end: int, max_slot: int) -> tuple[int, int]:
+    """``(start, end)`` of the earliest copy of the loop whose copy ``tokens[start:end]`` is:
+    earlier copies that still match it, which the kept text must not hold twice."""
+    unit = tokens[start:end]
+    moved = True
+    while moved and start > 0 and tokens[start - 1] == unit[-1]:
+        # An earlier copy follows the template's last token, as the later ones do.
+        moved = False
+        for length in range(max(2, len(unit) - 2 * max_slot), len(unit) + 2 * max_slot + 1):
+            if length > start:
+                break
+            if _same_template(tokens[start - length : start], unit, max_slot, loose_start=True):
+                start, end, moved = start - length, start, True
+                break
+    return start, end
+
+
+def _same_template(
+    a: Sequence[int],
+    b: Sequence[int],
+    max_slot: int,
+    *,
+    loose_start: bool = False,
+    aligned: bool = False,
+) -> bool:
+    """True when ``a`` and ``b`` are one template with one slot filled differently (or the
+    same): common first and last tokens around middles of at most ``max_slot`` tokens, or
+    middles ``x R x`` / ``y R y`` (the slot twice, ``R`` shared). ``loose_start``: the first
+    tokens may differ. ``aligned``: the copies must not run on much past the slot (no more
+    common last tokens than first ones), so that they end where a sentence of the template
+    ends ("... to relax.") rather than inside the next one ("... to relax. Reading is")."""
+    dropped = 0
+    if loose_start and a[:1] != b[:1]:
+        a, b, dropped = a[1:], b[1:], 1
+    if not a or not b:
+        return False
+    limit = min(len(a), len(b))
+    p = 0
+    while p < limit and a[p] == b[p]:
+        p += 1
+    s = 0
+    while s < limit - p and a[-1 - s] == b[-1 - s]:
+        s += 1
+    if aligned and s > p:
+        return False
+    ma, mb = a[p : len(a) - s], b[p : len(b) - s]
+    fixed = p + s + dropped  # a capitalised first word is still the template's
+    one_slot = len(ma) <= max_slot and len(mb) <= max_slot
+    if one_slot and fixed >= max(_PATTERN_MIN_FIXED, len(ma), len(mb)):
+        return True
+    # The slot twice: each middle is its slot value, a shared run, the slot value again.
+    for x in range(1, max_slot + 1):
+        if 2 * x >= len(ma) or ma[:x] != ma[-x:]:
+            continue
+        for y in range(1, max_slot + 1):
+            if 2 * y < len(mb) and mb[:y] == mb[-y:] and ma[x:-x] == mb[y:-y]:
+                return fixed + len(ma) - 2 * x >= max(_PATTERN_MIN_FIXED, x, y)
+    return False
+
+
+def loop_cut(
+    tokens: Sequence[int], *, max_period: int = LOOP_MAX_PERIOD, min_span: int = LOOP_MIN_SPAN
+) -> int | None:
+    """How many of ``tokens`` to keep when they end in a loop (exact or patterned, as
+    `find_loop` says): everything up to the end of the loop's first copy. None: no loop."""
+    tokens = list(tokens)
+    p = _exact_period(tokens, max_period, min_span)
+    if p is not None:
+        # Walk back while the periodicity holds: start is the first token of the periodic run.
+        start = len(tokens) - p
+        while start > 0 and tokens[start - 1] == tokens[start - 1 + p]:
+            start -= 1
+        return start + p
+    found = find_patterned_loop(tokens, min_span=min_span)
+    return None if found is None else found[1]
+
+
 def trim_loop(
     tokens: Sequence[int], *, max_period: int = LOOP_MAX_PERIOD, min_span: int = LOOP_MIN_SPAN
 ) -> list[int]:
@@ -61,14 +218,8 @@ def trim_loop(
     Tokens that do not end in a loop come back unchanged.
     """
     tokens = list(tokens)
-    p = find_loop(tokens, max_period=max_period, min_span=min_span)
-    if p is None:
-        return tokens
-    # Walk back while the periodicity holds: start is the first token of the periodic run.
-    start = len(tokens) - p
-    while start > 0 and tokens[start - 1] == tokens[start - 1 + p]:
-        start -= 1
-    return tokens[: start + p]
+    cut = loop_cut(tokens, max_period=max_period, min_span=min_span)
+    return tokens if cut is None else tokens[:cut]
 
 
 @dataclass(frozen=True)

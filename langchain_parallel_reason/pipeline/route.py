@@ -15,15 +15,23 @@ import torch
 from ..prompts import (
     route_question,
 )
+from ..titles import lists_parallel_items
 from .events import Event, RouteEvent, drive
 from .render import check_question, render_prompt
 from .run import Run
 from .settings import PipelineConfig
 
 __all__ = [
+    "LIST_LEAN",
     "choose_route",
     "route_by_model",
 ]
+
+
+LIST_LEAN = 1.0
+"""Log-odds added to the router's yes when the question lists 2 or more parts
+(`titles.lists_parallel_items`): such a question has parts to answer side by side, and the
+plan's titles are then the question's own words."""
 
 
 def choose_route(
@@ -108,7 +116,8 @@ def route_by_model(run: Run) -> Generator[Event, None, bool]:
             why = f"the routing question ({len(prompt)} tokens) does not fit the context window"
         run.route_reason = f"not routed ({why}): planned"
         return True
-    choice = _YesNo(yes, no, cfg.route_bias)
+    lean = LIST_LEAN if lists_parallel_items(question) else 0.0
+    choice = _YesNo(yes, no, cfg.route_bias + lean)
     gen = run.backend.iter_decode(
         prompt,
         run.backend.new_cache(),
@@ -124,7 +133,9 @@ def route_by_model(run: Run) -> Generator[Event, None, bool]:
     run.route_reason = (
         f"the model answered {'yes' if plan else 'no'} to 'should the answer be split into "
         f"several independent parts?' (log-odds yes-no {choice.log_odds:+.2f}, "
-        f"route_bias {cfg.route_bias:+.2f})"
+        f"route_bias {cfg.route_bias:+.2f}"
+        + (f", the question lists its parts {lean:+.2f}" if lean else "")
+        + ")"
     )
     run.timings["route"] = time.perf_counter() - t
     yield RouteEvent(run.route, run.route_reason)

@@ -20,6 +20,7 @@ from ..prompts import (
     example_titles,
 )
 from ..schemas import Plan
+from ..titles import MIN_CANDIDATES, title_candidates
 from .backend import as_backend
 from .events import BlockEnd, drive
 from .render import (
@@ -58,6 +59,20 @@ class Run:
         self.notes: list[str] = []
         self.route, self.route_reason = forced_route(config)
         self.block_end: BlockEnd | None = None  # how the last conclusion ended
+        self.titles: str | None = None  # "question" or "free" once a plan was decoded
+
+    def question(self) -> str:
+        """The last user message's text ("" when there is none)."""
+        user = [m for m in self.messages if m.get("role") == "user"]
+        return str(user[-1].get("content") or "").strip() if user else ""
+
+    def grounded_titles(self) -> list[str] | None:
+        """The titles the plan grammar offers (`titles.title_candidates` of the question), or
+        None for free titles: fewer than 2 candidates, or an unconstrained plan."""
+        if not self.cfg.constrain_plan:
+            return None
+        found = title_candidates(self.question(), max_chars=PLAN_TITLE_CHARS)
+        return found if len(found) >= MIN_CANDIDATES else None
 
     def encode(self, text: str) -> list[int]:
         # Step titles and texts are data: text spelling a special token stays text.
@@ -93,9 +108,19 @@ class Run:
         cfg = self.cfg
         self.plan_attempts = 0
         cap = cfg.max_tokens // 2 if cap is None else cap
+        # Titles taken from the question when it lists its parts: a small model asked to
+        # name them in its own words named the question's parts in 3 of 14 plans (issue 21).
+        # A later block (no preamble) plans what the first block left: free titles.
+        grounded = self.grounded_titles() if preamble else None
+        if preamble:
+            self.titles = "free" if grounded is None else "question"
         grammar = (
             plan_grammar_ebnf(
-                cfg.max_branches, PLAN_TITLE_CHARS, PLAN_PREAMBLE_CHARS, preamble=preamble
+                cfg.max_branches,
+                PLAN_TITLE_CHARS,
+                PLAN_PREAMBLE_CHARS,
+                preamble=preamble,
+                titles=grounded,
             )
             if cfg.constrain_plan
             else None

@@ -79,7 +79,7 @@ def iter_answer(
         result = yield from _dispatch(run, t0)
     except Cancelled as e:
         raise PipelineCancelled(str(e)) from e
-    route = {"route": run.route, "route_reason": run.route_reason}
+    route = {"route": run.route, "route_reason": run.route_reason, "titles": run.titles}
     return replace(result, report=result.report.model_copy(update=route))
 
 

@@ -109,6 +109,7 @@ def test_sequential_report_defaults() -> None:
         "notes": [],
         "route": None,
         "route_reason": None,
+        "titles": None,
         "blocks": [],
         "engine": {},
         "batch_invariant": None,

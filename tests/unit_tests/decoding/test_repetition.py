@@ -18,6 +18,8 @@ from langchain_parallel_reason.decoding import decode_branches
 from langchain_parallel_reason.decoding.repetition import (
     RepetitionControl,
     find_loop,
+    find_patterned_loop,
+    loop_cut,
     trim_loop,
 )
 from langchain_parallel_reason.decoding.sequential import iter_decode
@@ -48,6 +50,54 @@ def test_trim_loop_keeps_one_copy() -> None:
     unit = [11, 12, 13, 14, 15, 16]
     assert trim_loop([1, 2, *unit, *unit, *unit, 11, 12]) == [1, 2, *unit]
     assert trim_loop([1, 2, 3]) == [1, 2, 3]
+
+
+# Word ids for patterned loops: 1 "a", 2 "is", 3 ",", 4 "great", 5 "way", 6 "to", 7 ".", 8 "R"
+# (a capitalised first word), 20.. slot words; a two-token slot word is (30, 31).
+CAT, DOG, RABBIT, HAM = [20], [21], [22], [30, 31]
+
+
+def _copy(slot: list[int]) -> list[int]:
+    """ "a X is a X," : the slot twice in one template."""
+    return [1, *slot, 2, 1, *slot, 3]
+
+
+def test_a_template_with_a_changing_slot_is_a_loop_after_three_copies() -> None:
+    first = [8, *CAT, 2, 1, *CAT, 3]  # "A cat is a cat," (capitalised)
+    two = first + _copy(DOG)
+    three = two + _copy(RABBIT)
+    assert find_loop(two) is None  # two copies: could be a deliberate parallel
+    assert find_loop(three) is not None
+    assert trim_loop(three) == first  # one copy kept
+    assert loop_cut(three) == len(first)
+    # A slot word of two tokens, and a fourth copy: still one copy kept.
+    four = three + _copy(HAM)
+    assert trim_loop(four) == first
+    # Sentences with one changing word at the end ("Reading is a great way to X.").
+    sentence = [[8, 2, 1, 4, 5, 6, w, 7] for w in (40, 41, 42)]
+    text = [50, 51, *sentence[0], *sentence[1], *sentence[2]]
+    assert find_patterned_loop(text) == (2, 10)
+    assert trim_loop(text) == [50, 51, *sentence[0]]
+
+
+def test_ordinary_text_is_not_a_patterned_loop() -> None:
+    # A list: one fixed token per item ("apples, pears, plums, figs, ...").
+    assert find_loop([w for k in range(40, 52) for w in (k, 3)]) is None
+    # Two slots that differ ("Trains are fast and cheap. Buses are slow and ...").
+    assert find_loop([w for k in range(5) for w in (60 + k, 2, 70 + k, 90, 91, 7)]) is None
+    # Sentences sharing a start but not their shape.
+    text = [8, 2, 1, 4, 5, 6, 40, 7, 8, 2, 1, 55, 56, 57, 58, 7, 8, 2, 61, 62, 63, 7]
+    assert find_loop(text) is None
+    assert loop_cut(text) is None
+    assert trim_loop(text) == text
+
+
+def test_the_guard_ends_a_patterned_branch_in_the_decoder_contract() -> None:
+    """Checked after every token as a decoder does: it fires on the first token that
+    completes the third copy, and never before."""
+    text = [8, *CAT, 2, 1, *CAT, 3, *_copy(DOG), *_copy(RABBIT), *_copy(HAM)]
+    fired = next(k for k in range(1, len(text) + 1) if find_loop(text[:k]) is not None)
+    assert fired == 3 * 6
 
 
 @pytest.mark.parametrize(("penalty", "ngram"), [(1.3, None), (None, 2), (0.8, 3), (1.5, 1)])
