@@ -10,9 +10,6 @@ Constructing never loads weights; the model loads once, on first use.
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
@@ -47,7 +44,7 @@ from .call_settings import (
 from .chunks import chat_result, event_chunk, final_chunk
 from .messages import check_chat_template, convert_messages
 from .output_forms import OutputForm, bound_tools, structured_output
-from .runtime.base import EngineLimits, Request
+from .runtime import DEFAULT_MODEL_NAME, EngineLimits, Request, open_engine
 from .setting_bounds import bounds
 
 if TYPE_CHECKING:
@@ -60,26 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ChatParallelReason"]
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-"""Reported as the model name when `model` is None (the embedded default)."""
-
 _PROVIDER = "parallel-reason"
-
-
-# ---------------------------------------------------------------------------- the engine
-
-
-# Engines loaded from fields, keyed by the loading arguments; an engine lives as long as a
-# chat model holds it. Models passed in by the caller get theirs from `runtime.engine_for`.
-_LOADED: weakref.WeakValueDictionary[str, Engine] = weakref.WeakValueDictionary()
-_REGISTRY_LOCK = threading.RLock()  # guards the table above and serialises loading
-
-
-def _model_name_of(model: Any) -> str:
-    name = getattr(model, "name_or_path", None) or getattr(
-        getattr(model, "config", None), "_name_or_path", None
-    )
-    return str(name) if name else "custom"
 
 
 # ------------------------------------------------------------------------------ the model
@@ -372,11 +350,10 @@ class ChatParallelReason(BaseChatModel):
             ValueError: The tokenizer has no chat template.
         """
         check_chat_template(tokenizer)
-        name = kwargs.get("model") or _model_name_of(model)
         chat = cls(**kwargs)
-        from .runtime.engine import engine_for
-
-        chat._engine = engine_for(model, tokenizer, name, chat._limits())
+        chat._engine = open_engine(
+            loaded=(model, tokenizer), name=kwargs.get("model"), limits=chat._limits()
+        )
         chat._tokenizer = tokenizer
         return chat
 
@@ -452,55 +429,29 @@ class ChatParallelReason(BaseChatModel):
         """The engine, loading the model on first use (once, thread-safe)."""
         if self.base_url is not None:  # the model runs on a server: nothing to load
             return self._get_remote()
-        if self._engine is None:
+        if self._engine is None or self._engine.closed:
             # Racing first calls all get the one shared engine: loading holds the registry lock.
             self._engine = self._load_engine()
         return self._engine
 
     def _get_remote(self) -> RemoteEngine:
         if self._remote is None:
-            from .runtime.remote import RemoteEngine
-
             key = self.api_key.get_secret_value() if self.api_key is not None else None
-            self._remote = RemoteEngine(self.base_url, self.model, key)
+            self._remote = open_engine(self.model, base_url=self.base_url, api_key=key)
         return self._remote
 
     def _load_engine(self) -> Engine:
-        key = json.dumps(
-            [
-                self.model,
-                self.gguf_file,
-                self.device,
-                self.dtype,
-                self.device_map,
-                self.attn_implementation,
-                self.trust_remote_code,
-            ],
-            sort_keys=True,
-            default=str,
+        return open_engine(
+            self.model,
+            limits=self._limits(),
+            gguf_file=self.gguf_file,
+            device=self.device,
+            dtype=self.dtype,
+            device_map=self.device_map,
+            attn_implementation=self.attn_implementation,
+            trust_remote_code=self.trust_remote_code,
+            progress=self.progress,
         )
-        with _REGISTRY_LOCK:
-            engine = _LOADED.get(key)
-            if engine is None:
-                from .loading import load_model_and_tokenizer
-
-                model, tokenizer = load_model_and_tokenizer(
-                    self.model,
-                    gguf_file=self.gguf_file,
-                    device=self.device,
-                    dtype=self.dtype,
-                    device_map=self.device_map,
-                    attn_implementation=self.attn_implementation,
-                    trust_remote_code=self.trust_remote_code,
-                    progress=self.progress,
-                )
-                check_chat_template(tokenizer)
-                from .runtime.engine import engine_for
-
-                name = self.model or DEFAULT_MODEL_NAME
-                engine = engine_for(model, tokenizer, name, self._limits())
-                _LOADED[key] = engine
-        return engine
 
     def _call_settings(
         self, stop: list[str] | None, kwargs: dict[str, Any]

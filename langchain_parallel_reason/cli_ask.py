@@ -50,7 +50,7 @@ class AnswerView:
 
     def feed(self, event: Any) -> None:
         """Fold one `ContentDelta`, `StepDelta` or stage event into the view."""
-        from langchain_parallel_reason.pipeline import events as ev
+        from langchain_parallel_reason.runtime import events as ev
 
         match event:
             case ev.StepDelta():
@@ -113,6 +113,8 @@ def format_report(
     if report.plan_attempts:
         parts.append(f"plan attempts: {report.plan_attempts}")
     lines = [" | ".join(parts)]
+    if report.route:
+        lines.append(f"route: {report.route} ({report.route_reason})")
     order = ("plan", "steps", "conclusion", "sequential", "total")
     times = [(k, report.timings[k]) for k in order if k in report.timings]
     if times:
@@ -164,7 +166,7 @@ class _PlainRenderer:
         view = self.view
         before = view.phase
         view.feed(event)
-        from langchain_parallel_reason.pipeline import events as ev
+        from langchain_parallel_reason.runtime import events as ev
 
         match event:
             case ev.PlanEvent():
@@ -342,6 +344,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(batch-invariant)",
     )
     parser.add_argument(
+        "--route-bias",
+        type=float,
+        default=None,
+        metavar="B",
+        help="added to the router's 'yes, plan' log-odds in mode auto (default 0.75)",
+    )
+    parser.add_argument(
+        "--base-url",
+        default=None,
+        metavar="URL",
+        help="answer on an OpenAI-compatible server (vLLM, SGLang), e.g. "
+        "http://127.0.0.1:8000/v1; --model is then the served model name",
+    )
+    parser.add_argument(
         "--no-speedup",
         action="store_true",
         help="skip timing a few forwards after the answer to show the steps' speed-up",
@@ -385,6 +401,7 @@ def _config(args: argparse.Namespace) -> Any:
             "repetition_penalty": args.repetition_penalty,
             "no_repeat_ngram_size": args.no_repeat_ngram_size,
             "conclusion_kv": args.conclusion_kv,
+            **({"route_bias": args.route_bias} if args.route_bias is not None else {}),
         }
     )
 
@@ -392,29 +409,33 @@ def _config(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Answer `args.question` and print it (see the module docstring); returns 0."""
     config = _config(args)  # validated before the slow model load
-    from langchain_parallel_reason.loading import load_model_and_tokenizer
-    from langchain_parallel_reason.runtime.base import Request
-    from langchain_parallel_reason.runtime.engine import Engine
+    from langchain_parallel_reason.runtime import Request, open_engine
     from langchain_parallel_reason.runtime.threads import apply_threads
 
     apply_threads(args.threads)  # None: the cores this process may use
-    model, tokenizer = load_model_and_tokenizer(
-        args.model, device=args.device, dtype=args.dtype, progress=True
-    )
+    # The product's door: the engine that serves ChatParallelReason (local, or a server).
+    if args.base_url is not None:
+        engine = open_engine(args.model, base_url=args.base_url)
+    else:
+        engine = open_engine(
+            args.model, device=args.device, dtype=args.dtype, name=args.model or EMBEDDED_LABEL
+        )
+    model = engine.model if args.base_url is None else None  # a server: no local dtype, timing
     messages = [{"role": "user", "content": args.question}]
-    # The product's door: the engine that serves ChatParallelReason, one request.
-    engine = Engine(model, tokenizer, name=args.model or EMBEDDED_LABEL)
     try:
         items = engine.stream(Request(messages, config, num_threads=args.threads))
         return _show(args, items, model)
     finally:
-        engine.close()
+        if model is not None:
+            engine.close()
 
 
 def _dtype_label(args: argparse.Namespace, model: Any) -> str:
     """The model's dtype, and why when "auto" chose it: ``"bfloat16 (auto: CPU with AMX)"``."""
     from langchain_parallel_reason.loading import auto_dtype
 
+    if model is None:
+        return ""
     dtype = next(model.parameters()).dtype
     name = str(dtype).removeprefix("torch.")
     if args.dtype != "auto":
@@ -426,6 +447,9 @@ def _dtype_label(args: argparse.Namespace, model: Any) -> str:
 def _with_dtype(result: Any, model: Any) -> Any:
     """The answer with ``report.batch_invariant`` filled from the model's dtype."""
     import dataclasses
+
+    if model is None:
+        return result
 
     from langchain_parallel_reason.loading import batch_invariant
 
@@ -444,7 +468,9 @@ def _speedup(args: argparse.Namespace, result: Any, model: Any) -> dict[str, flo
     )
 
     report = result.report
-    if args.no_speedup or report.mode_used != "parallel" or not report.decode_steps:
+    if model is None or args.no_speedup:
+        return None
+    if report.mode_used != "parallel" or not report.decode_steps:
         return None
     rows = rows_per_pass(report)
     seconds = forward_seconds(model, tuple(sorted({1, rows})), context=result.input_tokens)

@@ -19,6 +19,8 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
+from .runtime.door import check_chat_template
+
 if TYPE_CHECKING:
     from types import ModuleType
 
@@ -118,17 +120,6 @@ def convert_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     # Here, before tools are written as text (which turns tool results into user turns).
     _pipeline().check_question(converted)
     return converted
-
-
-def check_chat_template(tokenizer: Any) -> None:
-    """Raise, with the fix, unless ``tokenizer`` has a chat template to render messages."""
-    if not getattr(tokenizer, "chat_template", None):
-        msg = (
-            "the tokenizer has no chat_template: ChatParallelReason renders messages with it; "
-            "pass a tokenizer that defines one (e.g. an instruct model's tokenizer, or set "
-            "tokenizer.chat_template to a Jinja template)"
-        )
-        raise ValueError(msg)
 
 
 def _pipeline() -> ModuleType:

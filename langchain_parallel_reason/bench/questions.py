@@ -157,11 +157,11 @@ def run_question_bench(
 ) -> dict[str, Any]:
     """Answer each question (a plain string is labelled "plan") with its own route and plan;
     return per-question rows and totals. Plan checks count answers with a plan."""
+    from langchain_parallel_reason.runtime import open_engine
     from langchain_parallel_reason.runtime.base import Request
-    from langchain_parallel_reason.runtime.engine import engine_for
     from langchain_parallel_reason.titles import MIN_CANDIDATES, title_candidates
 
-    engine = engine_for(model, tokenizer)  # the door ChatParallelReason uses
+    engine = open_engine(loaded=(model, tokenizer))  # the door ChatParallelReason uses
     rows = []
     questions = _labeled(questions)
     for i, (label, question) in enumerate(questions):

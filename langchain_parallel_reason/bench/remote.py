@@ -20,9 +20,9 @@ import httpx
 
 from langchain_parallel_reason.bench.task_gen import generate_tasks, score_answer
 from langchain_parallel_reason.call_settings import pipeline_config
-from langchain_parallel_reason.pipeline import StepsDoneEvent
+from langchain_parallel_reason.runtime import open_engine
 from langchain_parallel_reason.runtime.base import Request
-from langchain_parallel_reason.runtime.remote import RemoteEngine
+from langchain_parallel_reason.runtime.events import StepsDoneEvent
 
 __all__ = ["prefix_cache_counters", "run_remote_decode_bench", "run_remote_task_bench"]
 
@@ -150,7 +150,7 @@ def run_remote_task_bench(
     comparison is about decoding the same steps, not about planning.
     """
     model = _served_model(base_url, model)
-    engine = RemoteEngine(base_url, model)
+    engine = open_engine(model, base_url=base_url)
     ways = ("sequential", "stepped", "parallel")
     rows = []
     for n in task_config.items:

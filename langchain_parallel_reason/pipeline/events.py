@@ -168,8 +168,10 @@ class TextStream:
 
     def _final(self) -> str:
         # A budget can cut the text inside a character: its first bytes decode to U+FFFD, which
-        # is no part of the answer (push never emits it either), so it is dropped.
-        return cut_at_stop(self._text(), self.stops)[0].rstrip("\ufffd")
+        # is no part of the answer (push never emits it either), so it is dropped; a U+FFFD
+        # that was emitted already (it was inside the text then) stays.
+        text = cut_at_stop(self._text(), self.stops)[0]
+        return text[: max(len(text.rstrip("\ufffd")), min(self.emitted, len(text)))]
 
     def finish(self) -> str:
         """Return the held-back tail (stop strings and a cut-off last character removed)."""

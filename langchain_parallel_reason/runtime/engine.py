@@ -66,7 +66,7 @@ from .ragged import RAGGED_ATTENTION, RaggedCache, RaggedLayout, Segment
 from .retry import is_transient, run_with_retries
 from .threads import apply_threads
 
-__all__ = ["Engine", "EngineLimits", "engine_for"]
+__all__ = ["Engine", "EngineLimits"]
 
 _POLL_S = 0.05  # how often waiting threads look at cancel flags, deadlines and engine health
 _MIN_TAIL = 8  # prompt tokens a prefix-cache hit leaves to compute (see _share_prefill)
@@ -604,6 +604,11 @@ class Engine:
     def __deepcopy__(self, memo: dict[int, Any]) -> Engine:
         return self
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called (a closed engine serves nothing more)."""
+        return self._core.closed
+
     def close(self) -> None:
         """Cancel everything and stop the scheduler (also done when the engine is collected)."""
         self._core.close()
@@ -664,7 +669,6 @@ class Engine:
             core.cancel(req)  # cancelled or closed early: free the request's rows and KV
 
 
-_ENGINES: weakref.WeakValueDictionary[int, Engine] = weakref.WeakValueDictionary()
 _CORES: weakref.WeakSet[_Core] = weakref.WeakSet()
 # The scheduler threads, joined at exit. A core can be gone from _CORES while its thread still
 # runs: once an engine is collected, its scheduler stops and, ending, drops the last reference
@@ -682,19 +686,3 @@ def _close_all() -> None:
     for thread in list(_THREADS):
         if thread is not threading.current_thread():
             thread.join(5.0)
-
-
-_ENGINES_LOCK = threading.Lock()
-
-
-def engine_for(
-    model: Any, tokenizer: Any, name: str = "custom", limits: EngineLimits | None = None
-) -> Engine:
-    """The one engine of ``model`` (created on first request): callers that share a model
-    share its engine, its batch and its limits (the first caller's limits win)."""
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(id(model))
-        if engine is None or engine.model is not model or engine._core.closed:
-            engine = Engine(model, tokenizer, name, limits)
-            _ENGINES[id(model)] = engine
-        return engine

@@ -27,6 +27,31 @@ ALLOWED_PRIVATE_IMPORTS: dict[tuple[str, str, str], str] = {}
 ALLOWED_CYCLES: dict[tuple[str, ...], str] = {}
 # module -> why it may exceed MAX_LINES for now.
 ALLOWED_LONG_MODULES: dict[str, str] = {}
+# The faces (the CLI and the benchmarks) go through the door: the chat model, and the runtime's
+# public modules (its package, base, door, events, threads); never decoding or pipeline, nor an
+# engine class directly. The benchmarks that time the decoder's own kernels are the exceptions.
+FACES = ("cli", "cli_ask", "cli_options", "bench")
+RUNTIME_PUBLIC = ("runtime", "runtime.base", "runtime.door", "runtime.events", "runtime.threads")
+_KERNELS = "times the decoder's own functions (a kernel benchmark, below the runtime)"
+ALLOWED_FACE_IMPORTS: dict[tuple[str, str], str] = {
+    ("bench.decode", "decoding"): _KERNELS,
+    ("bench.decode", "decoding.cache"): _KERNELS,
+    ("bench.decode", "decoding.decoder"): _KERNELS,
+    ("bench.decode", "decoding.masks"): _KERNELS,
+    ("bench.decode", "decoding.sequential"): _KERNELS,
+    ("bench.profile", "decoding.cache"): _KERNELS,
+    ("bench.profile", "decoding.decoder"): _KERNELS,
+    ("bench.profile", "decoding.sequential"): _KERNELS,
+    ("bench.costs", "decoding.cache"): _KERNELS,
+    ("bench.costs", "decoding.sequential"): _KERNELS,
+    ("bench.serve", "decoding.cache"): "prices a plain forward for its cost model (a kernel)",
+    ("bench.serve", "decoding.sequential"): "prices a plain forward for its cost model",
+    (
+        "bench.questions",
+        "decoding.repetition",
+    ): "counts loops left in answers with the guard's rule",
+    ("bench.questions", "pipeline"): "--route-only asks the router alone (choose_route)",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -179,6 +204,35 @@ def test_the_faces_import_no_cycle_and_no_private_name() -> None:
     edges, _ = import_graph(package_sources(), _packages())
     assert not [c for c in import_cycles(edges) if set(c) & faces]
     assert {"cli", "cli_ask", "cli_options", "bench.decode"} <= faces
+
+
+def _is_face(module: str) -> bool:
+    return any(module == f or module.startswith(f + ".") for f in FACES)
+
+
+def _behind_the_door(target: str) -> bool:
+    """A module the faces may not import: decoding, pipeline, or a runtime module that is not
+    one of its public ones (an engine class, the transport, the scheduler's parts)."""
+    if target.split(".")[0] in ("decoding", "pipeline"):
+        return True
+    return target.startswith("runtime") and target not in RUNTIME_PUBLIC
+
+
+def test_the_faces_go_through_the_door() -> None:
+    edges, _ = import_graph(package_sources(), _packages())
+    found = {
+        (module, target)
+        for module, targets in edges.items()
+        if _is_face(module)
+        for target in targets
+        if _behind_the_door(target)
+    }
+    _check_against(
+        found,
+        ALLOWED_FACE_IMPORTS,
+        "faces importing past the door",
+        "use the chat model or runtime.open_engine / runtime.events instead",
+    )
 
 
 def test_the_checks_catch_a_reach_in_and_a_cycle() -> None:

@@ -663,7 +663,8 @@ def test_trust_remote_code_is_off_unless_the_caller_sets_it() -> None:
 def test_loading_passes_trust_remote_code_through(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, trust: bool | None
 ) -> None:
-    from langchain_parallel_reason import chat_models, loading
+    from langchain_parallel_reason import loading
+    from langchain_parallel_reason.runtime import door
 
     seen: list[tuple[str, Any]] = []
 
@@ -678,7 +679,7 @@ def test_loading_passes_trust_remote_code_through(
 
     monkeypatch.setattr(loading, "AutoTokenizer", spy("tokenizer", loading.AutoTokenizer))
     monkeypatch.setattr(loading, "AutoModelForCausalLM", spy("model", loading.AutoModelForCausalLM))
-    monkeypatch.setattr(chat_models, "_LOADED", type(chat_models._LOADED)())  # a fresh load
+    monkeypatch.setattr(door, "_LOADED", type(door._LOADED)())  # a fresh load
     fields = {} if trust is None else {"trust_remote_code": trust}
     chat = ChatParallelReason(model=str(tiny_model_dir), max_tokens=3, mode="sequential", **fields)
     chat.invoke("Hi")
