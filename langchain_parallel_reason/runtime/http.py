@@ -270,6 +270,8 @@ class HttpBackend:
             self._body([*context, *forced], budgets[b], seeds[b], kw, step=step)
             for b, forced in enumerate(branches)
         ]
+        suppress = kw.get("suppress")
+        floor = int(suppress.count) if suppress is not None else 0
         cancel = kw.get("cancel")
         queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
         tasks = [
@@ -292,7 +294,9 @@ class HttpBackend:
                 for token in value:
                     tokens[b].append(token)
                     yield b, token
-                    end = stopping.check(tokens[b])
+                    # Before min_tokens the server checks no stop (it bans EOS and stop ids
+                    # meanwhile): neither does the client.
+                    end = stopping.check(tokens[b]) if len(tokens[b]) > floor else None
                     if end is None and len(tokens[b]) >= budgets[b]:
                         end = ("length", None)  # the client holds the budget, whatever the server
                     if end is not None:

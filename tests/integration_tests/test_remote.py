@@ -9,19 +9,16 @@ points the tests at a server you already run (it must serve the embedded model a
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
-from vllm_server import SERVED_NAME, VLLMServer, free_port
+from vllm_server import SERVED_NAME, free_port
 
 from langchain_parallel_reason import ChatParallelReason
-from langchain_parallel_reason.loading import default_cache_dir, ensure_embedded_model_folder
 from langchain_parallel_reason.pipeline import PipelineConfig
 from langchain_parallel_reason.runtime.base import Request
 from langchain_parallel_reason.runtime.remote import RemoteEngine
@@ -29,33 +26,6 @@ from langchain_parallel_reason.runtime.remote import RemoteEngine
 pytestmark = [pytest.mark.remote, pytest.mark.allow_hosts(["127.0.0.1"])]
 
 STEPS = ["Taste", "Caffeine", "Price"]
-
-
-class _External:
-    """A server the developer runs (PARALLEL_REASON_TEST_SERVER): never started or stopped."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.root_url = self.base_url.removesuffix("/v1")
-        self.model = SERVED_NAME
-
-    metrics = VLLMServer.metrics
-
-
-@pytest.fixture(scope="session")
-def server() -> Iterator[Any]:
-    """One vLLM server for the whole run, started by the first test that needs it."""
-    if url := os.environ.get("PARALLEL_REASON_TEST_SERVER"):
-        yield _External(url)
-        return
-    folder = ensure_embedded_model_folder(cache_dir=default_cache_dir(), progress=False)
-    # float32: with bf16 the server's sums depend on how its scheduler batches requests, and
-    # identical greedy calls differed in 1 run of 5 here; float32 gave the same text in 6 of 6.
-    started = VLLMServer.start(folder, dtype="float32")
-    try:
-        yield started
-    finally:
-        started.stop()
 
 
 def _llm(server: Any, **kw: Any) -> ChatParallelReason:
@@ -136,7 +106,8 @@ def test_model_writes_its_plan_under_the_server_grammar(server: Any) -> None:
     assert report["mode_used"] == "parallel", report
     assert 1 <= report["plan_attempts"] <= 3
     assert 2 <= len(report["steps"]) <= 6
-    assert report["notes"] == []
+    # Nothing failed (a loop cut by the guard is noted, and is no failure).
+    assert not [n for n in report["notes"] if "failed" in n or "validate" in n], report["notes"]
 
 
 def test_stream_equals_invoke_for_a_seed(server: Any) -> None:
@@ -153,9 +124,11 @@ def test_stream_equals_invoke_for_a_seed(server: Any) -> None:
     assert content == invoked.content
     parts = [p for c in chunks for p in c.additional_kwargs.get("parallel_steps", [])]
     assert {p["step"] for p in parts} == {0, 1, 2}  # live step text arrived while decoding
+    reasons = invoked.response_metadata["parallel"]["branch_finish_reasons"]
     for b, title in enumerate(STEPS):
         live = "".join(p["text"] for p in parts if p["step"] == b)
-        assert f"**{title}**: {live.strip()}" in content
+        if reasons[b] != "repetition":  # a loop cut by the guard keeps one copy in the answer
+            assert f"**{title}**: {live.strip()}" in content
     final = chunks[-1]
     assert final.usage_metadata == invoked.usage_metadata
     assert final.response_metadata["parallel"]["steps"] == STEPS

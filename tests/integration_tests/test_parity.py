@@ -1,0 +1,136 @@
+"""One behaviour suite, run on both backends: the embedded SmolLM2-135M in process, and the
+same model served by a real vLLM server (CPU build, float32) on 127.0.0.1.
+
+Each behaviour of the method is written once (``pipeline/``); these tests show it holds on
+every backend: the router with its reason, the loop guard, repetition controls, the
+conclusion's minimum, stepped mode, fallbacks, several blocks, timeouts, streaming equal to
+invoke, and a report with the same keys, all filled, both ways. Greedy decoding throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from langchain_parallel_reason import ChatParallelReason
+from langchain_parallel_reason.pipeline import MIN_CONCLUSION_TOKENS
+
+pytestmark = [pytest.mark.slow, pytest.mark.remote, pytest.mark.allow_hosts(["127.0.0.1"])]
+
+ITEMS = [f"Item {i}" for i in range(1, 7)]
+SIX = "Write one sentence about each item."
+
+
+@pytest.fixture(params=["local", "remote"])
+def make(request: pytest.FixtureRequest) -> Any:
+    """Builds a chat model on the backend of this run (same fields either way)."""
+    if request.param == "remote":
+        server = request.getfixturevalue("server")
+
+        def remote(**kw: Any) -> ChatParallelReason:
+            return ChatParallelReason(base_url=server.base_url, model=server.model, **kw)
+
+        return remote
+
+    def local(**kw: Any) -> ChatParallelReason:
+        return ChatParallelReason(dtype="float32", progress=False, **kw)
+
+    return local
+
+
+def _report(msg: Any) -> Any:
+    return msg.response_metadata["parallel"]
+
+
+def test_the_router_decides_and_says_why(make: Any) -> None:
+    for bias, route, word in ((50.0, "plan", "yes"), (-50.0, "direct", "no")):
+        msg = make(max_tokens=48, route_bias=bias).invoke("Compare tea and coffee.")
+        report = _report(msg)
+        assert report["route"] == route
+        assert f"answered {word}" in report["route_reason"]
+        assert "log-odds" in report["route_reason"]
+        assert report["mode_used"] == ("sequential" if route == "direct" else report["mode_used"])
+
+
+ANIMALS = ["Cat", "Dog", "Bird"]
+LOOPING = "For each animal, write the sentence 'A cat is a cat' style again and again."
+
+
+def test_the_loop_guard_cuts_looping_steps(make: Any) -> None:
+    # The 135M model loops on this one ("A cat is a cat. A cat is a cat. ..."), both ways.
+    msg = make(steps=ANIMALS, step_max_tokens=48, max_tokens=400).invoke(LOOPING)
+    report = _report(msg)
+    reasons = report["branch_finish_reasons"]
+    assert "repetition" in reasons, reasons
+    for reason, tokens in zip(reasons, report["branch_tokens"], strict=True):
+        if reason == "repetition":
+            assert tokens < 48  # cut before the budget
+    assert report["conclusion_tokens"] >= MIN_CONCLUSION_TOKENS
+
+
+def test_the_report_has_the_same_keys_all_filled(make: Any) -> None:
+    msg = make(steps=["Taste", "Price"], max_tokens=160).invoke("Compare tea and coffee.")
+    report = _report(msg)
+    assert report["mode_used"] == "parallel"
+    assert report["route"] == "plan"
+    assert report["route_reason"]
+    assert len(report["blocks"]) == 1
+    assert report["conclusion_tokens"] >= MIN_CONCLUSION_TOKENS
+    assert len(report["branch_finish_reasons"]) == len(report["branch_tokens"]) == 2
+    assert report["decode_steps"] == max(report["branch_tokens"])
+    assert {"steps", "conclusion", "total"} <= set(report["timings"])
+    local_keys = set(_report(_local_reference()).keys())
+    assert set(report) == local_keys
+
+
+def _local_reference() -> Any:
+    return ChatParallelReason(
+        dtype="float32", progress=False, steps=["Taste", "Price"], max_tokens=8
+    ).invoke("Hi")
+
+
+def test_repetition_penalty_is_honoured(make: Any) -> None:
+    plain = make(mode="sequential", max_tokens=40).invoke("Describe the sea.")
+    penalised = make(mode="sequential", max_tokens=40, repetition_penalty=1.8).invoke(
+        "Describe the sea."
+    )
+    assert plain.content != penalised.content
+
+
+def test_stepped_mode_writes_steps_one_after_another(make: Any) -> None:
+    msg = make(steps=["Taste", "Price"], mode="stepped", max_tokens=160).invoke("Tea or coffee?")
+    report = _report(msg)
+    assert report["mode_used"] == "stepped"
+    assert report["tokens_per_forward"] == 1.0
+    assert msg.content.index("**Taste**") < msg.content.index("**Price**")
+
+
+def test_too_small_a_budget_falls_back_and_says_why(make: Any) -> None:
+    msg = make(steps=ITEMS, max_tokens=40).invoke(SIX)
+    report = _report(msg)
+    assert report["mode_used"] == "sequential"
+    assert "budget too small" in report["fallback_reason"]
+    assert msg.content.strip()
+
+
+def test_blocks_never_exceed_max_blocks(make: Any) -> None:
+    msg = make(mode="parallel", max_blocks=2, max_tokens=300).invoke(
+        "Compare trains, buses and bicycles for a 10 km daily commute."
+    )
+    report = _report(msg)
+    if report["mode_used"] == "parallel":
+        assert 1 <= len(report["blocks"]) <= 2
+    assert not any("runs one block" in note for note in report["notes"])
+
+
+def test_a_timeout_raises_and_says_how_to_fix(make: Any) -> None:
+    with pytest.raises(TimeoutError, match="timeout="):
+        make(mode="sequential", max_tokens=400, timeout=0.3).invoke("Tell a long story.")
+
+
+def test_stream_equals_invoke(make: Any) -> None:
+    llm = make(steps=["Taste", "Price"], max_tokens=120)
+    full = llm.invoke("Compare tea and coffee.")
+    streamed = "".join(str(chunk.content) for chunk in llm.stream("Compare tea and coffee."))
+    assert streamed == full.content
