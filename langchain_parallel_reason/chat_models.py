@@ -400,11 +400,7 @@ class ChatParallelReason(BaseChatModel):
         GPT-2's, which is another vocabulary and is not available offline."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
-        if self.base_url is not None:  # hook: the server's /tokenize (RemoteEngine) goes here
-            msg = (
-                "counting tokens of a remote model is not supported yet: pass custom_get_token_ids"
-            )
-            raise NotImplementedError(msg)
+        # A server's model: the tokenizer the remote engine renders its prompts with.
         tokenizer = self._tokenizer or self._get_engine().tokenizer
         split = not self.parse_special_tokens
         return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split)
