@@ -15,7 +15,6 @@ tokens' bans, a grammar as structured output). Must run inside ``bridge.run_sync
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from typing import Any
 
 import httpx
 import torch
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..decoding.decoder import BranchesOutput, BranchResult, StepEvent
 from ..decoding.sampling import make_generator, sample_next
@@ -31,17 +29,13 @@ from ..decoding.sequential import Cancelled, SequentialResult
 from ..decoding.stops import Stopping
 from ..pipeline.render import stop_token_ids
 from .bridge import in_bridge, wait_for
+from .server import ServerError, ServerInfo, error_text, malformed, send_json, unreachable
 
 __all__ = [
     "STEP_OPENING_REGEX",
     "HttpBackend",
-    "ServerError",
     "ServerGrammar",
-    "ServerInfo",
     "TokenCache",
-    "error_text",
-    "send_json",
-    "unreachable",
 ]
 
 # A step's opening, as the local decoder's first-token bans: right after the plan a small
@@ -50,27 +44,6 @@ __all__ = [
 STEP_OPENING_REGEX = "[ ]?[^\\s#.\u2026]([^#\\n]{0,30}|[^#\\n]{30}[\\s\\S]*)"
 # Server error texts that mean "this server cannot use the grammar or regex we sent".
 GRAMMAR_WORDS = ("grammar", "structured", "guided", "ebnf", "xgrammar", "regex")
-
-
-class ServerError(RuntimeError):
-    """The server answered with an error, or with a reply that is not what the API promises."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"the server answered {status}: {message}")
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class ServerInfo:
-    """What the server serves (read once from ``/v1/models``)."""
-
-    base_url: str
-    model: str
-    served: list[str]
-    kind: str  # "vllm", "sglang" or another `owned_by`: decides the grammar field
-    max_model_len: int | None
-    root: str | None  # the served folder or hub id (where the tokenizer comes from)
 
 
 @dataclass
@@ -96,72 +69,6 @@ class ServerGrammar:
     def is_completed(self) -> bool:
         """Whether the grammar's text was complete."""
         return self.completed
-
-
-def malformed(info: ServerInfo, endpoint: str, what: str) -> ServerError:
-    """The error for a reply that breaks the OpenAI API, naming the server and the fix."""
-    msg = (
-        f"{info.base_url}{endpoint} sent a malformed reply ({what}); point base_url at an "
-        "OpenAI-compatible server (vLLM or SGLang) that serves /v1/completions with streaming"
-    )
-    return ServerError(200, msg)
-
-
-def error_text(body: str) -> str:
-    """The message inside an OpenAI-style error body (or the body itself)."""
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
-        data = json.loads(body)
-        error = data.get("error", data) if isinstance(data, dict) else data
-        if isinstance(error, dict):
-            return str(error.get("message") or error.get("detail") or error)
-        return str(error)
-    return body[:500]
-
-
-def unreachable(base_url: str, error: httpx.TransportError) -> ConnectionError:
-    """The error for a server that cannot be reached, with how to start one."""
-    msg = (
-        f"cannot reach the server at {base_url} ({type(error).__name__}: {error}); "
-        "start it (e.g. `python -m vllm.entrypoints.openai.api_server --model <folder> "
-        "--port 8000`) or fix base_url"
-    )
-    return ConnectionError(msg)
-
-
-def _transient(error: BaseException) -> bool:
-    if isinstance(error, ServerError):
-        return error.status >= 500
-    return isinstance(error, ConnectionError | httpx.TransportError)
-
-
-async def send_json(
-    client: httpx.AsyncClient, base_url: str, method: str, endpoint: str, body: Any, retries=2
-) -> dict[str, Any]:
-    """One JSON request, retried with backoff on connection errors and 5xx only; a reply that
-    is not a JSON object is an error naming the server, the endpoint and the fix."""
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(retries + 1),
-        wait=wait_exponential(multiplier=0.5, max=8),
-        retry=retry_if_exception(_transient),
-        reraise=True,
-    )
-    async for attempt in retrying:
-        with attempt:
-            try:
-                response = await client.request(method, base_url + endpoint, json=body)
-            except httpx.TransportError as e:
-                raise unreachable(base_url, e) from e
-            if response.status_code >= 400:
-                raise ServerError(response.status_code, error_text(response.text))
-            try:
-                data = response.json()
-            except ValueError:
-                data = None
-            if not isinstance(data, dict):
-                info = ServerInfo(base_url, "", [], "", None, None)
-                raise malformed(info, endpoint, f"not a JSON object: {response.text[:80]!r}")
-            return data
-    raise AssertionError  # unreachable: AsyncRetrying re-raises the last error
 
 
 class HttpBackend:

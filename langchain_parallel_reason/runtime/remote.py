@@ -24,7 +24,8 @@ import httpx
 
 from .base import Item, Request
 from .bridge import run_sync
-from .http import HttpBackend, ServerError, ServerInfo, malformed, send_json
+from .http import HttpBackend
+from .server import ServerError, ServerInfo, malformed, send_json
 
 __all__ = ["RemoteEngine", "ServerError"]
 
