@@ -4,5 +4,7 @@ request's items through the runtime's public names only."""
 
 from __future__ import annotations
 
+from ..pipeline import events as _events
 from ..pipeline.events import *  # noqa: F403 - the same names, by design
-from ..pipeline.events import __all__  # noqa: F401 - and the same list
+
+__all__ = list(_events.__all__)
