@@ -763,3 +763,15 @@ def test_the_network_is_blocked_in_tests() -> None:
     with pytest.raises(SocketBlockedError):
         socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_new_chat_model_gets_a_working_engine_after_a_close(tiny_model_dir: Path) -> None:
+    # Regression: the registry handed the closed engine to the next chat model on the same
+    # model ("the engine is closed"); a new engine now serves the same weights.
+    first = ChatParallelReason(model=str(tiny_model_dir), max_tokens=4, mode="sequential")
+    first.invoke("Hi")
+    first.get_engine().close()
+    second = ChatParallelReason(model=str(tiny_model_dir), max_tokens=4, mode="sequential")
+    assert second.invoke("Hi").content is not None
+    assert second.get_engine() is not first.get_engine() or not second.get_engine().closed
+    assert first.invoke("Hi").content is not None  # the first one gets a new engine too
