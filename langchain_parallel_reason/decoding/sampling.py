@@ -150,6 +150,10 @@ def sample_next(
         ``[B]`` int64 token ids on the logits' device.
     """
     if params.greedy:
+        # Half-precision argmax has no fast CPU kernel: float32 (exact for these values) was
+        # 4.2 -> 0.8 ms at 16 rows and 8.5 -> 2.3 ms at 48 rows here (vocabulary 49152).
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
         return logits.argmax(dim=-1)
     # float64, and the best logit moved to 0 before dividing: (x - max) / t is 0 for the best
     # token and <= 0 (or -inf) for the rest for any finite t > 0, so the softmax below never
