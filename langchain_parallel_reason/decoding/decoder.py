@@ -314,14 +314,17 @@ def _open_backend(
 
 
 def _feed_forced(
-    forwards: _Forwards, branches: list[_Branch], prefix_logits: torch.Tensor | None
+    forwards: _Forwards,
+    branches: list[_Branch],
+    prefix_logits: torch.Tensor | None,
+    max_rows: int | None = None,
 ) -> None:
-    """Phase 2: every forced token of every branch in ONE forward; a branch without forced
-    tokens starts from the prefix logits."""
+    """Phase 2: every forced token of every branch in ONE forward (or in forwards of at most
+    ``max_rows`` rows); a branch without forced tokens starts from the prefix logits."""
     branch_ids: list[int] = []
     token_idx: list[int] = []
     tokens: list[int] = []
-    last: list[tuple[_Branch, int]] = []  # (branch, row of its last forced token)
+    last: dict[int, _Branch] = {}  # row of a branch's last forced token -> the branch
     for b in branches:
         if not b.forced:
             b.logits = prefix_logits
@@ -329,12 +332,17 @@ def _feed_forced(
         branch_ids += [b.index] * len(b.forced)
         token_idx += range(len(b.forced))
         tokens += b.forced
-        last.append((b, len(tokens) - 1))
+        last[len(tokens) - 1] = b
         b.forward_passes += 1
-    if tokens:
-        logits = forwards.run(branch_ids, token_idx, tokens)  # [Q, V]
-        for b, row in last:
-            b.logits = logits[row]
+    # Rows in order, at most max_rows per forward: a branch's earlier forced tokens are in its
+    # cache slots before its later ones attend to them.
+    step = max_rows or len(tokens) or 1
+    for at in range(0, len(tokens), step):
+        rows = slice(at, at + step)
+        logits = forwards.run(branch_ids[rows], token_idx[rows], tokens[rows])  # [Q, V]
+        for row in range(at, min(at + step, len(tokens))):
+            if row in last:
+                last[row].logits = logits[row - at]
 
 
 def _pick_tokens(
@@ -366,14 +374,20 @@ def _record(branch: _Branch, token: int, stopping: Stopping) -> bool:
     return branch.finish is not None
 
 
-def _feed_last(forwards: _Forwards, live: list[_Branch]) -> None:
-    """Phase 3's forward: the last new token of every live branch, one per branch."""
-    logits = forwards.run(
-        [b.index for b in live], [b.length - 1 for b in live], [b.generated[-1] for b in live]
-    )
-    for i, b in enumerate(live):
-        b.forward_passes += 1
-        b.logits = logits[i]
+def _feed_last(forwards: _Forwards, live: list[_Branch], max_rows: int | None = None) -> None:
+    """Phase 3's forward: the last new token of every live branch, one per branch (in
+    forwards of at most ``max_rows`` branches: they are independent)."""
+    step = max_rows or len(live)
+    for at in range(0, len(live), step):
+        group = live[at : at + step]
+        logits = forwards.run(
+            [b.index for b in group],
+            [b.length - 1 for b in group],
+            [b.generated[-1] for b in group],
+        )
+        for i, b in enumerate(group):
+            b.forward_passes += 1
+            b.logits = logits[i]
 
 
 def iter_decode_branches(
@@ -396,6 +410,7 @@ def iter_decode_branches(
     attention: Attention = "auto",
     cancel: threading.Event | None = None,
     keep_kv: bool = False,
+    max_rows: int | None = None,
 ) -> Generator[StepEvent, None, BranchesOutput]:
     """Decode every branch at once; yield one ``StepEvent`` per forward; return the results.
 
@@ -428,6 +443,8 @@ def iter_decode_branches(
             it is set (the prefix cache is restored first).
         keep_kv: return each branch's keys/values (``BranchesOutput.branch_kv``), e.g. for a
             Stage 3 that reuses them (``decoding.merge``) instead of prefilling the steps again.
+        max_rows: most query rows per forward (None: no limit), e.g. an engine's row cap; the
+            rows of a step are then run in several forwards, with the same tokens.
     """
     device = model_device(model)
     prefix, forced, budgets = _check_inputs(
@@ -446,7 +463,7 @@ def iter_decode_branches(
     forwards = _Forwards(_open_backend(name, model, cache, branches), cancel, kv_bytes(cache))
     try:
         with torch.inference_mode():
-            _feed_forced(forwards, branches, prefix_logits)  # Phase 2
+            _feed_forced(forwards, branches, prefix_logits, max_rows)  # Phase 2
             # Phase 3: one token per live branch per forward until every branch has finished.
             live, step = branches, 0
             while live:
@@ -467,7 +484,7 @@ def iter_decode_branches(
                     live = [b for b in live if b.finish is None]
                     forwards.backend.retire([b.index for b in live], [b.length for b in live])
                 if live:
-                    _feed_last(forwards, live)
+                    _feed_last(forwards, live, max_rows)
     finally:
         # The caller's cache holds exactly the prefix again, whatever happened.
         crop_to(cache, plen)

@@ -118,7 +118,9 @@ class LocalBackend:
     def iter_decode_branches(
         self, prefix_ids: Sequence[int], branch_prefixes: Sequence[Sequence[int]], **kwargs: Any
     ) -> Generator:
-        """``decoding.decoder.iter_decode_branches`` on the model."""
+        """``decoding.decoder.iter_decode_branches`` on the model (under the row cap of an
+        engine's view, where there is one)."""
+        kwargs.setdefault("max_rows", getattr(self.model, "max_rows", None))
         return iter_decode_branches(self.model, prefix_ids, branch_prefixes, **kwargs)
 
     def grammar(self, *, ebnf: str | None = None, json_schema: Any = None, **kw: Any) -> Any:

@@ -138,6 +138,8 @@ class ModelView:
         self._core = core
         self._req = req
         self.base_attn_implementation = core.base_impl
+        # A request's own multi-row forwards (Stage 2) keep under the engine's row cap.
+        self.max_rows = core.limits.max_batch_rows
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._core.model, name)

@@ -369,3 +369,24 @@ def test_a_burst_sharing_a_system_prompt_prefills_it_once(tiny_llama: Any, token
     assert shared > 40, shared
     assert sum(h >= shared - 8 for h in hits) >= len(requests) - 2, (shared, hits)
     assert stats["prefix_cache_hit_tokens"] == sum(hits)
+
+
+@pytest.mark.parametrize("attention", ["split", "mask"])
+def test_the_row_cap_holds_for_a_calls_own_steps(
+    tiny_llama: Any, tokenizer: Any, attention: str
+) -> None:
+    # Regression: max_batch_rows=1 ran a 3-step forward of 12 rows (the titles fed at once).
+    # The steps' rows now run in forwards of at most the cap, with the same text.
+    config = pl.PipelineConfig(
+        steps=("Taste", "Caffeine", "Price"), max_tokens=48, attention=attention
+    )
+    messages = _messages(0)
+    alone = pl.answer(tiny_llama, tokenizer, messages, config)
+    for cap in (1, 2):
+        engine = Engine(tiny_llama, tokenizer, limits=EngineLimits(max_batch_rows=cap))
+        try:
+            result = _result(engine, Request(messages, config))
+            assert _key(result) == _key(alone)
+            assert engine.stats()["max_rows_per_step"] <= cap
+        finally:
+            engine.close()
