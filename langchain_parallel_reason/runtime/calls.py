@@ -246,8 +246,9 @@ def kv_reservation(request: Request, tokenizer: Any, kv_per_token: int, limits: 
     return tokens * kv_per_token
 
 
-def with_engine_report(req: Submission, result: Any) -> Any:
-    """``result`` with the engine's part of the report: queue wait, forwards, prefix hits."""
+def with_engine_report(req: Submission, result: Any, batch_invariant: bool | None = None) -> Any:
+    """``result`` with the engine's part of the report: queue wait, forwards, prefix hits, and
+    whether the model's dtype keeps answers batch-invariant."""
     info = {
         "queue_wait_s": round((req.admitted or req.submitted) - req.submitted, 4),
         "queued_ahead": req.queued_ahead,
@@ -255,5 +256,8 @@ def with_engine_report(req: Submission, result: Any) -> Any:
         "prefix_hit_tokens": req.prefix_hit_tokens,
         "mean_batch_rows": round(req.batch_rows / req.forwards, 2) if req.forwards else 0.0,
     }
-    report = result.report.model_copy(update={"engine": info})  # validated on creation
+    update: dict[str, Any] = {"engine": info}
+    if batch_invariant is not None:
+        update["batch_invariant"] = batch_invariant
+    report = result.report.model_copy(update=update)  # validated on creation
     return dataclasses.replace(result, report=report)

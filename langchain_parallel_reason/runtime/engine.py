@@ -94,6 +94,8 @@ class _Core:
             {"full_attention": dummy, "sliding_attention": dummy} if kind == "dict" else dummy
         )
         self.kv_per_token = kv_bytes_per_token(model)
+        # float32 answers equal their solo runs whatever the batch; half precision's do not.
+        self.invariant = next(model.parameters()).dtype == torch.float32
         self.prefix = PrefixCache(limits.prefix_cache_bytes)
         # Fresh prefills running now: id -> (prompt ids, set once its KV is stored).
         self.prefilling: dict[int, tuple[list[int], threading.Event]] = {}
@@ -331,7 +333,7 @@ class _Core:
                         try:
                             event = next(events)
                         except StopIteration as stop:
-                            return with_engine_report(req, stop.value)
+                            return with_engine_report(req, stop.value, self.invariant)
                         req.send(("event", event))
                         sent_text = sent_text or not isinstance(event, pl.StageEvent)
                 finally:

@@ -649,3 +649,19 @@ def test_an_answer_cut_inside_a_character_drops_its_first_bytes(
     assert not cut.text.endswith("\ufffd")
     assert chat.invoke(question, max_tokens=24).text.startswith(cut.text)
     assert "".join(c.text for c in chat.stream(question, max_tokens=max_tokens)) == cut.text
+
+
+def test_the_report_says_whether_answers_are_batch_invariant(
+    tiny_llama: Any, tiny_tokenizer: Any
+) -> None:
+    import copy
+
+    import torch
+
+    exact = ChatParallelReason.from_model(
+        tiny_llama, tiny_tokenizer, max_tokens=4, mode="sequential"
+    )
+    assert exact.invoke("Hi").response_metadata["parallel"]["batch_invariant"] is True
+    half = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    fast = ChatParallelReason.from_model(half, tiny_tokenizer, max_tokens=4, mode="sequential")
+    assert fast.invoke("Hi").response_metadata["parallel"]["batch_invariant"] is False
