@@ -13,18 +13,21 @@ dog, a rabbit is a rabbit,"), so a decoder can end that sequence with finish rea
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "COUNTING_RUN_UNITS",
     "LOOP_MAX_PERIOD",
     "LOOP_MIN_SPAN",
     "PATTERN_MAX_SLOT",
     "PATTERN_MAX_UNIT",
     "RepetitionControl",
     "RepetitionState",
+    "counting_run",
     "find_loop",
     "find_patterned_loop",
     "loop_cut",
@@ -47,6 +50,24 @@ PATTERN_MAX_SLOT = 4
 # A template must have at least this many fixed tokens per copy (and no fewer than its slot
 # has tokens): a list such as "apples, pears, plums, figs," is a one-token template, not a loop.
 _PATTERN_MIN_FIXED = 4
+
+
+COUNTING_RUN_UNITS = 10
+"""A counting run is at least this many numbers in a row, each followed by the same mark."""
+
+# "1.1.1.1.2.3.4.5.6.7." or "1,2,3,4,5,...": numbers of at most 3 digits, each followed by one
+# and the same punctuation mark, nothing else between them (a small model's degenerate list,
+# whose tokens change every copy, so neither loop test sees it). Decimals and dates in prose
+# are separated by words or spaces and never match.
+_COUNTING_RUN = re.compile(
+    r"(?:\d{1,3}([.,;:\-])(?:\d{1,3}\1){" + str(COUNTING_RUN_UNITS - 1) + r",})\d{0,3}$"
+)
+
+
+def counting_run(text: str) -> bool:
+    """Whether ``text`` (a sequence's decoded tail) ends in a counting run (see
+    ``COUNTING_RUN_UNITS``): ended like a loop, with finish reason "repetition"."""
+    return _COUNTING_RUN.search(text) is not None
 
 
 def find_loop(

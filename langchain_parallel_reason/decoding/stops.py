@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .repetition import find_loop
+from .repetition import COUNTING_RUN_UNITS, counting_run, find_loop
 
 __all__ = ["FinishReason", "StopStrings", "Stopping", "cut_at_stop"]
 
@@ -89,6 +89,15 @@ class Stopping:
             return "stop", hit
         if self.loop_guard and find_loop(tokens) is not None:
             return "repetition", None
+        if (
+            self.loop_guard
+            and self.strings.tokenizer is not None
+            and len(tokens) >= 2 * COUNTING_RUN_UNITS
+        ):
+            # At most 4 tokens per number and mark: this tail holds a whole run.
+            tail = self.strings.tokenizer.decode(list(tokens[-8 * COUNTING_RUN_UNITS :]))
+            if counting_run(tail):
+                return "repetition", None
         return None
 
 

@@ -4,6 +4,7 @@ per branch (each branch equals decoding it alone with the same controls), and th
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -17,12 +18,14 @@ from transformers.generation.logits_process import (
 from langchain_parallel_reason.decoding import decode_branches
 from langchain_parallel_reason.decoding.repetition import (
     RepetitionControl,
+    counting_run,
     find_loop,
     find_patterned_loop,
     loop_cut,
     trim_loop,
 )
 from langchain_parallel_reason.decoding.sequential import iter_decode
+from langchain_parallel_reason.decoding.stops import Stopping
 
 PREFIX = [5, 17, 99, 230, 41, 8, 300, 77, 12, 150, 61, 19, 203, 88, 4, 250, 33, 120]
 BRANCHES = [[40, 41, 42], [7], [300, 301, 302, 303, 304]]
@@ -186,3 +189,27 @@ def test_no_past_key_values_deprecation_warning() -> None:
         decode_branches(model, PREFIX, BRANCHES, max_new_tokens=3, attention="split")
         decode_branches(model, PREFIX, BRANCHES, max_new_tokens=3, attention="mask")
         drive_tokens(iter_decode(model, PREFIX, DynamicCache(), start=0, max_new_tokens=3))
+
+
+@pytest.mark.parametrize(
+    ("text", "run"),
+    [
+        ("1.1.1.1.2.3.4.5.6.7.", True),  # the 135M model's step on "Item 6"
+        ("1,2,3,4,5,6,7,8,9,10,11", True),
+        ("1.2.3.4.5.6.7.8.9", False),  # nine numbers: a short count stays
+        ("GPA 3.45, 3.12, 2.98, 3.67, 3.01, 2.50", False),  # numbers in prose
+        ("1. Tea 2. Coffee 3. Milk 4. Water 5. Juice 6. Cola", False),
+        ("on 2026-12-04 at 10:30", False),
+    ],
+)
+def test_counting_run(text: str, run: bool) -> None:
+    assert counting_run(text) is run
+
+
+def test_stopping_ends_a_counting_run_as_a_loop(tiny_tokenizer: Any) -> None:
+    ids = tiny_tokenizer.encode("1.1.1.1.2.3.4.5.6.7.8.", add_special_tokens=False)
+    stop = Stopping.build((), (), tiny_tokenizer, loop_guard=True)
+    ended = [k for k in range(1, len(ids) + 1) if stop.check(ids[:k]) is not None]
+    assert ended
+    assert stop.check(ids[: ended[0]]) == ("repetition", None)
+    assert Stopping.build((), (), tiny_tokenizer, loop_guard=False).check(ids) is None
