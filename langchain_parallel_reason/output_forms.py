@@ -179,7 +179,10 @@ def _check_before_conversion(schema: Any) -> None:
     if isinstance(schema, dict):
         _tools.check_schema(schema)
     elif isinstance(schema, type) and is_basemodel_subclass(schema):
-        _tools.check_schema(schema.model_json_schema())
+        # Pydantic 2 classes have model_json_schema; pydantic.v1 classes (still accepted by
+        # LangChain) have schema().
+        dump = getattr(schema, "model_json_schema", None) or schema.schema
+        _tools.check_schema(dump())
 
 
 def enforceable_json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:

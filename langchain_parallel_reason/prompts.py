@@ -124,8 +124,9 @@ def example_titles() -> frozenset[str]:
     """The step titles of the Stage-1 prompt's own example, casefolded.
 
     A small model tends to copy them whatever the question; the pipeline drops a copied title
-    unless the question itself uses it. The shipped prompt shows only the shape of an answer,
-    whose titles are placeholders (``<first part>``).
+    unless the question itself uses it. (A prompt showing only the answer's shape, with
+    placeholder titles, was tried: the 135M model then wrote "<first part>" as a title and
+    fewer plans validated, so the shipped prompt keeps its worked example.)
     """
     text = _read_text("stage1_plan")
     return frozenset(
@@ -160,8 +161,7 @@ _FORMAT_WORDS = frozenset(
 def example_words(prompt: str | None = None) -> frozenset[str]:
     """Content words of the Stage-1 prompt's example (casefolded, 4 letters or more, no
     ``<placeholder>`` and no format word): what an answer must not repeat unless its question
-    uses it. Empty for the shipped prompt, which shows the answer's shape with placeholders
-    instead of a worked example (a rabbit-or-hamster example leaked into answers, issue 21).
+    uses it (``bench questions`` counts answers that echo two or more of them).
     ``prompt``: another Stage-1 prompt's text to read instead (to compare prompts)."""
     text = _read_text("stage1_plan") if prompt is None else prompt
     start = max(text.find("\nExample."), text.find("\nThe shape"))

@@ -138,14 +138,14 @@ def test_titles_copied_from_the_prompt_example_are_dropped(tiny_llama, tiny_toke
     from langchain_parallel_reason.schemas import Plan
 
     run = Run(tiny_llama, tiny_tokenizer, MESSAGES, PipelineConfig(), None, None)
-    plan = Plan(preamble="p", titles=["<first part>", "Tea", "Coffee"])
+    plan = Plan(preamble="p", titles=["Rabbit", "Tea", "Coffee"])
     assert run.drop_copied_titles(plan).titles == ["Tea", "Coffee"]
     with pytest.raises(PlanFormatError, match="copied from the prompt's example"):
-        run.drop_copied_titles(Plan(titles=["<first part>", "<second part>", "Tea"]))
-    # A question that names the example's title keeps it.
-    asks = [{"role": "user", "content": "Is <first part> or tea better?"}]
+        run.drop_copied_titles(Plan(titles=["Rabbit", "Hamster", "Tea"]))
+    # A question that names the example's word keeps it.
+    asks = [{"role": "user", "content": "Is a rabbit or tea better?"}]
     run = Run(tiny_llama, tiny_tokenizer, asks, PipelineConfig(), None, None)
-    assert run.drop_copied_titles(plan).titles == ["<first part>", "Tea", "Coffee"]
+    assert run.drop_copied_titles(plan).titles == ["Rabbit", "Tea", "Coffee"]
 
 
 def test_a_step_may_not_open_with_another_steps_title(tiny_tokenizer) -> None:
