@@ -11,11 +11,14 @@ the answer falls back to ordinary sequential decoding, and the report says why. 
 most half of it, so a fallback keeps the rest). Every step and the conclusion run under a loop
 guard and the caller's repetition controls (transformers' ``repetition_penalty`` /
 ``no_repeat_ngram_size``). Any failure of the parallel path (Stage 2 or 3) falls back the same
-way. The caller serialises calls on one model (the chat model holds a lock).
+way. ``model`` may be a transformers model (run here) or a ``backend.Backend`` (e.g. the HTTP
+backend of a server): the stages are written once, against the backend. A call is plain
+sequential code; the engines run each call as a coroutine (runtime/engine.py, runtime/remote.py).
 
-Modules, the arrows running one way: ``settings`` (PipelineConfig, bounds) and ``events`` (what
-is yielded) <- ``render`` (prompts, token ids) <- ``run`` (one call's state, Stage 1) <- ``route``,
-``steps`` (Stages 2 and 3) <- ``blocks`` <- ``stages`` (``iter_answer``, ``answer``). The prompt
+Modules, the arrows running one way: ``settings`` (PipelineConfig, bounds), ``events`` (what is
+yielded) and ``backend`` (what the stages ask of a model or a server) <- ``render`` (prompts,
+token ids) <- ``run`` (one call's state, Stage 1) <- ``route``, ``steps`` (Stages 2 and 3) <-
+``blocks`` <- ``stages`` (``iter_answer``, ``answer``). The prompt
 templates come from ``prompts`` (LangChain's PromptTemplate); no chat model is used here.
 """
 
