@@ -148,7 +148,11 @@ def test_ask_json(tiny_model_dir, capsys):
     assert result["report"]["batch_invariant"] is result["dtype"].startswith("float32")
     speed = result["speedup"]
     assert speed["speedup"] > 0
-    assert speed["stepped_s"] == pytest.approx(speed["steps_s"] * speed["speedup"], rel=0.01)
+    # Each figure is rounded to 3 decimals: on the tiny model a step time of ~0.01 s carries a
+    # rounding error of several percent.
+    assert speed["stepped_s"] == pytest.approx(
+        speed["steps_s"] * speed["speedup"], rel=0.01, abs=2e-3
+    )
     assert [s["title"] for s in result["steps"]] == ["Taste", "Price"]
     usage = result["usage"]
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
