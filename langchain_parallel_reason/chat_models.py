@@ -42,7 +42,7 @@ from .call_settings import (
     validate_steps,
 )
 from .chunks import chat_result, event_chunk, final_chunk
-from .messages import check_chat_template, convert_messages
+from .messages import convert_messages
 from .output_forms import OutputForm, bound_tools, structured_output
 from .runtime import DEFAULT_MODEL_NAME, EngineLimits, Request, open_engine
 from .setting_bounds import bounds
@@ -349,9 +349,8 @@ class ChatParallelReason(BaseChatModel):
         Raises:
             ValueError: The tokenizer has no chat template.
         """
-        check_chat_template(tokenizer)
         chat = cls(**kwargs)
-        chat._engine = open_engine(
+        chat._engine = open_engine(  # the door checks the chat template
             loaded=(model, tokenizer), name=kwargs.get("model"), limits=chat._limits()
         )
         chat._tokenizer = tokenizer

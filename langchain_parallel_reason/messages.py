@@ -19,13 +19,11 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-from .runtime.door import check_chat_template
-
 if TYPE_CHECKING:
     from types import ModuleType
 
 
-__all__ = ["check_chat_template", "convert_messages"]
+__all__ = ["convert_messages"]
 
 # Content blocks an assistant message may carry besides text; the text is what the template
 # needs (tool calls travel in `AIMessage.tool_calls`).

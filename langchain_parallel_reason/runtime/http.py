@@ -289,7 +289,9 @@ class HttpBackend:
             top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
             scores = {int(k.split(":")[-1]): float(v) for k, v in top.items()}
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-            raise malformed(self.info, "/completions", f"no token log-probabilities: {e}") from e
+            raise malformed(
+                self.info.base_url, "/completions", f"no token log-probabilities: {e}"
+            ) from e
         logits = torch.full((self.vocab_size,), float("-inf"))
         for token, score in scores.items():
             if 0 <= token < self.vocab_size:
@@ -321,12 +323,8 @@ class HttpBackend:
                     return
                 except ServerError as e:
                     refused = e.status == 400 and any(w in e.message.lower() for w in GRAMMAR_WORDS)
-                    if (
-                        attempt
-                        or not refused
-                        or "regex"
-                        not in json.dumps(body.get("structured_outputs", body.get("regex", "")))
-                    ):
+                    regex = "regex" in body or "regex" in body.get("structured_outputs", {})
+                    if attempt or not refused or not regex:
                         raise
                     # The server cannot use the step-opening regex: steps go on without it.
                     self.regex_ok = False
@@ -348,7 +346,7 @@ class HttpBackend:
                     raise ServerError(response.status_code, text)
                 if "text/event-stream" not in response.headers.get("content-type", ""):
                     raise malformed(
-                        self.info, endpoint, "a plain reply where a stream was asked for"
+                        self.info.base_url, endpoint, "a plain reply where a stream was asked for"
                     )
                 self.completions_running += 1
                 try:
@@ -385,4 +383,4 @@ class HttpBackend:
         except ServerError:
             raise
         except (ValueError, TypeError, AttributeError) as e:
-            raise malformed(self.info, endpoint, f"{type(e).__name__}: {e}") from None
+            raise malformed(self.info.base_url, endpoint, f"{type(e).__name__}: {e}") from None

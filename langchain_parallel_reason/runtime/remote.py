@@ -207,11 +207,7 @@ class RemoteEngine:
             body = await send_json(client, self.base_url, "GET", "/models", None, self.retries)
             cards = body.get("data")
             if not isinstance(cards, list) or not all(isinstance(c, dict) for c in cards):
-                raise malformed(
-                    ServerInfo(self.base_url, "", [], "", None, None),
-                    "/models",
-                    "no list of models",
-                )
+                raise malformed(self.base_url, "/models", "no list of models")
             served = [str(card.get("id")) for card in cards]
             model = self.model
             if model is None:

@@ -48,10 +48,10 @@ class ServerInfo:
     root: str | None  # the served folder or hub id (where the tokenizer comes from)
 
 
-def malformed(info: ServerInfo, endpoint: str, what: str) -> ServerError:
+def malformed(base_url: str, endpoint: str, what: str) -> ServerError:
     """The error for a reply that breaks the OpenAI API, naming the server and the fix."""
     msg = (
-        f"{info.base_url}{endpoint} sent a malformed reply ({what}); point base_url at an "
+        f"{base_url}{endpoint} sent a malformed reply ({what}); point base_url at an "
         "OpenAI-compatible server (vLLM or SGLang) that serves /v1/completions with streaming"
     )
     return ServerError(200, msg)
@@ -108,7 +108,6 @@ async def send_json(
             except ValueError:
                 data = None
             if not isinstance(data, dict):
-                info = ServerInfo(base_url, "", [], "", None, None)
-                raise malformed(info, endpoint, f"not a JSON object: {response.text[:80]!r}")
+                raise malformed(base_url, endpoint, f"not a JSON object: {response.text[:80]!r}")
             return data
     raise AssertionError  # unreachable: AsyncRetrying re-raises the last error
