@@ -20,6 +20,7 @@ __all__ = [
     "PROMPT_NAMES",
     "STEP_MARKER",
     "conclusion_cue",
+    "echo_words",
     "example_titles",
     "example_words",
     "load_prompt",
@@ -170,6 +171,31 @@ def example_words(prompt: str | None = None) -> frozenset[str]:
     body = re.sub(r"<[^>\n]*>", " ", body)
     words = {w.casefold() for w in re.findall(r"[A-Za-z]{4,}", body)}
     return frozenset(words - _FORMAT_WORDS - _STOP_WORDS)
+
+
+def echo_words(*texts: str) -> tuple[str, ...]:
+    """The words the steps and the conclusion may not write: each content word of the Stage-1
+    prompt's example (`example_words`) that none of ``texts`` (the caller's messages, given
+    step titles) uses, folded for case and plural, in its singular and plural forms, lower-case
+    and capitalised ("rabbit", "rabbits", "Rabbit", "Rabbits").
+
+    The example is shown to teach the plan's format, and a 135M model copies its content into
+    unrelated answers ("Item 1: A rabbit needs room to hop"); the pipeline bans these words in
+    Stage 2 and 3 (``RepetitionControl.banning``, vLLM's ``bad_words`` on a server). The
+    example is written with topic words only, so the ban takes no common word from an answer.
+    """
+    from .titles import fold  # imported here: this module must load alone (test_prompts)
+
+    used = {fold(w) for text in texts for w in re.findall(r"[^\W_]+", text)}
+    out: list[str] = []
+    for word in sorted(example_words()):
+        base = fold(word)
+        if base in used:
+            continue
+        plural = base + ("es" if base.endswith(("s", "x", "z", "ch", "sh")) else "s")
+        for form in (base, plural):
+            out += [form, form.capitalize()]
+    return tuple(out)
 
 
 _STOP_WORDS = frozenset(

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -252,10 +253,17 @@ class RepetitionControl:
             by ``penalty`` when positive, multiplied when negative (CTRL, Keskar et al. 2019).
         ngram_size: >= 1; 0 or None is off. A token that would complete an n-gram already in
             the context is banned (logit -inf).
+        bad_words, bad_word_ids: words a sequence may never write, and their token ids (see
+            `banning`): a token that would complete one of the id sequences right after the
+            new tokens written so far is banned, as vLLM's ``bad_words`` sampling parameter
+            (and transformers' ``bad_words_ids``) do. Only new tokens are matched, not the
+            context.
     """
 
     penalty: float | None = None
     ngram_size: int | None = None
+    bad_words: tuple[str, ...] = ()
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.penalty is not None and not 0.0 < self.penalty < float("inf"):
@@ -267,8 +275,41 @@ class RepetitionControl:
 
     @property
     def active(self) -> bool:
-        """True when either control changes logits."""
-        return (self.penalty is not None and self.penalty != 1.0) or bool(self.ngram_size)
+        """True when some control changes logits."""
+        return (
+            (self.penalty is not None and self.penalty != 1.0)
+            or bool(self.ngram_size)
+            or bool(self.bad_word_ids)
+        )
+
+    def banning(self, words: Sequence[str], tokenizer: Any) -> RepetitionControl:
+        """This control that also bans ``words``, tokenized as vLLM tokenizes its
+        ``bad_words``: each word alone and after a space (the spaced form where it is a
+        different first token and the same number of tokens, or one token), so a server sent
+        ``words`` as ``bad_words`` and the one-token forms as a logit bias bans the same id
+        sequences (``single_token_bans``)."""
+        words = tuple(dict.fromkeys(w.strip() for w in words if w.strip()))
+        ids: list[tuple[int, ...]] = []
+        for word in words:
+            bare = tuple(tokenizer.encode(word, add_special_tokens=False))
+            spaced = tuple(tokenizer.encode(" " + word, add_special_tokens=False))
+            if bare:
+                ids.append(bare)
+            # vLLM's rule for the spaced form; one token is banned outright in any case (a
+            # server gets it as a logit bias of -100), as " rabbit" is one token but "rabbit"
+            # two in many vocabularies.
+            same_shape = bool(bare) and spaced[:1] != bare[:1] and len(spaced) == len(bare)
+            if spaced and (same_shape or len(spaced) == 1):
+                ids.append(spaced)
+        return replace(
+            self,
+            bad_words=(*self.bad_words, *words),
+            bad_word_ids=tuple(dict.fromkeys((*self.bad_word_ids, *ids))),
+        )
+
+    def single_token_bans(self) -> list[int]:
+        """The banned words' one-token forms (what a server gets as a logit bias)."""
+        return sorted({seq[0] for seq in self.bad_word_ids if len(seq) == 1})
 
     def start(self, context_ids: Sequence[int], vocab_size: int) -> RepetitionState:
         """The state of one sequence whose context (everything before its next token) is
@@ -290,8 +331,13 @@ class RepetitionState:
         self.vocab_size = vocab_size
         self.seen: torch.Tensor | None = None  # [V] bool, built on first apply (its device)
         self.follow: dict[tuple[int, ...], set[int]] = {}
+        # Bad words by the length of their lead: lead (all ids but the last) -> banned last ids.
+        self.bad: dict[int, dict[tuple[int, ...], set[int]]] = {}
+        for seq in control.bad_word_ids:
+            self.bad.setdefault(len(seq) - 1, {}).setdefault(seq[:-1], set()).add(seq[-1])
         for token in context:
             self.push(token)
+        self.context_len = len(self.tokens)
 
     def push(self, token: int) -> None:
         """Record ``token`` as the next one of the sequence."""
@@ -304,9 +350,10 @@ class RepetitionState:
             self.follow.setdefault(key, set()).add(self.tokens[-1])
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """Return ``logits`` ``[V]`` with the penalty and the n-gram ban applied (a new tensor).
+        """Return ``logits`` ``[V]`` with the penalty and the bans applied (a new tensor).
 
-        Same order as transformers' logits processors: the penalty, then the ban.
+        Same order as transformers' logits processors: the penalty, then the n-gram and
+        bad-word bans.
         """
         control = self.control
         out = logits
@@ -320,10 +367,15 @@ class RepetitionState:
             penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
             out = torch.where(self.seen, penalised, logits)
         n = control.ngram_size or 0
+        banned: set[int] = set()
         if n and len(self.tokens) + 1 >= n:
             key = tuple(self.tokens[len(self.tokens) - n + 1 :]) if n > 1 else ()
-            banned = self.follow.get(key)
-            if banned:
-                out = out.clone() if out is logits else out
-                out[torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
+            banned |= self.follow.get(key, set())
+        written = len(self.tokens) - self.context_len
+        for lead, follow in self.bad.items():
+            if lead <= written:
+                banned |= follow.get(tuple(self.tokens[len(self.tokens) - lead :]), set())
+        if banned:
+            out = out.clone() if out is logits else out
+            out[torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
         return out

@@ -7,6 +7,7 @@ raises ``PlanFormatError`` after the retries, never spending more than half of `
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -65,6 +66,15 @@ class Run:
         """The last user message's text ("" when there is none)."""
         user = [m for m in self.messages if m.get("role") == "user"]
         return str(user[-1].get("content") or "").strip() if user else ""
+
+    def own_texts(self) -> list[str]:
+        """Every text the caller wrote: the messages' contents, the given steps, the tools'
+        schemas (what the answer may take words from)."""
+        texts = [str(m.get("content") or "") for m in self.messages]
+        texts += list(self.cfg.steps or ())
+        if self.tools:
+            texts.append(json.dumps(self.tools, default=str))
+        return texts
 
     def grounded_titles(self) -> list[str] | None:
         """The titles the plan grammar offers (`titles.title_candidates` of the question), or

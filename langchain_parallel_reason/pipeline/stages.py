@@ -16,9 +16,7 @@ import torch
 
 from ..decoding.sequential import Cancelled
 from ..plan import PlanFormatError, format_plan
-from ..prompts import (
-    stage1_system_prompt,
-)
+from ..prompts import echo_words, stage1_system_prompt
 from ..schemas import ParallelReport, Plan
 from .blocks import run_blocks
 from .events import (
@@ -169,6 +167,9 @@ def _sequential(run: Run, reason: str | None, attempts: int, t0: float) -> Gener
 def _parallel(run: Run, t0: float) -> Generator:
     cfg = run.cfg
     tok = run.tok
+    # The Stage-1 prompt's worked example must not leak into the steps or the conclusion:
+    # its topic words are banned there unless the caller's own text uses them.
+    run.repetition = run.repetition.banning(echo_words(*run.own_texts()), tok)
     messages = with_system(run.messages, stage1_system_prompt(cfg.max_branches))
     template_kw = {"tools": run.tools} if run.tools else {}
     prompt = render_prompt(

@@ -9,12 +9,14 @@ invoke, and a report with the same keys, all filled, both ways. Greedy decoding 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
 from langchain_parallel_reason import ChatParallelReason
 from langchain_parallel_reason.pipeline import MIN_CONCLUSION_TOKENS
+from langchain_parallel_reason.prompts import echo_words
 
 pytestmark = [pytest.mark.slow, pytest.mark.remote, pytest.mark.allow_hosts(["127.0.0.1"])]
 
@@ -134,3 +136,15 @@ def test_stream_equals_invoke(make: Any) -> None:
     full = llm.invoke("Compare tea and coffee.")
     streamed = "".join(str(chunk.content) for chunk in llm.stream("Compare tea and coffee."))
     assert streamed == full.content
+
+
+def test_the_prompt_example_never_reaches_an_answer(make: Any) -> None:
+    # With nothing to say about "Item N", the 135M model wrote the Stage-1 prompt's worked
+    # example into every step ("A rabbit needs room to hop ..."); its topic words are banned in
+    # Stage 2 and 3 unless the caller's text uses them, on both backends.
+    msg = make(steps=ITEMS, step_max_tokens=48).invoke(SIX)
+    words = set(re.findall(r"[a-z]+", msg.content.casefold()))
+    assert not words & {w.casefold() for w in echo_words(SIX, *ITEMS)}, msg.content
+    # A question that names the example's topic keeps its words.
+    msg = make(steps=["Rabbit", "Dog"], max_tokens=120).invoke("Is a rabbit or a dog a pet?")
+    assert "rabbit" in msg.content.casefold()

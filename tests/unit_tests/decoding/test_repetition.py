@@ -213,3 +213,64 @@ def test_stopping_ends_a_counting_run_as_a_loop(tiny_tokenizer: Any) -> None:
     assert ended
     assert stop.check(ids[: ended[0]]) == ("repetition", None)
     assert Stopping.build((), (), tiny_tokenizer, loop_guard=False).check(ids) is None
+
+
+def _bans_from(out: Any) -> list[tuple[int, ...]]:
+    """Bad words built from an unbanned run: each branch's 2nd new token alone, and the pair of
+    its 5th and 6th new tokens (so the ban changes what every branch writes)."""
+    bans = []
+    for result in out.branches:
+        ids = result.token_ids
+        bans += [(ids[1],), (ids[4], ids[5])]
+    return bans
+
+
+@pytest.mark.parametrize("backend", ["split", "mask"])
+def test_bad_words_equal_generate_alone_with_bad_words_ids(backend) -> None:
+    """Banned id sequences mean what transformers' ``bad_words_ids`` mean, on every branch."""
+    model = build_tiny_model("llama", attn_implementation="eager")
+    new = 12
+    free = decode_branches(model, PREFIX, BRANCHES, max_new_tokens=new, attention=backend)
+    bans = _bans_from(free)
+    control = RepetitionControl(bad_word_ids=tuple(bans))
+    out = decode_branches(
+        model, PREFIX, BRANCHES, max_new_tokens=new, attention=backend, repetition=control
+    )
+    for forced, result, before in zip(BRANCHES, out.branches, free.branches, strict=True):
+        assert result.token_ids != before.token_ids  # the ban changed something
+        expected = generate_alone(model, PREFIX, forced, new, bad_words_ids=[list(b) for b in bans])
+        assert result.token_ids == expected
+        ids = result.token_ids
+        for ban in bans:  # and no banned sequence is in the output
+            assert all(tuple(ids[i : i + len(ban)]) != ban for i in range(len(ids)))
+
+
+def test_bad_words_match_new_tokens_only() -> None:
+    """A banned pair whose first token ends the context is not banned until it is written."""
+    vocab = 50
+    control = RepetitionControl(bad_word_ids=((7, 9), (3,)))
+    state = control.start([1, 2, 7], vocab)
+    logits = torch.zeros(vocab)
+    out = state.apply(logits)
+    assert out[3] == float("-inf")
+    assert out[9] == 0
+    state.push(7)
+    assert state.apply(logits)[9] == float("-inf")
+    assert torch.equal(logits, torch.zeros(vocab))  # the input is never written
+
+
+def test_banning_tokenizes_words_as_vllm_and_bans_one_token_forms(tiny_tokenizer: Any) -> None:
+    words = ["rabbit", "Hamster", "cage"]
+    control = RepetitionControl(1.2).banning(words, tiny_tokenizer)
+    assert control.penalty == 1.2
+    assert control.bad_words == tuple(words)
+    for word in words:
+        bare = tuple(tiny_tokenizer.encode(word, add_special_tokens=False))
+        spaced = tuple(tiny_tokenizer.encode(" " + word, add_special_tokens=False))
+        assert bare in control.bad_word_ids
+        same_shape = spaced[0] != bare[0] and len(spaced) == len(bare)
+        assert (spaced in control.bad_word_ids) == (same_shape or len(spaced) == 1)
+    singles = {seq[0] for seq in control.bad_word_ids if len(seq) == 1}
+    assert control.single_token_bans() == sorted(singles)
+    assert control.active
+    assert not RepetitionControl().active
