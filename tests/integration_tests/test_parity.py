@@ -56,7 +56,7 @@ def test_the_router_decides_and_says_why(make: Any) -> None:
 
 
 ANIMALS = ["Cat", "Dog", "Bird"]
-LOOPING = "For each animal, write the sentence 'A cat is a cat' style again and again."
+LOOPING = "Write 'a cat is a cat' many times for each animal, without stopping."
 
 
 def test_the_loop_guard_cuts_looping_steps(make: Any) -> None:
