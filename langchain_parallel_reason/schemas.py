@@ -219,6 +219,12 @@ class ParallelReport(BaseModel):
     ``"free"`` (the question lists fewer than 2 parts, or the plan was unconstrained: the
     model named the steps). None when the model wrote no plan (direct answer, ``steps=``)."""
 
+    step_kind: Literal["check", "paragraph"] | None = None
+    """How the steps were written: ``"check"`` (every title is a record of the user's
+    material, e.g. a student named in a list of records: each step opens with its title as the
+    message writes it and is one line long) or ``"paragraph"`` (a step after its header, up to
+    its budget). None when no steps were decoded."""
+
     blocks: list[BlockReport] = Field(default_factory=list)
     """One entry per parallel block, in order (empty when no steps were decoded in parallel).
     The top-level ``steps``, ``branch_tokens``, ``branch_finish_reasons``, ``decode_steps``,

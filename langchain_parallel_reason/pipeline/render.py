@@ -9,6 +9,7 @@ functions of their arguments.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,8 @@ __all__ = [
     "grammar_constraint",
     "marker_token_ids",
     "merged_steps_text",
+    "record_quote",
+    "record_titles",
     "render_prompt",
     "resample_settings",
     "step_opening_banned_ids",
@@ -272,6 +275,26 @@ def step_token_budget(
 def merged_steps_text(headers: Sequence[str], bodies: Sequence[str]) -> str:
     """The Stage-3 layout: each step after its header, one per line, as if written in a row."""
     return "".join(f"{h} {body}\n" for h, body in zip(headers, bodies, strict=True))
+
+
+def record_titles(message: str, titles: Sequence[str]) -> bool:
+    """True when every title is a record of the message's material: it occurs, as written, in
+    a line of ``message`` above its last line (the question): "Oscar Popescu" in
+    "1. Name: Oscar Popescu; GPA: 3.81" of a list of records followed by a question about them.
+    Titles a question only mentions ("Taste" in "Compare tea and coffee on taste") are not."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    material = lines[:-1]
+    return bool(titles) and all(any(t in line for line in material) for t in titles)
+
+
+def record_quote(message: str, title: str) -> str:
+    """The first line of ``message`` that holds ``title``, up to the title's end (its list
+    number dropped): "Name: Oscar Popescu" of "1. Name: Oscar Popescu; GPA: 3.81"."""
+    for line in message.splitlines():
+        if title in line:
+            quote = line[: line.index(title) + len(title)].strip()
+            return re.sub(r"^\(?\d+[.)]\s*", "", quote)
+    return title
 
 
 def steps_content(preamble: str, titles: Sequence[str], bodies: Sequence[str]) -> str:

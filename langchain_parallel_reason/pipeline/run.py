@@ -61,6 +61,7 @@ class Run:
         self.route, self.route_reason = forced_route(config)
         self.block_end: BlockEnd | None = None  # how the last conclusion ended
         self.titles: str | None = None  # "question" or "free" once a plan was decoded
+        self.step_kind: str | None = None  # "check" or "paragraph" once steps are decoded
 
     def question(self) -> str:
         """The last user message's text ("" when there is none)."""

@@ -77,7 +77,12 @@ def iter_answer(
         result = yield from _dispatch(run, t0)
     except Cancelled as e:
         raise PipelineCancelled(str(e)) from e
-    route = {"route": run.route, "route_reason": run.route_reason, "titles": run.titles}
+    route = {
+        "route": run.route,
+        "route_reason": run.route_reason,
+        "titles": run.titles,
+        "step_kind": run.step_kind if result.report.mode_used != "sequential" else None,
+    }
     return replace(result, report=result.report.model_copy(update=route))
 
 

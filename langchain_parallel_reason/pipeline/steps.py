@@ -38,6 +38,8 @@ from .events import (
 from .render import (
     marker_token_ids,
     merged_steps_text,
+    record_quote,
+    record_titles,
     step_opening_banned_ids,
     step_token_budget,
     steps_content,
@@ -67,18 +69,76 @@ def step_budget(run: Run, titles: Sequence[str], prefix: list[int]) -> tuple[int
     return per_step, left_tokens, left_ctx
 
 
+@dataclass(frozen=True)
+class StepForm:
+    """How a block's steps open and end (see `step_form`)."""
+
+    headers: list[str]
+    """Each step's header, ``####Title:``."""
+    quotes: list[str]
+    """What each step is forced to write after its header ("" for a paragraph step)."""
+    stops: tuple[str, ...]
+    """Stop strings of every step."""
+    opening_ban: list[int]
+    """Ids no step may open with (besides EOS), for its first tokens."""
+    title_openings: list[list[int]]
+    """Per step, the first tokens of the other titles: not its first token."""
+    check: bool = False
+    """Check steps: any stop may end them at once (a record's line can end at its title)."""
+
+    def opening_tokens(self, per_step: int) -> int:
+        """How many first tokens the opening bans (and EOS) hold for."""
+        return 0 if self.check else min(MIN_STEP_TOKENS, per_step // 2)
+
+    @property
+    def heads(self) -> list[str]:
+        """Header and quote of each step: the text it is forced to open with."""
+        return [h + q for h, q in zip(self.headers, self.quotes, strict=True)]
+
+
+def step_form(run: Run, titles: Sequence[str]) -> StepForm:
+    """How a block's steps open and end.
+
+    A paragraph step is forced to open with its header (``####Title:``), may not open with a
+    marker, the placeholder or another title, and ends at the next step marker or a caller's
+    stop. When every title is a record of the user's material (``record_titles``: "Oscar
+    Popescu" in "1. Name: Oscar Popescu; GPA: 3.81"), each step is a check of its item: its
+    header is followed by the record's own opening up to the title ("Name: Oscar Popescu",
+    ``record_quote``), so the model reads on from that record (a small model copies well and
+    guesses badly), and it ends at the line's end: one line per item. ``run.step_kind``
+    records which.
+    """
+    check = record_titles(run.question(), titles)
+    run.step_kind = run.step_kind or ("check" if check else "paragraph")
+    headers = [step_header(title) for title in titles]
+    if check:
+        quotes = [f" {record_quote(run.question(), title)}" for title in titles]
+        return StepForm(
+            headers, quotes, (STEP_MARKER, *run.cfg.stop, "\n"), [], [[]] * len(titles), True
+        )
+    return StepForm(
+        headers,
+        [""] * len(titles),
+        (STEP_MARKER, *run.cfg.stop),
+        step_opening_banned_ids(run.tok),
+        title_opening_ids(run.tok, titles),
+    )
+
+
 def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t0):
-    cfg = run.cfg
     tok = run.tok
     n = len(plan.titles)
     # Bring the cache to exactly the prefix: Stage 1 left prompt + plan minus its last token.
     have = cache.get_seq_length()
     t = time.perf_counter()
     prefix_logits = run.backend.forward_tokens(prefix[have:], cache, have)
-    headers = [step_header(title) for title in plan.titles]
-    branch_prefixes = [run.encode(h) for h in headers]
-    step_stops = (STEP_MARKER, *cfg.stop)
-    streams = [TextStream(tok, step_stops, lstrip=True) for _ in range(n)]
+    form = step_form(run, plan.titles)
+    headers, quotes, step_stops = form.headers, form.quotes, form.stops
+    branch_prefixes = [run.encode(head) for head in form.heads]
+    streams = [TextStream(tok, step_stops, lstrip=not q) for q in quotes]
+    for b, quote in enumerate(quotes):
+        if quote:  # a check step's text opens with its quote
+            yield StepDelta(b, plan.titles[b], quote.strip())
     # The preamble opens the content, but is sent with the steps: a failure in Stage 2 falls
     # back to sequential decoding, and content already sent could not be taken back.
     preamble = plan.preamble.strip()
@@ -91,13 +151,17 @@ def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t
         cache,
         prefix_logits,
         streams,
+        form,
         keep_kv=_reuse_requested(run),
     )
     for b in range(n):
         if tail := streams[b].finish():
             yield StepDelta(b, plan.titles[b], tail)
     run.timings["steps"] = time.perf_counter() - t
-    bodies = [_body(tok, s, r, step_stops) for s, r in zip(streams, out.branches, strict=True)]
+    bodies = [
+        q.strip() + _body(tok, s, r, step_stops, lstrip=not q)
+        for q, s, r in zip(quotes, streams, out.branches, strict=True)
+    ]
     branch_tokens = [len(r.token_ids) for r in out.branches]
     if out.width < n:
         run.notes.append(f"out of memory: steps decoded {out.width} at a time")
@@ -110,7 +174,11 @@ def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t
     t = time.perf_counter()
     steps_md = steps_content(preamble, plan.titles, bodies)
     yield ContentDelta(steps_md)
-    laid = _reuse_steps_kv(run, prefix, cache, branch_prefixes, out) if out.branch_kv else None
+    laid = (
+        _reuse_steps_kv(run, prefix, cache, branch_prefixes, out, step_stops)
+        if out.branch_kv
+        else None
+    )
     if laid is None:
         stage3 = run.encode(merged_steps_text(headers, bodies) + conclusion_cue())
         start, logits, context = len(prefix), None, prefix
@@ -152,17 +220,19 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
     cfg, tok = run.cfg, run.tok
     n = len(plan.titles)
     t = time.perf_counter()
-    step_stops = (STEP_MARKER, *cfg.stop)
-    headers = [step_header(title) for title in plan.titles]
-    opening = title_opening_ids(tok, plan.titles)
-    banned = [*step_opening_banned_ids(tok), *run.stop_ids]
+    form = step_form(run, plan.titles)
+    quotes, step_stops, heads = form.quotes, form.stops, form.heads
+    opening = form.title_openings
+    banned = [*form.opening_ban, *run.stop_ids]
     # Stage 1 left prompt + plan minus its last token in the cache (nothing with steps=).
     pos = cache.get_seq_length()
     row = list(prefix[:pos])  # the sequence the cache holds, in order
-    feed = [*prefix[pos:], *run.encode(headers[0])]
+    feed = [*prefix[pos:], *run.encode(heads[0])]
     results, bodies = [], []
     for b, title in enumerate(plan.titles):
-        stream = TextStream(tok, step_stops, lstrip=True)
+        stream = TextStream(tok, step_stops, lstrip=not quotes[b])
+        if quotes[b]:
+            yield StepDelta(b, title, quotes[b].strip())
         gen = run.backend.iter_decode(
             feed,
             cache,
@@ -173,7 +243,7 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
             stop_token_ids=run.stop_ids,
             stop_strings=step_stops,
             tokenizer=tok,
-            suppress=SuppressFirst(banned, min(MIN_STEP_TOKENS, per_step // 2), opening[b]),
+            suppress=SuppressFirst(banned, form.opening_tokens(per_step), opening[b]),
             cancel=run.cancel,
             repetition=run.repetition,
             context_ids=row,
@@ -190,7 +260,7 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
         if tail := stream.finish():
             yield StepDelta(b, title, tail)
         results.append(result)
-        bodies.append(_body(tok, stream, result, step_stops))
+        bodies.append(quotes[b].strip() + _body(tok, stream, result, step_stops, not quotes[b]))
         # Keep the step's tokens that spell its text; the rest of the text, a newline and the
         # next header (or the cue) are fed with the next step.
         keep, text = _kept_tokens(tok, result, step_stops)
@@ -198,7 +268,7 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
         pos = len(row)
         run.backend.crop(cache, pos)
         glue = _glue(tok, result.token_ids, keep, text)
-        feed = run.encode(glue + (headers[b + 1] if b + 1 < n else conclusion_cue()))
+        feed = run.encode(glue + (heads[b + 1] if b + 1 < n else conclusion_cue()))
     run.timings["steps"] = time.perf_counter() - t
     branch_tokens = [len(r.token_ids) for r in results]
     run.output_tokens += sum(branch_tokens)
@@ -326,12 +396,11 @@ def _reuse_requested(run: Run) -> bool:
     return problem is None
 
 
-def _reuse_steps_kv(run, prefix, cache, branch_prefixes, out):
+def _reuse_steps_kv(run, prefix, cache, branch_prefixes, out, stops):
     """Lay the steps' own KV and the cue out after the prefix (``decoding.merge``); returns
     (the row's length, the logits after the cue, the row), or None after a failure (noted;
     the cache holds the prefix again and the steps are re-prefilled)."""
     tok = run.tok
-    stops = (STEP_MARKER, *run.cfg.stop)
     kvs, kept, glues = [], [], []
     for forced, result, kv in zip(branch_prefixes, out.branches, out.branch_kv, strict=True):
         keep, text = _kept_tokens(tok, result, stops)
@@ -355,16 +424,21 @@ def _reuse_steps_kv(run, prefix, cache, branch_prefixes, out):
     return end, logits, row
 
 
-def _body(tok: Any, stream: TextStream, result: Any, stops: Sequence[str]) -> str:
+def _body(
+    tok: Any, stream: TextStream, result: Any, stops: Sequence[str], lstrip: bool = True
+) -> str:
     """A step's text for the content: what was streamed, or, when the loop guard ended the
-    step, its tokens up to the first copy of the repeated unit."""
+    step, its tokens up to the first copy of the repeated unit. ``lstrip=False`` keeps its
+    leading space (a check step's text goes on from its quote)."""
     if result.finish_reason != "repetition":
-        return stream.text.strip()
-    kept = TextStream(tok, stops, lstrip=True)
-    for token in trim_loop(result.token_ids):
-        kept.push(token)
-    kept.finish()
-    return kept.text.strip()
+        text = stream.text
+    else:
+        kept = TextStream(tok, stops, lstrip=lstrip)
+        for token in trim_loop(result.token_ids):
+            kept.push(token)
+        kept.finish()
+        text = kept.text
+    return text.strip() if lstrip else text.rstrip()
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -387,7 +461,16 @@ class _StepsOutput:
 
 
 def _decode_steps(
-    run, titles, prefix, branch_prefixes, per_step, cache, prefix_logits, streams, keep_kv=False
+    run,
+    titles,
+    prefix,
+    branch_prefixes,
+    per_step,
+    cache,
+    prefix_logits,
+    streams,
+    form,
+    keep_kv=False,
 ):
     """Stage 2, with a memory fallback: on out-of-memory, decode the branches in halves.
 
@@ -402,8 +485,6 @@ def _decode_steps(
     kvs: list[Any] = [None] * n
     forwards = tokens = 0
     attention = "split"
-    step_stops = (STEP_MARKER, *cfg.stop)
-    opening = title_opening_ids(run.tok, titles)
     start = 0
     while start < n:
         group = list(range(start, min(n, start + width)))
@@ -414,7 +495,7 @@ def _decode_steps(
             params=run.params,
             seed=None if cfg.seed is None else cfg.seed + group[0],
             stop_token_ids=run.stop_ids,
-            stop_strings=step_stops,
+            stop_strings=form.stops,
             tokenizer=run.tok,
             prefix_cache=cache,
             prefix_logits=prefix_logits,
@@ -423,11 +504,10 @@ def _decode_steps(
             # Right after the plan's title list a small model tends to start the next title at
             # once ("\n####...") or copy the placeholder: a step may not open with those.
             suppress=SuppressFirst(
-                [*run.stop_ids, *step_opening_banned_ids(run.tok)],
-                min(MIN_STEP_TOKENS, per_step // 2),
+                [*run.stop_ids, *form.opening_ban], form.opening_tokens(per_step)
             ),
             # ... nor restate another step's title; every step runs under the loop guard.
-            opening_banned_ids=[opening[i] for i in group],
+            opening_banned_ids=[form.title_openings[i] for i in group],
             repetition=run.repetition,
             loop_guard=True,
             keep_kv=keep_kv,

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from langchain_parallel_reason import ChatParallelReason
+from langchain_parallel_reason.bench.task_gen import generate_task
 from langchain_parallel_reason.pipeline import MIN_CONCLUSION_TOKENS
 from langchain_parallel_reason.prompts import echo_words
 
@@ -148,3 +149,14 @@ def test_the_prompt_example_never_reaches_an_answer(make: Any) -> None:
     # A question that names the example's topic keeps its words.
     msg = make(steps=["Rabbit", "Dog"], max_tokens=120).invoke("Is a rabbit or a dog a pet?")
     assert "rabbit" in msg.content.casefold()
+
+
+def test_records_as_steps_are_one_line_checks(make: Any) -> None:
+    task = generate_task("retrieval", 4, seed=0, index=0)
+    msg = make(steps=list(task.steps), step_max_tokens=32, max_tokens=200).invoke(task.prompt)
+    report = _report(msg)
+    assert report["step_kind"] == "check"
+    for title in task.steps:
+        line = next(x for x in msg.content.splitlines() if x.startswith(f"**{title}**: "))
+        assert line.startswith(f"**{title}**: Name: {title}")  # the record's own words
+        assert "\n" not in line  # one line: the step ended at the line's end or its budget

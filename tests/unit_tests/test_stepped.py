@@ -29,6 +29,15 @@ from langchain_parallel_reason.runtime.engine import Engine
 
 MESSAGES = [{"role": "user", "content": "Compare tea and coffee."}]
 STEPS = ("Taste", "Price", "Caffeine")
+# Steps that are records of the message: check steps (a quote after the header, one line).
+RECORDS = [
+    {
+        "role": "user",
+        "content": "1. Name: Ann Lee; GPA: 3.10\n2. Name: Bo Kim; GPA: 2.90\n"
+        "Question: Who has the higher GPA?",
+    }
+]
+NAMES = ("Ann Lee", "Bo Kim")
 # A random model writes a valid plan only with room for it (its titles are noise).
 OWN_PLAN = {"max_tokens": 400, "step_max_tokens": 8, "plan_max_tokens": 250, "max_branches": 3}
 
@@ -51,19 +60,27 @@ def _record_forwards(model):
 
 
 @pytest.mark.parametrize(
-    "config",
+    ("config", "messages"),
     [
-        PipelineConfig(mode="stepped", steps=STEPS, max_tokens=80, step_max_tokens=10),
-        PipelineConfig(mode="stepped", **OWN_PLAN),
-        PipelineConfig(mode="stepped", steps=STEPS, max_tokens=80, step_max_tokens=10, stop=("e",)),
+        (PipelineConfig(mode="stepped", steps=STEPS, max_tokens=80, step_max_tokens=10), MESSAGES),
+        (PipelineConfig(mode="stepped", **OWN_PLAN), MESSAGES),
+        (
+            PipelineConfig(
+                mode="stepped", steps=STEPS, max_tokens=80, step_max_tokens=10, stop=("e",)
+            ),
+            MESSAGES,
+        ),
+        (PipelineConfig(mode="stepped", steps=NAMES, max_tokens=80, step_max_tokens=10), RECORDS),
     ],
-    ids=["given-steps", "own-plan", "stop-string"],
+    ids=["given-steps", "own-plan", "stop-string", "check-steps"],
 )
-def test_stepped_is_an_ordinary_decoding_of_its_own_sequence(tiny_tokenizer, config) -> None:
+def test_stepped_is_an_ordinary_decoding_of_its_own_sequence(
+    tiny_tokenizer, config, messages
+) -> None:
     model = build_tiny_model("llama", seed=0)
     seen, handle = _record_forwards(model)
     try:
-        result = answer(model, tiny_tokenizer, MESSAGES, config)
+        result = answer(model, tiny_tokenizer, messages, config)
     finally:
         handle.remove()
     assert result.report.mode_used == "stepped", result.report.fallback_reason
@@ -166,12 +183,19 @@ async def test_every_entry_point_gives_the_pipelines_answer(tiny_llama, tiny_tok
     assert invoked.usage_metadata["output_tokens"] == reference.output_tokens
 
 
-def test_reuse_keeps_stage_2_and_gives_a_valid_conclusion(tiny_llama, tiny_tokenizer):
-    base = {"steps": STEPS, "max_tokens": 80, "step_max_tokens": 10}
-    events, reuse = _collect(
-        tiny_llama, tiny_tokenizer, PipelineConfig(conclusion_kv="reuse", **base)
+@pytest.mark.parametrize(("messages", "steps"), [(MESSAGES, STEPS), (RECORDS, NAMES)])
+def test_reuse_keeps_stage_2_and_gives_a_valid_conclusion(
+    tiny_llama, tiny_tokenizer, messages, steps
+):
+    base = {"steps": steps, "max_tokens": 80, "step_max_tokens": 10}
+    events: list = []
+    reuse = drive(
+        iter_answer(
+            tiny_llama, tiny_tokenizer, messages, PipelineConfig(conclusion_kv="reuse", **base)
+        ),
+        events,
     )
-    reprefill = answer(tiny_llama, tiny_tokenizer, MESSAGES, PipelineConfig(**base))
+    reprefill = answer(tiny_llama, tiny_tokenizer, messages, PipelineConfig(**base))
     r = reuse.report
     assert r.mode_used == "parallel"
     assert r.conclusion_kv == "reuse", r.notes
@@ -189,7 +213,7 @@ def test_reuse_keeps_stage_2_and_gives_a_valid_conclusion(tiny_llama, tiny_token
     assert reuse.output_tokens == sum(r.branch_tokens) + r.conclusion_tokens
     assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == reuse.content
     # Both Stage-2 backends keep the same KV, so the same answer.
-    mask = answer(tiny_llama, tiny_tokenizer, MESSAGES, PipelineConfig(
+    mask = answer(tiny_llama, tiny_tokenizer, messages, PipelineConfig(
         conclusion_kv="reuse", attention="mask", **base))  # fmt: skip
     assert mask.content == reuse.content
 
