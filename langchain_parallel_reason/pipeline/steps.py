@@ -142,18 +142,8 @@ def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t
     # The preamble opens the content, but is sent with the steps: a failure in Stage 2 falls
     # back to sequential decoding, and content already sent could not be taken back.
     preamble = plan.preamble.strip()
-    out = yield from _decode_steps(
-        run,
-        plan.titles,
-        prefix,
-        branch_prefixes,
-        per_step,
-        cache,
-        prefix_logits,
-        streams,
-        form,
-        keep_kv=_reuse_requested(run),
-    )
+    stage2 = (prefix, branch_prefixes, per_step, cache, prefix_logits)
+    out = yield from _decode_steps(run, plan.titles, *stage2, streams, form, _reuse_requested(run))
     for b in range(n):
         if tail := streams[b].finish():
             yield StepDelta(b, plan.titles[b], tail)
