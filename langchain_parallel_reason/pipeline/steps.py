@@ -8,6 +8,7 @@ of the parallel path (the caller falls back to sequential decoding).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -175,8 +176,9 @@ def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t
     else:  # the cache holds the steps and the cue already
         stage3 = []
         start, logits, context = laid
+    picks = plan.titles if form.check else ()
     stream, finish_reason = yield from _conclusion(
-        run, cache, stage3, start, context, t, logits=logits
+        run, cache, stage3, start, context, t, logits=logits, picks=picks
     )
     run.timings["total"] = time.perf_counter() - t0
     content = steps_md + stream.text
@@ -267,7 +269,8 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
     t = time.perf_counter()
     steps_md = steps_content(plan.preamble.strip(), plan.titles, bodies)
     yield ContentDelta(steps_md)
-    stream, finish_reason = yield from _conclusion(run, cache, feed, pos, row, t)
+    picks = plan.titles if form.check else ()
+    stream, finish_reason = yield from _conclusion(run, cache, feed, pos, row, t, picks=picks)
     run.timings["total"] = time.perf_counter() - t0
     report = ParallelReport(
         mode_used="stepped",
@@ -285,12 +288,22 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
     return AnswerResult(content, report, run.input_tokens, run.output_tokens, finish_reason)
 
 
-def _conclusion(run, cache, feed, start, context, t, logits=None):
+def pick_grammar(picks: Sequence[str]) -> str:
+    """EBNF of a conclusion after check steps: one of ``picks`` (the checked items, as the
+    message writes them), then the rest of one line. The 135M model's free conclusions after
+    record checks mostly named nobody ("The student with the lowest GPA is the student with
+    the lowest GPA."); it must pick among the items it checked."""
+    alternatives = " | ".join(json.dumps(p, ensure_ascii=False) for p in dict.fromkeys(picks))
+    return f"root ::= pick rest\npick ::= {alternatives}\nrest ::= [^\\n]*\n"
+
+
+def _conclusion(run, cache, feed, start, context, t, logits=None, picks=()):
     """Stage 3's decoding: ``feed`` (the token ids the cache still lacks, ending with the
     conclusion cue) at position ``start``, then the conclusion; yields its ContentDelta items
     and returns ``(stream, finish_reason)``. ``context`` is the sequence before ``feed`` (for
     the repetition controls); ``t`` is when Stage 3 began; ``logits``: those after the cue
-    when the cache holds it already (``feed`` is then empty).
+    when the cache holds it already (``feed`` is then empty). ``picks``: after check steps,
+    the conclusion opens with one of them (a grammar; `pick_grammar`) and goes on in one line.
 
     The steps are content already, so nothing here falls back: when the context is full (the
     merged steps can re-tokenize longer than decoded) or the conclusion fails, the answer ends
@@ -330,6 +343,9 @@ def _conclusion(run, cache, feed, start, context, t, logits=None):
             context_ids=context,
             loop_guard=True,
             logits=logits,
+            constraint=run.backend.grammar(ebnf=pick_grammar(picks), stop_token_ids=run.stop_ids)
+            if picks
+            else None,
         )
         try:
             timed = first_timed(gen3, run.timings, "merge", t)
