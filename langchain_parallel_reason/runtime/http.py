@@ -27,7 +27,7 @@ from ..decoding.decoder import BranchesOutput, BranchResult, StepEvent
 from ..decoding.sampling import make_generator, sample_next
 from ..decoding.sequential import Cancelled, SequentialResult
 from ..decoding.stops import Stopping
-from ..pipeline.render import stop_token_ids
+from ..pipeline.render import step_opening_banned_ids, stop_token_ids
 from .bridge import in_bridge, wait_for
 from .server import ServerError, ServerInfo, error_text, malformed, send_json, unreachable
 
@@ -169,15 +169,18 @@ class HttpBackend:
             self.tokenizer,
             kw.get("loop_guard", False),
         )
-        # A step (not a conclusion): its opening is constrained like the local first-token bans.
-        step = bool(kw.get("opening_banned_ids")) or bool(
-            getattr(kw.get("suppress"), "first_ids", ())
+        # A paragraph step's opening bans (the placeholder, a marker, a newline) become the
+        # opening regex; a check step or a conclusion bans other ids, and gets none.
+        suppress = kw.get("suppress")
+        step = (
+            suppress is not None
+            and suppress.count > 0
+            and set(step_opening_banned_ids(self.tokenizer)) <= set(suppress.token_ids)
         )
         bodies = [
             self._body([*context, *forced], budgets[b], seeds[b], kw, step=step)
             for b, forced in enumerate(branches)
         ]
-        suppress = kw.get("suppress")
         floor = int(suppress.count) if suppress is not None else 0
         cancel = kw.get("cancel")
         queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()

@@ -160,3 +160,13 @@ def test_records_as_steps_are_one_line_checks(make: Any) -> None:
         line = next(x for x in msg.content.splitlines() if x.startswith(f"**{title}**: "))
         assert line.startswith(f"**{title}**: Name: {title}")  # the record's own words
         assert "\n" not in line  # one line: the step ended at the line's end or its budget
+
+
+@pytest.mark.parametrize("mode", ["parallel", "stepped"])
+def test_no_step_opens_with_the_placeholder(make: Any, mode: str) -> None:
+    # Titles that open alike ("Item 1".."Item 6") left the server's stepped steps without their
+    # opening rule: each copied the plan's placeholder ("......"). Both modes, both backends.
+    msg = make(steps=ITEMS, step_max_tokens=24, mode=mode).invoke(SIX)
+    for title in ITEMS:
+        line = next(x for x in msg.content.splitlines() if x.startswith(f"**{title}**: "))
+        assert not line.removeprefix(f"**{title}**: ").startswith("."), msg.content
