@@ -110,6 +110,7 @@ def test_sequential_report_defaults() -> None:
         "route": None,
         "route_reason": None,
         "titles": None,
+        "step_kind": None,
         "blocks": [],
         "engine": {},
         "batch_invariant": None,
