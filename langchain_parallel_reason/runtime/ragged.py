@@ -26,7 +26,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..decoding.attention import SplitLayout, split_attention
 from ..decoding.masks import to_additive
 
-__all__ = ["RAGGED_ATTENTION", "RaggedCache", "RaggedLayout", "Segment", "ragged_attention"]
+__all__ = [
+    "RAGGED_ATTENTION",
+    "PackedStep",
+    "RaggedCache",
+    "RaggedLayout",
+    "Segment",
+    "pack_step",
+    "ragged_attention",
+]
 
 RAGGED_ATTENTION = "parallel_reason_ragged"
 
@@ -58,6 +66,54 @@ class RaggedLayout:
 
     segments: list[Segment]
     base: str
+
+
+@dataclass
+class PackedStep:
+    """One forward's inputs for a batch of calls (``pack_step``).
+
+    Attributes:
+        ids, positions: ``[1, T]`` every call's tokens of this step, call after call.
+        keep: ``[K]`` rows whose logits come back (the rows of calls that end in this step).
+        spans: per call, its ``[a, b)`` range of the kept logits, or None (a prefill chunk that
+            does not end its prompt).
+        layout: the segments, for ``ragged_attention``.
+    """
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    keep: torch.Tensor
+    spans: list[tuple[int, int] | None]
+    layout: RaggedLayout
+
+
+def pack_step(batch: list[tuple[Any, int]], base: str) -> PackedStep:
+    """Pack ``(call, take)`` pairs (runtime/calls.Call: the next ``take`` of its tokens) into
+    one sequence with a segment per call."""
+    segments, ids, pos, keep, spans = [], [], [], [], []
+    at = 0
+    for call, take in batch:
+        a, b = call.ran, call.ran + take
+        ids.append(call.ids[a:b])
+        pos.append(call.positions[a:b])
+        segments.append(
+            Segment(at, at + take, call.cache, call.positions[a:b], call.mask, call.split)
+        )
+        if b == call.ids.shape[0]:  # the call ends here: its kept rows come back
+            rows = torch.arange(take) if call.keep is None else call.keep - a
+            spans.append((len(keep), len(keep) + rows.numel()))
+            keep.extend((rows + at).tolist())
+        else:
+            spans.append(None)
+        at += take
+    device = ids[0].device
+    return PackedStep(
+        ids=torch.cat(ids)[None],
+        positions=torch.cat(pos)[None],
+        keep=torch.tensor(keep or [0], device=device),
+        spans=spans,
+        layout=RaggedLayout(segments, base),
+    )
 
 
 class RaggedCache(Cache):
