@@ -357,10 +357,10 @@ def _pick_tokens(
             logits[i, b.opening] = float("-inf")
         if b.repetition is not None:
             logits[i] = b.repetition.apply(logits[i])
-    if params.greedy:
-        return sample_next(logits, params).tolist()
-    # Each branch draws from its own generator, so its draws do not depend on the others.
-    return [int(sample_next(logits[i : i + 1], params, b.generator)[0]) for i, b in enumerate(live)]
+    # One pass over all rows; each branch draws from its own generator, so its draws do not
+    # depend on the others.
+    generators = None if params.greedy else [b.generator for b in live]
+    return sample_next(logits, params, generators).tolist()
 
 
 def _record(branch: _Branch, token: int, stopping: Stopping) -> bool:

@@ -1,6 +1,7 @@
 """Next-token selection as pure functions over logits.
 
-Contract: ``sample_next(logits, params, generator)`` maps logits ``[B, V]`` to token ids ``[B]``;
+Contract: ``sample_next(logits, params, generator)`` maps logits ``[B, V]`` to token ids ``[B]``
+(each row may have its own settings and generator: ``sample_rows``, one pass over all rows);
 ``SamplingParams`` and ``SuppressFirst`` are how both decode loops take their sampling rules.
 Temperature 0 is argmax (no randomness consumed); otherwise top-k, then top-p (nucleus), then a
 multinomial draw from the caller's ``torch.Generator``, so a seed reproduces the draw exactly.
@@ -12,13 +13,21 @@ top-p.
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "SuppressFirst", "make_generator", "sample_next"]
+__all__ = [
+    "SamplingParams",
+    "SuppressFirst",
+    "make_generator",
+    "sample_next",
+    "sample_rows",
+    "use_row_sampler",
+]
 
 
 @dataclass(frozen=True)
@@ -115,46 +124,46 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return gen
 
 
-def _filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    # logits: [B, V]; everything below the k-th largest value becomes -inf.
-    k = min(k, logits.shape[-1])
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    # Half-precision argmax has no fast CPU kernel: float32 (exact for these values) was
+    # 4.2 -> 0.8 ms at 16 rows and 8.5 -> 2.3 ms at 48 rows here (vocabulary 49152).
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return logits.argmax(dim=-1)
 
 
-def _filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    # Keep the smallest set of tokens whose mass reaches p (the most likely token always stays).
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probs = sorted_logits.softmax(dim=-1)
+def _filter_top_k(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    # scores: [B, V]; k: [B] with 0 = off. Row i keeps the values at or above its k-th largest.
+    vocab = scores.shape[-1]
+    k = k.clamp(max=vocab)
+    top = torch.topk(scores, int(k.max()), dim=-1).values  # [B, max k], descending
+    kth = top.gather(-1, (k - 1).clamp(min=0)[:, None])  # [B, 1]
+    kth = kth.masked_fill((k == 0)[:, None], float("-inf"))
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _filter_top_p(scores: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    # scores: [B, V]; p: [B] with 1 = off. Keep the smallest set of tokens whose mass reaches p
+    # (the most likely token always stays).
+    sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+    probs = sorted_scores.softmax(dim=-1)
     # Mass strictly before each token: a token is dropped when that mass already reaches p.
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p[:, None]
     # Explicitly: a p below the dtype's smallest number (1e-300 in float32 is 0) would drop it.
     drop_sorted[..., 0] = False
+    drop_sorted &= (p < 1.0)[:, None]  # rows without nucleus sampling keep every token
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    return scores.masked_fill(drop, float("-inf"))
 
 
-def sample_next(
+def _draw(
     logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator | None = None,
+    params: Sequence[SamplingParams],
+    generators: torch.Generator | Sequence[torch.Generator | None] | None,
 ) -> torch.Tensor:
-    """Choose one token per row.
-
-    Args:
-        logits: ``[B, V]`` raw logits (any float dtype; sampling math runs in float64).
-        params: temperature / top-k / top-p settings.
-        generator: source of randomness for sampling; ignored when greedy.
-
-    Returns:
-        ``[B]`` int64 token ids on the logits' device.
-    """
-    if params.greedy:
-        # Half-precision argmax has no fast CPU kernel: float32 (exact for these values) was
-        # 4.2 -> 0.8 ms at 16 rows and 8.5 -> 2.3 ms at 48 rows here (vocabulary 49152).
-        if logits.dtype in (torch.bfloat16, torch.float16):
-            logits = logits.float()
-        return logits.argmax(dim=-1)
+    """One temperature / top-k / top-p pass over every row of ``logits`` ``[B, V]`` (each row
+    with its own settings), then each row's draw from its own generator."""
+    device = logits.device
     # float64, and the best logit moved to 0 before dividing: (x - max) / t is 0 for the best
     # token and <= 0 (or -inf) for the rest for any finite t > 0, so the softmax below never
     # sees inf - inf. In float32, t = 1e-300 made every score inf and t = 3.5e38 (above the
@@ -162,10 +171,94 @@ def sample_next(
     # half-precision model overflowing) is clamped to float64's largest number first: the
     # overflowed tokens share the draw instead of making it NaN; -inf stays a mask.
     scores = logits.double().clamp(max=torch.finfo(torch.float64).max)
-    scores = (scores - scores.amax(dim=-1, keepdim=True)) / params.temperature
-    if params.top_k:
-        scores = _filter_top_k(scores, params.top_k)
-    if params.top_p < 1.0:
-        scores = _filter_top_p(scores, params.top_p)
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float64)
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / temperature.to(device)[:, None]
+    if any(p.top_k for p in params):
+        scores = _filter_top_k(scores, torch.tensor([p.top_k for p in params], device=device))
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device)
+        scores = _filter_top_p(scores, top_p)
+    probs = scores.softmax(dim=-1)  # [B, V]
+    if generators is None or isinstance(generators, torch.Generator):
+        return torch.multinomial(probs, num_samples=1, generator=generators).squeeze(-1)
+    # Row i draws from its own generator only: its tokens do not depend on the other rows.
+    return torch.cat(
+        [
+            torch.multinomial(probs[i : i + 1], num_samples=1, generator=g).squeeze(-1)
+            for i, g in enumerate(generators)
+        ]
+    )
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    generators: torch.Generator | Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Choose one token per row, each row with its own settings and generator, in one pass.
+
+    Args:
+        logits: ``[B, V]`` raw logits (any float dtype; sampling math runs in float64).
+        params: one ``SamplingParams`` for every row, or one per row.
+        generators: one generator all sampled rows draw from in turn (or None), or one per
+            row (ignored for greedy rows).
+
+    Returns:
+        ``[B]`` int64 token ids. Greedy rows take ONE argmax together; sampled rows one
+        temperature / top-k / top-p / softmax pass together. Every op works row by row, so a
+        row gets the same token as it would alone, whatever rows share its pass.
+    """
+    rows = logits.shape[0]
+    per_row = [params] * rows if isinstance(params, SamplingParams) else list(params)
+    if len(per_row) != rows:
+        msg = f"sample_rows got {len(per_row)} sampling settings for {rows} rows"
+        raise ValueError(msg)
+    greedy = [p.greedy for p in per_row]
+    if all(greedy):
+        return _argmax(logits)
+    gens = generators
+    if all(not g for g in greedy):
+        return _draw(logits, per_row, gens)
+    out = torch.empty(rows, dtype=torch.long, device=logits.device)
+    pick = [i for i, g in enumerate(greedy) if g]
+    out[pick] = _argmax(logits[pick])
+    draw = [i for i, g in enumerate(greedy) if not g]
+    if gens is not None and not isinstance(gens, torch.Generator):
+        gens = [gens[i] for i in draw]
+    out[draw] = _draw(logits[draw], [per_row[i] for i in draw], gens)
+    return out
+
+
+# A request's coroutine inside the engine sets this (in its own context) to hand its sampling
+# to the engine, which samples every request's rows of a forward in one pass.
+_ROW_SAMPLER: contextvars.ContextVar[Callable[..., torch.Tensor] | None] = contextvars.ContextVar(
+    "parallel_reason_row_sampler", default=None
+)
+
+
+def use_row_sampler(sampler: Callable[..., torch.Tensor] | None) -> None:
+    """Route this context's ``sample_next`` calls to ``sampler(logits, params, generators)``
+    (what the engine does inside each request's coroutine); None restores direct sampling."""
+    _ROW_SAMPLER.set(sampler)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Choose one token per row (see ``sample_rows``; the engine may batch the call).
+
+    Args:
+        logits: ``[B, V]`` raw logits (any float dtype; sampling math runs in float64).
+        params: temperature / top-k / top-p settings (one, or one per row).
+        generator: source of randomness for sampling (one, or one per row); ignored when
+            greedy.
+
+    Returns:
+        ``[B]`` int64 token ids on the logits' device.
+    """
+    sampler = _ROW_SAMPLER.get()
+    if sampler is not None:
+        return sampler(logits, params, generator)
+    return sample_rows(logits, params, generator)

@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicCache
 from ..decoding.cache import crop_to
 from .base import Item, Request
 from .kv import adopt_slabs
+from .stage_tags import call_stage
 
 __all__ = [
     "Call",
@@ -58,6 +59,7 @@ class Call:
         "ran",
         "req",
         "split",
+        "stage",
     )
 
     def __init__(self, req, ids, positions, cache, mask, split, keep) -> None:
@@ -69,6 +71,8 @@ class Call:
         self.split = split
         self.keep = keep
         self.ran = 0
+        # Which stage of its request this forward is for (runtime/stage_tags.py).
+        self.stage = call_stage(req.stage, split)
         self.done = threading.Event()
         self.logits: torch.Tensor | None = None
         self.error: BaseException | None = None
@@ -115,6 +119,7 @@ class Submission:
         self.forwards = 0
         self.batch_rows = 0
         self.prefix_hit_tokens = 0
+        self.stage = "route"  # the stage its next forward is for (runtime/stage_tags.py)
 
     def expired(self, now: float) -> bool:
         if self.deadline is not None and now >= self.deadline:

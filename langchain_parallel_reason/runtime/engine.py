@@ -45,6 +45,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from ..decoding.attention import attention_configs
 from ..decoding.cache import kv_bytes
 from ..decoding.masks import model_mask_kind
+from ..decoding.sampling import use_row_sampler
 from ..decoding.sequential import Cancelled
 from .base import EngineLimits, Item, Request
 from .calls import (
@@ -62,8 +63,10 @@ from .calls import (
 )
 from .kv import SlabLayer
 from .prefix_cache import PrefixCache, common_prefix
-from .ragged import RAGGED_ATTENTION, RaggedCache, RaggedLayout, Segment
+from .ragged import RAGGED_ATTENTION, RaggedCache, pack_step
 from .retry import is_transient, run_with_retries
+from .row_sampling import RowSampler
+from .stage_tags import STAGES, after_event, initial_stage
 from .threads import apply_threads
 
 __all__ = ["Engine", "EngineLimits"]
@@ -105,6 +108,8 @@ class _Core:
         self.ready: collections.deque[greenlet.greenlet] = collections.deque()
         self.sleeping: list[tuple[float, int, greenlet.greenlet]] = []
         self.hub: greenlet.greenlet | None = None  # the scheduler's own greenlet
+        # Every request's sample_next of a step, in one pass (runtime/row_sampling.py).
+        self.sampler = RowSampler(lambda: self.hub, self.ready.append)
         self.queue: collections.deque[Submission] = collections.deque()
         self.running: dict[int, Submission] = {}
         self.pending: list[Call] = []
@@ -170,6 +175,12 @@ class _Core:
                 "failed": c["failed"],
                 "cancelled": c["cancelled"],
                 "split_retries": c["split_retries"],
+                "sample_passes": self.sampler.passes,
+                "sampled_rows": self.sampler.rows,
+                # What the scheduler sees of each request: the stage its next forward is for.
+                "running_by_stage": _by_stage(r.stage for r in self.running.values()),
+                "parked_by_stage": _by_stage(call.stage for call in self.pending),
+                "rows_by_stage": {s: c["rows_" + s] for s in STAGES},
                 "threads": sum(t.name.startswith(self.tag) for t in threading.enumerate()),
                 "max_concurrent_requests": self.limits.max_concurrent_requests,
                 "max_batch_rows": self.limits.max_batch_rows,
@@ -301,6 +312,10 @@ class _Core:
             messages, tools, config = request.messages, request.tools, request.config
             if request.prepare is not None:
                 messages, tools, config = request.prepare(tokenizer)
+            req.stage = initial_stage(config)
+            # This coroutine's sample_next calls wait for the step's one sampling pass (the
+            # setting lives in this greenlet's own context: other requests set their own).
+            use_row_sampler(self.sampler.park)
             result = self._answer(req, tokenizer, messages, tools, config)
         except pl.PipelineCancelled as e:
             error: BaseException = e
@@ -334,6 +349,7 @@ class _Core:
                             event = next(events)
                         except StopIteration as stop:
                             return with_engine_report(req, stop.value, self.invariant)
+                        req.stage = after_event(req.stage, event)
                         req.send(("event", event))
                         sent_text = sent_text or not isinstance(event, pl.StageEvent)
                 finally:
@@ -371,6 +387,9 @@ class _Core:
         with torch.inference_mode():
             while True:
                 self._resume_ready()
+                if self.sampler.parked:  # every ready request has sampled or parked a call
+                    self.sampler.run()  # their next tokens, one pass; they run again
+                    continue
                 with self.cond:
                     batch = self._next_batch()
                     if batch is None:
@@ -508,6 +527,8 @@ class _Core:
             self.counters["steps"] += 1
             self.counters["rows"] += rows
             self.counters["max_rows"] = max(self.counters["max_rows"], rows)
+            for call, take in batch:
+                self.counters["rows_" + call.stage] += take
         for (call, take), logits in zip(batch, outs, strict=True):
             call.req.forwards += 1
             call.req.batch_rows += rows
@@ -519,42 +540,30 @@ class _Core:
         """The step's single forward: returns each call's kept logits (None for a chunk that
         does not end its prefill)."""
         apply_threads(batch[0][0].req.request.num_threads)
-        segments, ids, pos, keep, spans = [], [], [], [], []
-        at = 0
-        for call, take in batch:
-            a, b = call.ran, call.ran + take
-            ids.append(call.ids[a:b])
-            pos.append(call.positions[a:b])
-            segments.append(
-                Segment(at, at + take, call.cache, call.positions[a:b], call.mask, call.split)
-            )
-            if b == call.ids.shape[0]:  # the call ends here: its kept rows come back
-                rows = torch.arange(take) if call.keep is None else call.keep - a
-                spans.append((len(keep), len(keep) + rows.numel()))
-                keep.extend((rows + at).tolist())
-            else:
-                spans.append(None)
-            at += take
-        device = ids[0].device
-        layout = RaggedLayout(segments, self.base_impl)
+        step = pack_step(batch, self.base_impl)
         with torch.inference_mode():
             for cfg in self.configs:
                 cfg._attn_implementation = RAGGED_ATTENTION
             try:
                 out = self.model(
-                    input_ids=torch.cat(ids)[None],
-                    position_ids=torch.cat(pos)[None],
+                    input_ids=step.ids,
+                    position_ids=step.positions,
                     attention_mask=self.dummy_mask,
                     use_cache=True,
-                    logits_to_keep=torch.tensor(keep or [0], device=device),
-                    ragged_layout=layout,
+                    logits_to_keep=step.keep,
+                    ragged_layout=step.layout,
                     **{self.cache_kw: RaggedCache()},
                 )
             finally:
                 for cfg in self.configs:
                     cfg._attn_implementation = self.base_impl
         logits = out.logits[0]  # [len(keep), V]
-        return [None if s is None else logits[s[0] : s[1]] for s in spans]
+        return [None if s is None else logits[s[0] : s[1]] for s in step.spans]
+
+
+def _by_stage(stages: Iterator[str]) -> dict[str, int]:
+    counts = collections.Counter(stages)
+    return {s: counts[s] for s in STAGES}
 
 
 class Engine:

@@ -60,3 +60,35 @@ def test_overflowed_logits_share_the_draw_instead_of_raising() -> None:
         int(sample_next(logits, SamplingParams(temperature=0.7), generator)) for _ in range(64)
     }
     assert drawn == {1, 3}
+
+
+def test_one_pass_over_rows_with_their_own_settings_equals_each_row_alone() -> None:
+    # Whole-batch sampling (the engine's one pass per forward): every row, with its own
+    # settings and generator, gets the token it gets alone, whatever rows share its pass.
+    from langchain_parallel_reason.decoding.sampling import sample_rows
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=1.3, top_k=5),
+        SamplingParams(temperature=0.7, top_p=0.6),
+        SamplingParams(),
+        SamplingParams(temperature=1.0, top_k=3, top_p=0.9),
+    ]
+    for step in range(20):
+        alone = [
+            int(sample_next(logits[i : i + 1], p, make_generator(100 * step + i))[0])
+            for i, p in enumerate(params)
+        ]
+        gens = [make_generator(100 * step + i) for i in range(len(params))]
+        together = sample_rows(logits, params, gens).tolist()
+        assert together == alone
+        logits = logits.roll(step + 1, dims=-1)
+
+
+def test_whole_batch_greedy_is_one_float32_argmax_of_half_logits() -> None:
+    from langchain_parallel_reason.decoding.sampling import sample_rows
+
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(2)).bfloat16()
+    assert sample_rows(logits, SamplingParams()).tolist() == logits.float().argmax(-1).tolist()
