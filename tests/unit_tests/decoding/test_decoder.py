@@ -280,3 +280,17 @@ def test_min_new_tokens_bans_stops_and_suppressed_ids_early(tiny_model, backend)
     )
     for r in out.branches:
         assert not set(r.token_ids[:3]) & set(first)
+
+
+def test_auto_attention_is_the_mask_in_half_precision_on_a_cpu() -> None:
+    # Split's small per-branch matmuls run slow bf16 CPU kernels; float32 keeps split.
+    model = build_tiny_model("llama", attn_implementation="sdpa")
+    assert choose_attention(model, "auto") == "split"
+    half = build_tiny_model("llama", attn_implementation="sdpa").to(torch.bfloat16)
+    assert choose_attention(half, "auto") == "mask"
+    assert choose_attention(half, "split") == "split"  # asked for explicitly
+    out = decode_branches(half, PREFIX, BRANCHES, max_new_tokens=3)
+    assert out.attention == "mask"
+    # An implementation that takes no 4D mask keeps split in half precision too.
+    half.config._attn_implementation_internal = "flash_attention_2"
+    assert choose_attention(half, "auto") == "split"
