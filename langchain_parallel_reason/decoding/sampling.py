@@ -247,17 +247,8 @@ def sample_next(
     params: SamplingParams | Sequence[SamplingParams],
     generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
-    """Choose one token per row (see ``sample_rows``; the engine may batch the call).
-
-    Args:
-        logits: ``[B, V]`` raw logits (any float dtype; sampling math runs in float64).
-        params: temperature / top-k / top-p settings (one, or one per row).
-        generator: source of randomness for sampling (one, or one per row); ignored when
-            greedy.
-
-    Returns:
-        ``[B]`` int64 token ids on the logits' device.
-    """
+    """``sample_rows(logits, params, generator)``: the same arguments and ``[B]`` token ids,
+    handed to the engine's batched sampler when this context has one (``use_row_sampler``)."""
     sampler = _ROW_SAMPLER.get()
     if sampler is not None:
         return sampler(logits, params, generator)

@@ -84,8 +84,12 @@ class StepForm:
     """Ids no step may open with (besides EOS), for its first tokens."""
     title_openings: list[list[int]]
     """Per step, the first tokens of the other titles: not its first token."""
-    check: bool = False
-    """Check steps: any stop may end them at once (a record's line can end at its title)."""
+
+    @property
+    def check(self) -> bool:
+        """Check steps (they open with a quote): any stop may end them at once (a record's
+        line can end at its title)."""
+        return any(self.quotes)
 
     def opening_tokens(self, per_step: int) -> int:
         """How many first tokens the opening bans (and EOS) hold for."""
@@ -114,9 +118,7 @@ def step_form(run: Run, titles: Sequence[str]) -> StepForm:
     headers = [step_header(title) for title in titles]
     if check:
         quotes = [f" {record_quote(run.question(), title)}" for title in titles]
-        return StepForm(
-            headers, quotes, (STEP_MARKER, *run.cfg.stop, "\n"), [], [[]] * len(titles), True
-        )
+        return StepForm(headers, quotes, (STEP_MARKER, *run.cfg.stop, "\n"), [], [[]] * len(titles))
     return StepForm(
         headers,
         [""] * len(titles),
@@ -150,7 +152,7 @@ def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t
             yield StepDelta(b, plan.titles[b], tail)
     run.timings["steps"] = time.perf_counter() - t
     bodies = [
-        q.strip() + _body(tok, s, r, step_stops, lstrip=not q)
+        _body(tok, s, r, step_stops, q)
         for q, s, r in zip(quotes, streams, out.branches, strict=True)
     ]
     branch_tokens = [len(r.token_ids) for r in out.branches]
@@ -252,7 +254,7 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
         if tail := stream.finish():
             yield StepDelta(b, title, tail)
         results.append(result)
-        bodies.append(quotes[b].strip() + _body(tok, stream, result, step_stops, not quotes[b]))
+        bodies.append(_body(tok, stream, result, step_stops, quotes[b]))
         # Keep the step's tokens that spell its text; the rest of the text, a newline and the
         # next header (or the cue) are fed with the next step.
         keep, text = _kept_tokens(tok, result, step_stops)
@@ -430,12 +432,11 @@ def _reuse_steps_kv(run, prefix, cache, branch_prefixes, out, stops):
     return end, logits, row
 
 
-def _body(
-    tok: Any, stream: TextStream, result: Any, stops: Sequence[str], lstrip: bool = True
-) -> str:
-    """A step's text for the content: what was streamed, or, when the loop guard ended the
-    step, its tokens up to the first copy of the repeated unit. ``lstrip=False`` keeps its
-    leading space (a check step's text goes on from its quote)."""
+def _body(tok: Any, stream: TextStream, result: Any, stops: Sequence[str], quote: str = "") -> str:
+    """A step's text for the content: its quote, then what was streamed, or, when the loop
+    guard ended the step, its tokens up to the first copy of the repeated unit. After a quote
+    the text keeps its leading space (it goes on from the quote)."""
+    lstrip = not quote
     if result.finish_reason != "repetition":
         text = stream.text
     else:
@@ -444,7 +445,7 @@ def _body(
             kept.push(token)
         kept.finish()
         text = kept.text
-    return text.strip() if lstrip else text.rstrip()
+    return text.strip() if lstrip else quote.strip() + text.rstrip()
 
 
 def _is_oom(error: BaseException) -> bool:
