@@ -406,7 +406,13 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         server = ChatParallelReason(base_url=args.base_url, model=args.served_model)
         remote = serve.run_serve_bench(server, config)
     if args.json:
-        print(json.dumps(result if remote is None else {"in_process": result, "remote": remote}))
+        if remote is not None:
+            result = {
+                "in_process": result,
+                "remote": remote,
+                "compare": serve.compare(result, remote),
+            }
+        print(json.dumps(result))
     elif remote is None:
         serve.render_serve(result)
     else:

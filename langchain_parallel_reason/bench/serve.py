@@ -420,6 +420,25 @@ def render_serve(result: dict[str, Any]) -> None:
     )
 
 
+def compare(local: dict[str, Any], remote: dict[str, Any]) -> dict[str, Any]:
+    """In-process against remote on the same set: wall-time ratios (in-process / remote; below
+    1 the in-process engine is faster) and whether both did the same work. Plans differ with
+    the numerics (bfloat16 here, float32 on a server), so a request may take the parallel path
+    on one side and fall back to plain decoding on the other: ``modes_differ`` counts those,
+    and the output tokens say how much each side wrote."""
+    modes = list(zip(local["modes"], remote["modes"], strict=True))
+    return {
+        "wall_ratio_one_at_a_time": round(local["serial_s"] / remote["serial_s"], 2),
+        "wall_ratio_at_once": round(local["concurrent_s"] / remote["concurrent_s"], 2),
+        "modes_differ": sum(a != b for a, b in modes),
+        "parallel_requests": {
+            "in_process": sum(a == "parallel" for a, _ in modes),
+            "remote": sum(b == "parallel" for _, b in modes),
+        },
+        "output_tokens": {"in_process": local["output_tokens"], "remote": remote["output_tokens"]},
+    }
+
+
 def render_side_by_side(local: dict[str, Any], remote: dict[str, Any]) -> None:
     """The same request set in-process and through the remote path, column by column."""
     print(
@@ -433,3 +452,16 @@ def render_side_by_side(local: dict[str, Any], remote: dict[str, Any]) -> None:
             f"{name}: x{run['throughput_ratio']} at once over one at a time; identical: "
             f"{run['identical']} ({run['identical_count']}/{run['requests']})"
         )
+    both = compare(local, remote)
+    print(
+        f"in-process / remote wall time: {both['wall_ratio_one_at_a_time']} one at a time, "
+        f"{both['wall_ratio_at_once']} at once; parallel path taken by "
+        f"{both['parallel_requests']['in_process']} / {both['parallel_requests']['remote']} "
+        f"requests, output tokens {both['output_tokens']['in_process']} / "
+        f"{both['output_tokens']['remote']}"
+        + (
+            f" ({both['modes_differ']} requests took another path: not the same work)"
+            if both["modes_differ"]
+            else ""
+        )
+    )

@@ -122,3 +122,30 @@ def test_side_by_side_prints_both_runs_in_columns(
     assert "remote, 2 at once" in header
     assert sum(line.startswith("Median TPOT (ms)") for line in out.splitlines()) == 1
     assert "remote: x" in out
+
+
+def test_compare_says_when_the_two_sides_did_different_work(
+    tiny_llama: Any, tiny_tokenizer: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from langchain_parallel_reason.bench.serve import compare, render_side_by_side
+
+    llm = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, plan_max_tokens=24)
+    local = run_serve_bench(llm, ServeBenchConfig(requests=4, max_concurrency=4, max_tokens=12))
+    # The remote side: twice as slow, and every request on the other path than locally.
+    other = {"parallel": "sequential", "sequential": "parallel"}
+    remote = local | {
+        "serial_s": 2 * local["serial_s"],
+        "concurrent_s": 2 * local["concurrent_s"],
+        "modes": [other.get(m, m) for m in local["modes"]],
+        "base_url": "http://127.0.0.1:9/v1",
+    }
+    both = compare(local, remote)
+    assert both["wall_ratio_one_at_a_time"] == both["wall_ratio_at_once"] == 0.5
+    differ = sum(m in other for m in local["modes"])
+    assert both["modes_differ"] == differ
+    assert both["parallel_requests"]["in_process"] + both["parallel_requests"]["remote"] == differ
+    assert compare(local, local)["modes_differ"] == 0
+    render_side_by_side(local, remote)
+    out = capsys.readouterr().out
+    assert "in-process / remote wall time: 0.5 one at a time, 0.5 at once" in out
+    assert ("not the same work" in out) == bool(differ)
