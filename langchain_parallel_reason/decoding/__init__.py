@@ -4,7 +4,8 @@ Modules: ``masks`` (belt masks, positions, the mask backend), ``cache`` (split-a
 ``attention`` (the backend contract; shared-prefix + per-branch attention, the split backend),
 ``sampling`` (``SamplingParams``, ``SuppressFirst``, next-token choice), ``stops`` (stop strings,
 end rules), ``sequential`` (ordinary decoding with constraints), ``decoder`` (the Stage-2 loop),
-``merge`` (Stage 3 over the branches' own KV, laid out in a row).
+``merge`` (Stage 3 over the branches' own KV, laid out in a row), ``packing`` (bfloat16 Linear
+weights packed once for a CPU's oneDNN).
 """
 
 from .decoder import (
