@@ -13,13 +13,17 @@ guard and the caller's repetition controls (transformers' ``repetition_penalty``
 ``no_repeat_ngram_size``). Any failure of the parallel path (Stage 2 or 3) falls back the same
 way. ``model`` may be a transformers model (run here) or a ``backend.Backend`` (e.g. the HTTP
 backend of a server): the stages are written once, against the backend. A call is plain
-sequential code; the engines run each call as a coroutine (runtime/engine.py, runtime/remote.py).
+sequential code; the local engine runs each call as a coroutine (runtime/engine.py), and
+``machine.RequestMachine`` is the same call as a state machine: fed what a backend produced, it
+answers with the next actions (decode these branches, cancel that one, done), so a driver with
+no stage logic runs it anywhere (runtime/http.py on a server).
 
 Modules, the arrows running one way: ``settings`` (PipelineConfig, bounds), ``events`` (what is
 yielded) and ``backend`` (what the stages ask of a model or a server) <- ``render`` (prompts,
 token ids) <- ``run`` (one call's state, Stage 1) <- ``route``, ``steps`` (Stages 2 and 3) <-
-``blocks`` <- ``stages`` (``iter_answer``, ``answer``). The prompt
-templates come from ``prompts`` (LangChain's PromptTemplate); no chat model is used here.
+``blocks`` <- ``stages`` (``iter_answer``, ``answer``) <- ``machine`` (with ``actions``, what it
+asks and is fed). The prompt templates come from ``prompts`` (LangChain's PromptTemplate); no
+chat model is used here.
 """
 
 from .events import (

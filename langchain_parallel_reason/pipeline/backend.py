@@ -5,10 +5,11 @@ Contract: the stages (route, plan, steps, conclusion, blocks) are written once, 
 back, and decoding after a cache (one continuation, or N branches over a shared prefix under
 the belt mask), under the decode settings of ``decoding`` (sampling, stop ids and strings, the
 loop guard, first-token bans, repetition controls, a grammar). ``LocalBackend`` runs them on a
-model in this process (the engine hands it a view whose forwards it batches); the HTTP backend
-(runtime/http.py) runs them as streamed completions on an OpenAI-compatible server, whose
-"cache" is the list of ids it will send as the prompt. Both end a branch with the same stop
-rules (``decoding.stops.Stopping``), so the guards hold on every backend.
+model in this process (the engine hands it a view whose forwards it batches); a
+``machine.RequestMachine`` runs them as actions for a driver (runtime/http.py: streamed
+completions on an OpenAI-compatible server), its "cache" the list of ids the next decode sends
+as its context. Both end a branch with the same stop rules (``decoding.stops.Stopping``), so
+the guards hold on every backend.
 """
 
 from __future__ import annotations

@@ -1,41 +1,51 @@
-"""The stages' backend on an OpenAI-compatible server (vLLM, SGLang): transport only.
+"""A server's transport for request machines (vLLM, SGLang): N streamed completions, close =
+cancel; no stage logic.
 
-Contract: ``HttpBackend`` implements ``pipeline.backend.Backend`` over ``/v1/completions`` with
-token-id prompts, so the server sees exactly the ids the local engine would (the chat template
-is rendered here, by the model's own tokenizer). A "cache" is the list of ids the next
-completion sends as its prompt (the server's prefix cache keeps their KV). Decoding N branches
-is N streamed completions sent at once; their token ids come back as they are sampled and
-pass through the same stop rules as the local decoder (``decoding.stops.Stopping``: stop ids,
-stop strings, the loop guard) and the same budget: a branch that must end has its stream
-closed, which aborts it on the server. Sampling settings travel as the server's parameters
-(temperature, top_p, top_k, seed + b per branch, repetition_penalty, min_tokens for the first
-tokens' bans, a grammar as structured output). Must run inside ``bridge.run_sync``.
+Contract: ``HttpDriver(client, info, tokenizer).run(machine, emit)`` executes the actions of a
+``pipeline.machine.RequestMachine`` on an OpenAI-compatible server until it is done, and
+returns the answer. ``Decode`` is one streamed ``/v1/completions`` per branch, all sent at
+once, with token-id prompts (the server sees exactly the ids the local engine would; the chat
+template is rendered by the model's own tokenizer), and their token ids are fed back as they
+are sampled; ``Cancel`` closes that stream, which aborts it on the server; ``Choose`` is one
+completion with log-probabilities; ``Emit`` goes to ``emit``. The machine applies the stop
+rules and budgets; the settings travel as the server's parameters (temperature, top_p, top_k,
+seed + b per branch, repetition_penalty, bad_words, min_tokens for the first tokens' bans, a
+grammar as structured output, the step-opening regex, dropped when the server refuses it).
+Cancelling ``run`` closes every stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import httpx
-import torch
 
-from ..decoding.decoder import BranchesOutput, BranchResult, StepEvent
-from ..decoding.sampling import make_generator, sample_next
-from ..decoding.sequential import Cancelled, SequentialResult
-from ..decoding.stops import Stopping
-from ..pipeline.render import step_opening_banned_ids, stop_token_ids
-from .bridge import in_bridge, wait_for
+from ..pipeline.actions import (
+    BackendInfo,
+    Cancel,
+    Choose,
+    Decode,
+    DecodeSettings,
+    Done,
+    Emit,
+    Ended,
+    Failed,
+    Grammar,
+    Scores,
+    Tokens,
+)
+from ..pipeline.events import AnswerResult, Event
+from ..pipeline.machine import RequestMachine
+from ..pipeline.render import stop_token_ids
 from .server import ServerError, ServerInfo, error_text, malformed, send_json, unreachable
 
 __all__ = [
     "STEP_OPENING_REGEX",
-    "HttpBackend",
-    "ServerGrammar",
-    "TokenCache",
+    "HttpDriver",
 ]
 
 # A step's opening, as the local decoder's first-token bans: right after the plan a small
@@ -46,191 +56,81 @@ STEP_OPENING_REGEX = "[ ]?[^\\s#.\u2026]([^#\\n]{0,30}|[^#\\n]{30}[\\s\\S]*)"
 GRAMMAR_WORDS = ("grammar", "structured", "guided", "ebnf", "xgrammar", "regex")
 
 
-@dataclass
-class TokenCache:
-    """A sequence on the server: the ids the next completion sends as its prompt."""
-
-    ids: list[int] = field(default_factory=list)
-
-    def get_seq_length(self) -> int:
-        """Tokens held."""
-        return len(self.ids)
-
-
-@dataclass
-class ServerGrammar:
-    """A grammar the server enforces (structured output); ``completed`` is set when the
-    completion under it ended by the grammar's own end (finish reason "stop")."""
-
-    ebnf: str | None = None
-    json_schema: Any = None
-    completed: bool = False
-
-    def is_completed(self) -> bool:
-        """Whether the grammar's text was complete."""
-        return self.completed
-
-
-class HttpBackend:
-    """``pipeline.backend.Backend`` on a server (see the module docstring)."""
+class HttpDriver:
+    """Runs request machines on one server (see the module docstring)."""
 
     def __init__(self, client: httpx.AsyncClient, info: ServerInfo, tokenizer: Any) -> None:
         self.client = client
         self.info = info
-        self.tokenizer = tokenizer
-        self.name = f"server ({info.kind or 'openai'}: concurrent requests, shared prefix cache)"
-        self.device = torch.device("cpu")
-        self.context_window = info.max_model_len or 1 << 30
-        self.longer_context = "start the server with a larger --max-model-len"
-        self.stop_ids = stop_token_ids(None, tokenizer)
-        self.vocab_size = len(tokenizer)
+        self.backend_info = BackendInfo(
+            name=f"server ({info.kind or 'openai'}: concurrent requests, shared prefix cache)",
+            context_window=info.max_model_len or 1 << 30,
+            stop_ids=stop_token_ids(None, tokenizer),
+            vocab_size=len(tokenizer),
+            longer_context="start the server with a larger --max-model-len",
+        )
+        """What the machine's stages need to know of the server."""
         self.regex_ok = True  # False once the server refused the step-opening regex
         self.completions_running = 0
         self.notes: list[str] = []
 
-    # -- caches -----------------------------------------------------------------------------
-
-    def new_cache(self) -> TokenCache:
-        """An empty sequence."""
-        return TokenCache()
-
-    def forward_tokens(self, ids: Sequence[int], cache: TokenCache, start: int) -> None:
-        """Append ``ids`` (the server computes them with the next completion)."""
-        cache.ids[start:] = [int(i) for i in ids]
-
-    def crop(self, cache: TokenCache, length: int) -> None:
-        """Keep the first ``length`` ids."""
-        del cache.ids[length:]
-
-    def grammar(self, *, ebnf: str | None = None, json_schema: Any = None, **_: Any) -> Any:
-        """A grammar for the server's structured output."""
-        if isinstance(json_schema, str):
-            json_schema = json.loads(json_schema)
-        return ServerGrammar(ebnf, json_schema)
-
-    def kv_reuse_problem(self) -> str:
-        """A server lays the steps out itself (its prefix cache holds what it has seen)."""
-        return "the server prefills the laid-out steps from its own prefix cache"
-
-    def lay_out_branches(self, *args: Any, **kwargs: Any) -> Any:
-        """Not available on a server (see ``kv_reuse_problem``)."""
-        raise NotImplementedError(self.kv_reuse_problem())
-
-    # -- decoding ---------------------------------------------------------------------------
-
-    def iter_decode(
-        self, input_ids: Sequence[int], cache: TokenCache, *, start: int, **kw: Any
-    ) -> Generator[int, None, SequentialResult]:
-        """One continuation of ``cache.ids[:start] + input_ids`` (as ``iter_decode``)."""
-        context = [*cache.ids[:start], *(int(i) for i in input_ids)]
-        constraint = kw.get("constraint")
-        if getattr(constraint, "choice_ids", None):
-            token = self._choose(context, constraint, kw)
-            yield token
-            cache.ids[:] = context
-            return SequentialResult([token], "stop", None, 1)
-        gen = self._decode(context, [[]], kw, seeds=[kw.get("seed")])
-        while True:
-            try:
-                _, token = next(gen)
-            except StopIteration as stop:
-                result = stop.value.branches[0]
-                break
-            yield token
-        cache.ids[:] = [*context, *result.token_ids[:-1]]  # as a KV cache: the last never fed
-        return SequentialResult(
-            result.token_ids, result.finish_reason, result.stop, len(result.token_ids)
-        )
-
-    def iter_decode_branches(
-        self, prefix_ids: Sequence[int], branch_prefixes: Sequence[Sequence[int]], **kw: Any
-    ) -> Generator[StepEvent, None, BranchesOutput]:
-        """N completions at once, one per branch (as ``iter_decode_branches``)."""
-        seed = kw.get("seed")
-        seeds = [None if seed is None else seed + b for b in range(len(branch_prefixes))]
-        gen = self._decode(list(prefix_ids), [list(p) for p in branch_prefixes], kw, seeds)
-        step = 0
-        while True:
-            try:
-                b, token = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            yield StepEvent(step, (b,), (token,))
-            step += 1
-
-    def _decode(self, context, branches, kw, seeds) -> Generator:
-        """Stream one completion per branch; yield ``(branch, token)``; return the results."""
-        n = len(branches)
-        budget = kw["max_new_tokens"]
-        budgets = [budget] * n if isinstance(budget, int) else list(budget)
-        stopping = Stopping.build(
-            kw.get("stop_token_ids", ()),
-            kw.get("stop_strings", ()),
-            self.tokenizer,
-            kw.get("loop_guard", False),
-        )
-        # A paragraph step's opening bans (the placeholder, a marker, a newline) become the
-        # opening regex; a check step or a conclusion bans other ids, and gets none.
-        suppress = kw.get("suppress")
-        step = (
-            suppress is not None
-            and suppress.count > 0
-            and set(step_opening_banned_ids(self.tokenizer)) <= set(suppress.token_ids)
-        )
-        bodies = [
-            self._body([*context, *forced], budgets[b], seeds[b], kw, step=step)
-            for b, forced in enumerate(branches)
-        ]
-        floor = int(suppress.count) if suppress is not None else 0
-        cancel = kw.get("cancel")
-        queue: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
-        tasks = [
-            asyncio.ensure_future(self._stream(b, body, queue)) for b, body in enumerate(bodies)
-        ]
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        ends: list[tuple[str, Any] | None] = [None] * n
+    async def run(self, machine: RequestMachine, emit: Callable[[Event], None]) -> AnswerResult:
+        """Execute ``machine``'s actions until ``Done``; returns its result with this driver's
+        notes. Errors are the machine's (the pipeline's, the server's); cancelling closes
+        every stream."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        tasks: dict[tuple[int, int], asyncio.Future] = {}
+        closing: list[asyncio.Future] = []
+        actions = machine.start()
         try:
-            while any(end is None for end in ends):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("decoding cancelled")
-                b, kind, value = wait_for(queue.get())
-                if ends[b] is not None:
-                    continue  # tokens the server sent before it saw the stream close
-                if kind == "error":
-                    raise value
-                if kind == "end":
-                    ends[b] = ("length" if value == "length" else "stop", None)
-                    continue
-                for token in value:
-                    tokens[b].append(token)
-                    yield b, token
-                    # Before min_tokens the server checks no stop (it bans EOS and stop ids
-                    # meanwhile): neither does the client.
-                    end = stopping.check(tokens[b]) if len(tokens[b]) > floor else None
-                    if end is None and len(tokens[b]) >= budgets[b]:
-                        end = ("length", None)  # the client holds the budget, whatever the server
-                    if end is not None:
-                        ends[b] = end
-                        tasks[b].cancel()  # closes the stream: the server aborts the request
-                        break
+            while True:
+                for action in actions:
+                    if isinstance(action, Emit):
+                        emit(action.event)
+                    elif isinstance(action, Decode):
+                        # The streams an earlier decode cancelled are closed first (the server
+                        # has aborted them before it sees the next requests).
+                        await asyncio.gather(*closing, return_exceptions=True)
+                        closing.clear()
+                        for b, body in enumerate(self._bodies(action)):
+                            stream = self._stream(action.op, b, body, queue)
+                            tasks[action.op, b] = asyncio.ensure_future(stream)
+                    elif isinstance(action, Cancel):
+                        if (task := tasks.pop((action.op, action.branch), None)) is not None:
+                            task.cancel()  # closes the stream: the server aborts the request
+                            closing.append(task)
+                    elif isinstance(action, Choose):
+                        tasks[action.op, -1] = asyncio.ensure_future(self._choose(action, queue))
+                    elif isinstance(action, Done):
+                        return self._noted(action.result)
+                actions = machine.feed(await queue.get())
         finally:
-            for task in tasks:
+            pending = [*tasks.values(), *closing]
+            for task in pending:
                 task.cancel()
-            if in_bridge():
-                wait_for(asyncio.gather(*tasks, return_exceptions=True))
-        results = [
-            BranchResult(tokens[b], ends[b][0], len(tokens[b]), ends[b][1]) for b in range(n)
-        ]
-        grammar = kw.get("constraint")
-        if isinstance(grammar, ServerGrammar):  # the server ends a finished grammar with EOS
-            grammar.completed = results[0].finish_reason == "stop"
-        total = sum(len(t) for t in tokens)
-        # The server decodes the branches in one batch: about one pass per token of the longest.
-        passes = max((len(t) for t in tokens), default=0)
-        return BranchesOutput(results, passes, 0, self.name, total)
+            await asyncio.gather(*pending, return_exceptions=True)
+            machine.close()
 
-    def _body(self, prompt, max_tokens, seed, kw, *, step) -> dict[str, Any]:
-        params = kw.get("params")
+    def _noted(self, result: AnswerResult) -> AnswerResult:
+        if not self.notes:
+            return result
+        notes = [*result.report.notes, *self.notes]
+        return replace(result, report=result.report.model_copy(update={"notes": notes}))
+
+    # -- request bodies ---------------------------------------------------------------------
+
+    def _bodies(self, decode: Decode) -> list[dict[str, Any]]:
+        """One completion body per branch of ``decode``."""
+        context = list(decode.context_ids)
+        return [
+            self._body([*context, *forced], budget, seed, decode.settings)
+            for forced, budget, seed in zip(
+                decode.branch_prefixes, decode.budgets, decode.seeds, strict=True
+            )
+        ]
+
+    def _body(self, prompt, max_tokens, seed, settings: DecodeSettings) -> dict[str, Any]:
+        params = settings.params
         body: dict[str, Any] = {
             "model": self.info.model,
             "prompt": prompt,
@@ -245,13 +145,13 @@ class HttpBackend:
             body["top_k"] = params.top_k
         if seed is not None:
             body["seed"] = seed
-        if ids := kw.get("stop_token_ids"):
-            body["stop_token_ids"] = list(ids)
-        if strings := kw.get("stop_strings"):
-            body["stop"] = list(strings)
-        if (suppress := kw.get("suppress")) is not None and suppress.count:
-            body["min_tokens"] = int(suppress.count)  # the server bans EOS / stop ids that long
-        repetition = kw.get("repetition")
+        if settings.stop_token_ids:
+            body["stop_token_ids"] = list(settings.stop_token_ids)
+        if settings.stop_strings:
+            body["stop"] = list(settings.stop_strings)
+        if settings.min_tokens:
+            body["min_tokens"] = settings.min_tokens  # the server bans EOS / stop ids that long
+        repetition = settings.repetition
         if repetition is not None and repetition.penalty not in (None, 1.0):
             body["repetition_penalty"] = repetition.penalty
         if repetition is not None and repetition.bad_words:
@@ -261,11 +161,10 @@ class HttpBackend:
             note = "no_repeat_ngram_size is not a server sampling parameter: not applied there"
             if note not in self.notes:
                 self.notes.append(note)
-        grammar = kw.get("constraint")
-        grammar = getattr(grammar, "inner", grammar)  # the plan's distinct-titles rule wraps it
-        if isinstance(grammar, ServerGrammar):
+        grammar = settings.grammar
+        if isinstance(grammar, Grammar):
             body |= self._structured(ebnf=grammar.ebnf, schema=grammar.json_schema)
-        elif step and suppress is not None and self.regex_ok:
+        elif settings.step_opening and self.regex_ok:
             body |= self._structured(regex=STEP_OPENING_REGEX)
         return body
 
@@ -281,37 +180,28 @@ class HttpBackend:
         key, value = ("grammar", ebnf) if ebnf is not None else ("json", schema)
         return {"structured_outputs": {key: value}}
 
-    def _choose(self, context: list[int], constraint: Any, kw: dict[str, Any]) -> int:
-        """One token among ``constraint.choice_ids`` (the router's yes/no), sampled here from
-        the server's log-probabilities of those tokens with the caller's settings."""
-        body = self._body(context, 1, None, {}, step=False) | {
+    async def _choose(self, choose: Choose, queue: asyncio.Queue) -> None:
+        """The server's log-probabilities of ``choose.choice_ids`` after its context."""
+        body = self._body(list(choose.context_ids), 1, None, DecodeSettings()) | {
             "stream": False,
             "logprobs": 20,
-            "allowed_token_ids": list(constraint.choice_ids),
+            "allowed_token_ids": list(choose.choice_ids),
             "return_tokens_as_token_ids": True,
         }
-        reply = wait_for(self.request("POST", "/completions", body))
         try:
-            top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
-            scores = {int(k.split(":")[-1]): float(v) for k, v in top.items()}
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-            raise malformed(
-                self.info.base_url, "/completions", f"no token log-probabilities: {e}"
-            ) from e
-        logits = torch.full((self.vocab_size,), float("-inf"))
-        for token, score in scores.items():
-            if 0 <= token < self.vocab_size:
-                logits[token] = score
-        logits = constraint.mask_logits(logits)
-        params = kw.get("params")
-        gen = (
-            None
-            if params is None or params.greedy
-            else make_generator(kw.get("seed"), logits.device)
-        )
-        token = int(sample_next(logits[None], params, gen)[0]) if params else int(logits.argmax())
-        constraint.advance(token)
-        return token
+            reply = await self.request("POST", "/completions", body)
+            try:
+                top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
+                scores = {int(k.split(":")[-1]): float(v) for k, v in top.items()}
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+                raise malformed(
+                    self.info.base_url, "/completions", f"no token log-probabilities: {e}"
+                ) from e
+            await queue.put(Scores(choose.op, scores))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            await queue.put(Failed(choose.op, e))
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -319,13 +209,13 @@ class HttpBackend:
         """One JSON request to ``base_url + endpoint``; errors name the server and the fix."""
         return await send_json(self.client, self.info.base_url, method, endpoint, body)
 
-    async def _stream(self, b: int, body: dict[str, Any], queue: asyncio.Queue) -> None:
-        """Stream one completion, putting ``(b, "tokens" | "end" | "error", value)`` items."""
+    async def _stream(self, op: int, b: int, body: dict[str, Any], queue: asyncio.Queue) -> None:
+        """Stream one completion, putting ``Tokens``, then ``Ended`` or ``Failed``."""
         endpoint = "/completions"
         try:
             for attempt in range(2):
                 try:
-                    await self._read_stream(b, body, queue, endpoint)
+                    await self._read_stream(op, b, body, queue, endpoint)
                     return
                 except ServerError as e:
                     refused = e.status == 400 and any(w in e.message.lower() for w in GRAMMAR_WORDS)
@@ -341,9 +231,9 @@ class HttpBackend:
         except asyncio.CancelledError:
             raise
         except BaseException as e:
-            await queue.put((b, "error", e))
+            await queue.put(Failed(op, e))
 
-    async def _read_stream(self, b, body, queue, endpoint) -> None:
+    async def _read_stream(self, op, b, body, queue, endpoint) -> None:
         url = self.info.base_url + endpoint
         try:
             async with self.client.stream("POST", url, json=body) as response:
@@ -362,13 +252,13 @@ class HttpBackend:
                         data = line[5:].strip()
                         if data == "[DONE]":
                             break
-                        await self._chunk(b, data, queue, endpoint)
+                        await self._chunk(op, b, data, queue, endpoint)
                 finally:
                     self.completions_running -= 1
         except httpx.TransportError as e:
             raise unreachable(self.info.base_url, e) from e
 
-    async def _chunk(self, b: int, data: str, queue: asyncio.Queue, endpoint: str) -> None:
+    async def _chunk(self, op: int, b: int, data: str, queue: asyncio.Queue, endpoint: str) -> None:
         try:
             chunk = json.loads(data)
             if not isinstance(chunk, dict):
@@ -383,9 +273,9 @@ class HttpBackend:
                 if ids is None and choice.get("text"):
                     raise TypeError("no token_ids (the server must support return_token_ids)")
                 if ids:
-                    await queue.put((b, "tokens", [int(i) for i in ids]))
+                    await queue.put(Tokens(op, b, tuple(int(i) for i in ids)))
                 if reason := choice.get("finish_reason"):
-                    await queue.put((b, "end", str(reason)))
+                    await queue.put(Ended(op, b, str(reason)))
         except ServerError:
             raise
         except (ValueError, TypeError, AttributeError) as e:

@@ -2,11 +2,10 @@
 
 Contract: ``RemoteEngine(base_url, model)`` serves ``runtime.base.Request`` objects like the
 local engine: ``stream``/``astream`` yield ``("event", e)`` items, then ``("done", AnswerResult)``.
-Every request runs the same pipeline as in-process (``pipeline.iter_answer``: route, plan,
-steps, conclusion, blocks, fallbacks, report) on an ``http.HttpBackend``; only the decoding
-happens on the server. The pipeline's plain code runs in a greenlet on an event loop
-(``bridge.run_sync``): one loop thread shared by every remote engine serves synchronous
-calls, and ``astream`` runs on the caller's own loop. The model's tokenizer renders the chat
+Every request runs the same pipeline as in-process (route, plan, steps, conclusion, blocks,
+fallbacks, report) as a ``pipeline.machine.RequestMachine`` that an ``http.HttpDriver`` runs on
+an event loop; only the decoding happens on the server. One loop thread shared by every remote
+engine serves synchronous calls, and ``astream`` runs on the caller's own loop. The model's tokenizer renders the chat
 template here (loaded once from the folder the server serves, or ``tokenizer=``). Closing the
 stream or cancelling the task closes every HTTP stream, which aborts the requests on the server.
 """
@@ -14,7 +13,6 @@ stream or cancelling the task closes every HTTP stream, which aborts the request
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,9 +20,9 @@ from typing import Any
 
 import httpx
 
+from ..pipeline.machine import RequestMachine
 from .base import Item, Request
-from .bridge import run_sync
-from .http import HttpBackend
+from .http import HttpDriver
 from .server import ServerError, ServerInfo, malformed, send_json
 
 __all__ = ["RemoteEngine", "ServerError"]
@@ -167,35 +165,18 @@ class RemoteEngine:
             self._running -= 1
 
     async def _answer(self, request: Request, emit: Callable[[Item], None]) -> Any:
-        from .. import pipeline as pl
-
         async with httpx.AsyncClient(headers=self._headers, timeout=self._timeout) as client:
             info, tokenizer = await self._setup(client)
             tokenizer = request.tokenizer or tokenizer
             messages, tools, config = request.messages, request.tools, request.config
             if request.prepare is not None:
                 messages, tools, config = request.prepare(tokenizer)
-            backend = HttpBackend(client, info, tokenizer)
-
-            def answer() -> Any:
-                events = pl.iter_answer(backend, tokenizer, messages, config, tools=tools)
-                while True:
-                    try:
-                        event = next(events)
-                    except StopIteration as stop:
-                        return stop.value
-                    emit(("event", event))
-
+            driver = HttpDriver(client, info, tokenizer)
+            machine = RequestMachine(driver.backend_info, tokenizer, messages, config, tools=tools)
             try:
-                result = await run_sync(answer)
+                return await driver.run(machine, lambda event: emit(("event", event)))
             except ServerError as e:
                 raise self._as_value_error(e) from e
-        if backend.notes:
-            notes = [*result.report.notes, *backend.notes]
-            result = dataclasses.replace(
-                result, report=result.report.model_copy(update={"notes": notes})
-            )
-        return result
 
     async def _setup(self, client: httpx.AsyncClient | None = None) -> tuple[ServerInfo, Any]:
         """The served model (checked once per engine: a wrong name lists the served ones)
