@@ -92,6 +92,9 @@ class HttpDriver:
                         # has aborted them before it sees the next requests).
                         await asyncio.gather(*closing, return_exceptions=True)
                         closing.clear()
+                        advice = self.info.cache_advice()
+                        if len(action.branch_prefixes) > 1 and advice and advice not in self.notes:
+                            self.notes.append(advice)
                         for b, body in enumerate(self._bodies(action)):
                             stream = self._stream(action.op, b, body, queue)
                             tasks[action.op, b] = asyncio.ensure_future(stream)

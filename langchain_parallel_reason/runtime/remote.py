@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import re
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -88,7 +90,7 @@ class RemoteEngine:
         self._tokenizer = tokenizer
         self._running = 0
         self._served = 0
-        self._completions = 0
+        self._drivers: weakref.WeakSet[HttpDriver] = weakref.WeakSet()  # one per live request
 
     # -- the contract ------------------------------------------------------------------
 
@@ -123,14 +125,17 @@ class RemoteEngine:
                 await asyncio.wait([task])
 
     def stats(self) -> dict[str, Any]:
-        """Requests running and served, HTTP completions in flight, the server's model."""
+        """Requests running and served, HTTP completions in flight, the server's model and
+        its KV cache set-up (block size, prefix caching: None where the server does not say)."""
         return {
             "engine": "remote",
             "base_url": self.base_url,
             "model": self._info.model if self._info else self.model,
             "requests_running": self._running,
             "requests_served": self._served,
-            "completions_running": self._completions,
+            "completions_running": sum(d.completions_running for d in list(self._drivers)),
+            "block_size": self._info.block_size if self._info else None,
+            "prefix_caching": self._info.prefix_caching if self._info else None,
         }
 
     @property
@@ -172,6 +177,7 @@ class RemoteEngine:
             if request.prepare is not None:
                 messages, tools, config = request.prepare(tokenizer)
             driver = HttpDriver(client, info, tokenizer)
+            self._drivers.add(driver)
             machine = RequestMachine(driver.backend_info, tokenizer, messages, config, tools=tools)
             try:
                 return await driver.run(machine, lambda event: emit(("event", event)))
@@ -211,6 +217,7 @@ class RemoteEngine:
                 str(card.get("owned_by") or ""),
                 int(length) if isinstance(length, int | str) and str(length).isdigit() else None,
                 card.get("root"),
+                *(await _cache_config(client, self.base_url)),
             )
             self.name = model
         if self._tokenizer is None or isinstance(self._tokenizer, str):
@@ -229,6 +236,23 @@ class RemoteEngine:
             )
             return ValueError(msg)
         return error
+
+
+async def _cache_config(client: httpx.AsyncClient, base_url: str) -> tuple[Any, Any]:
+    """``(block_size, prefix_caching)`` from vLLM's ``/metrics`` (``vllm:cache_config_info``);
+    ``(None, None)`` where the server does not say (SGLang, a proxy, no metrics)."""
+    root = base_url.removesuffix("/").removesuffix("/v1")
+    try:
+        reply = await client.get(root + "/metrics", timeout=5.0)
+    except httpx.HTTPError:
+        return None, None
+    line = next((x for x in reply.text.splitlines() if x.startswith("vllm:cache_config_info{")), "")
+    size = re.search(r'[{,]block_size="(\d+)"', line)
+    caching = re.search(r'enable_prefix_caching="(\w+)"', line)
+    return (
+        int(size.group(1)) if size else None,
+        caching.group(1) == "True" if caching else None,
+    )
 
 
 def _load_tokenizer(source: str) -> Any:

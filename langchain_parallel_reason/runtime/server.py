@@ -46,6 +46,26 @@ class ServerInfo:
     kind: str  # "vllm", "sglang" or another `owned_by`: decides the grammar field
     max_model_len: int | None
     root: str | None  # the served folder or hub id (where the tokenizer comes from)
+    block_size: int | None = None  # tokens per KV block (vLLM's /metrics), None: unknown
+    prefix_caching: bool | None = None  # whether its prefix cache is on, None: unknown
+
+    def cache_advice(self) -> str | None:
+        """What to change on the server so that N step requests share their prefix's KV
+        (None: nothing, or unknown). The prefix cache shares whole blocks only: each step
+        re-prefills the shared prefix's tokens past its last full block."""
+        if self.prefix_caching is False:
+            return (
+                "the server's prefix cache is off, so every step request prefills the whole "
+                "prompt: start vLLM without --no-enable-prefix-caching"
+            )
+        if self.block_size is not None and self.block_size > 32:
+            return (
+                f"the server's KV blocks hold {self.block_size} tokens and its prefix cache "
+                f"shares whole blocks, so each step request re-prefills up to "
+                f"{self.block_size - 1} tokens of the shared prefix: start vLLM with "
+                "--block-size 32 (its CPU build; GPU builds default to 16)"
+            )
+        return None
 
 
 def malformed(base_url: str, endpoint: str, what: str) -> ServerError:

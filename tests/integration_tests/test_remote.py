@@ -92,7 +92,7 @@ def test_prefix_cache_hits_grow_during_stage_2(server: Any) -> None:
         if kind == "done":
             assert value.report.mode_used == "parallel"
     # Stage 3 may have started meanwhile, so this is an upper bound on Stage 2 alone; the
-    # lower bound: every step after the first reuses at least one full 128-token block.
+    # lower bound: every step after the first reuses at least the instructions' 128 tokens.
     assert seen["steps_done"] - seen["start"] >= (len(STEPS) - 1) * 128, seen
 
 
@@ -294,3 +294,22 @@ def test_steps_at_once_beat_steps_one_after_another(server: Any) -> None:
     # test asks for less than the 2.5x target, which the README's quoted run shows.
     assert result["speedup"] >= 2.0, result
     assert result["prefix_cache_hit_tokens"]["parallel"] >= 5 * 128, result
+
+
+def test_the_server_cache_set_up_is_read_and_streams_are_counted(server: Any) -> None:
+    """The test server runs 32-token blocks with prefix caching: no advice in the report;
+    while the steps stream, the engine counts their completions."""
+    engine = RemoteEngine(server.base_url, server.model)
+    config = PipelineConfig(steps=tuple(STEPS), max_tokens=120, seed=0)
+    messages = [{"role": "user", "content": _question()}]
+    during = []
+    for kind, value in engine.stream(Request(messages, config)):
+        if kind == "event" and type(value).__name__ == "StepDelta":
+            during.append(engine.stats()["completions_running"])
+        if kind == "done":
+            report = value.report
+    stats = engine.stats()
+    assert (stats["block_size"], stats["prefix_caching"]) == (32, True)
+    assert not any("block" in note for note in report.notes), report.notes
+    assert max(during) == len(STEPS)  # the three step streams were open at once
+    assert stats["completions_running"] == 0

@@ -38,3 +38,20 @@ def test_chat_model_with_base_url_loads_nothing_and_keeps_the_key_secret() -> No
     assert isinstance(engine, RemoteEngine)
     assert engine.root_url == "http://127.0.0.1:9"
     assert engine.stats()["requests_running"] == 0
+
+
+def test_cache_advice_names_the_server_flag_to_change() -> None:
+    from langchain_parallel_reason.runtime.server import ServerInfo
+
+    def info(block_size: int | None, caching: bool | None) -> ServerInfo:
+        return ServerInfo(
+            "http://127.0.0.1:9/v1", "m", ["m"], "vllm", 4096, None, block_size, caching
+        )
+
+    assert info(None, None).cache_advice() is None  # the server does not say
+    assert info(16, True).cache_advice() is None
+    assert info(32, True).cache_advice() is None
+    advice = info(128, True).cache_advice()
+    assert "127 tokens" in advice
+    assert "--block-size 32" in advice
+    assert "--no-enable-prefix-caching" in info(16, False).cache_advice()
