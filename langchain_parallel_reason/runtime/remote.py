@@ -131,6 +131,7 @@ class RemoteEngine:
             "engine": "remote",
             "base_url": self.base_url,
             "model": self._info.model if self._info else self.model,
+            "running": self._running,  # the local engine's key
             "requests_running": self._running,
             "requests_served": self._served,
             "completions_running": sum(d.completions_running for d in list(self._drivers)),

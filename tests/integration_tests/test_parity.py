@@ -10,6 +10,7 @@ invoke, and a report with the same keys, all filled, both ways. Greedy decoding 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
@@ -130,6 +131,19 @@ def test_blocks_never_exceed_max_blocks(make: Any) -> None:
 def test_a_timeout_raises_and_says_how_to_fix(make: Any) -> None:
     with pytest.raises(TimeoutError, match="timeout="):
         make(mode="sequential", max_tokens=400, timeout=0.3).invoke("Tell a long story.")
+
+
+def test_closing_a_stream_early_ends_the_request(make: Any) -> None:
+    # Run to its end, this answer takes several seconds on either backend; closed, well under 2.
+    llm = make(steps=ITEMS, max_tokens=500, step_max_tokens=64, repetition_penalty=1.3)
+    stream = llm.stream(SIX)
+    next(stream)  # the request is running
+    stream.close()  # cancels it: the engine's rows or the server's streams are freed
+    engine = llm.get_engine()
+    deadline = time.monotonic() + 1.5
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.stats()["running"] == 0
 
 
 def test_stream_equals_invoke(make: Any) -> None:
