@@ -595,6 +595,7 @@ def load_model_and_tokenizer(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    pack: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for inference.
 
@@ -615,6 +616,8 @@ def load_model_and_tokenizer(
             decoder needs custom 4D masks.
         trust_remote_code: Passed to `from_pretrained` for model and tokenizer.
         progress: Show progress on stderr (the one-time conversion, then one line for the load).
+        pack: Pack a bfloat16 model's Linear weights for the CPU's oneDNN (`decoding.packing`;
+            the same outputs, faster); False keeps plain `nn.Linear` layers.
 
     Returns:
         `(model, tokenizer)`: the model in eval mode with `requires_grad` off. The tokenizer is
@@ -672,7 +675,8 @@ def load_model_and_tokenizer(
         lm.to(target)
     lm.eval()
     lm.requires_grad_(False)
-    pack_linears(lm)  # bfloat16 on a CPU: weights laid out once for oneDNN (decoding/packing)
+    if pack:  # bfloat16 on a CPU: weights laid out once for oneDNN (decoding/packing)
+        pack_linears(lm)
     if embedded and not tokenizer.chat_template:
         tokenizer.chat_template = _SMOLLM2_CHAT_TEMPLATE
     return lm, tokenizer

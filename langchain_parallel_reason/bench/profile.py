@@ -299,6 +299,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights dtype (default auto, as ChatParallelReason)",
     )
     parser.add_argument("--attention", choices=("auto", "split", "mask"), default="auto")
+    parser.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="keep plain nn.Linear layers (default: bf16 weights packed for oneDNN, as loaded)",
+    )
     add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -317,7 +322,11 @@ def run(args: argparse.Namespace) -> int:
 
     apply_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(
-        args.model, device=args.device, dtype=args.dtype, progress=not args.json
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.json,
+        pack=not args.no_pack,
     )
     result = profile_steps(model, tokenizer, config)
     result["load_average"] = load_average()
