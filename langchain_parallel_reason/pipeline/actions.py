@@ -236,6 +236,9 @@ class Scores:
 
     op: int
     logprobs: dict[int, float]
+    logits: Any = None
+    """An in-process driver's whole logits row ``[V]``: the machine masks and samples it as
+    the local decoder would (its dtype, its device's generator); ``logprobs`` are then unused."""
 
 
 @dataclass(frozen=True)

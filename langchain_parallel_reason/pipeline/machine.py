@@ -7,7 +7,8 @@ executes them and feeds back ``Tokens``, ``Ended``, ``Scores`` or ``Failed`` (al
 ``pipeline.actions``). The stages are ``iter_answer``'s, run in a greenlet over a backend whose
 operations are these actions; the stop rules (``decoding.stops.Stopping``: stop ids and strings, the loop guard), the budgets and
 the min_tokens floor are applied here to the fed tokens, so they hold on every backend. A cache
-is the list of ids a later decode sends as its context (a server's prefix cache keeps their KV).
+is the list of ids a later decode sends as its context (a server's prefix cache keeps their KV;
+an in-process driver keeps a KV cache per sequence and replays the stages' feeds and crops).
 An error the pipeline does not recover from is raised by ``start``/``feed``.
 """
 
@@ -351,10 +352,12 @@ class _Backend:
         choices = tuple(int(i) for i in constraint.choice_ids)
         op = self.m._issue(lambda op: Choose(op, tuple(context), choices))
         event = self.m._wait(op, (Scores,))
-        logits = torch.full((self.vocab_size,), float("-inf"))
-        for token, score in event.logprobs.items():
-            if 0 <= token < self.vocab_size:
-                logits[token] = score
+        logits = event.logits
+        if logits is None:
+            logits = torch.full((self.vocab_size,), float("-inf"))
+            for token, score in event.logprobs.items():
+                if 0 <= token < self.vocab_size:
+                    logits[token] = score
         logits = constraint.mask_logits(logits)
         params = kw.get("params")
         gen = (

@@ -11,9 +11,9 @@ without forced ids runs ``LocalBackend.iter_decode``, any other the belt-mask de
 (``iter_decode_branches``); each token is fed as ``Tokens``, a branch the decoder ended as
 ``Ended``, the decoder's result as ``Decoded``. ``Cancel`` ends that branch in the decoder at
 once (sent into its generator: nothing more is decoded for it). ``Choose`` runs the router's
-forward and feeds the choices' logits as ``Scores`` (log-probabilities up to a constant, which
-the machine's sampling ignores); ``LayOut`` lays the steps' KV out (``decoding.merge``);
-``Emit`` goes to ``emit``. An operation that raises is fed back as ``Failed``.
+forward and feeds its logits row in ``Scores`` (the machine samples it as the local decoder
+would); ``LayOut`` lays the steps' KV out (``decoding.merge``); ``Emit`` goes to ``emit``. An
+operation that raises is fed back as ``Failed``.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class LocalDriver:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("decoding cancelled")
         logits = self.backend.forward_tokens(choose.context_ids, self.backend.new_cache(), 0)
-        return Scores(choose.op, {i: float(logits[i]) for i in choose.choice_ids})
+        return Scores(choose.op, {i: float(logits[i]) for i in choose.choice_ids}, logits)
 
     def _lay_out(self, lay: LayOut) -> LaidOut:
         seq = self._seq(lay.cache, lay.replay)

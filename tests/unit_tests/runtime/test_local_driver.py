@@ -3,9 +3,11 @@ run on the model directly, and a machine's Cancel ends a branch in the decoder i
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
+import torch
 
 from langchain_parallel_reason import pipeline as pl
 from langchain_parallel_reason.decoding.decoder import iter_decode_branches
@@ -86,3 +88,16 @@ def test_sending_branches_ends_them_in_the_decoder(tiny_llama: Any) -> None:
     assert len(stop.value.value.token_ids) == 1
     assert stop.value.value.forward_passes == 1
     assert cache.get_seq_length() == 3  # the last token was never fed
+
+
+def test_the_router_decides_as_the_model_in_half_precision(
+    tiny_llama: Any, tiny_tokenizer: Any
+) -> None:
+    # The router's logits reach the machine as the model's row (its dtype, its device).
+    model = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    config = pl.PipelineConfig(max_tokens=40, temperature=0.7, seed=11, route_bias=0.05)
+    direct = pl.answer(model, tiny_tokenizer, MESSAGES, config)
+    driver = LocalDriver(LocalBackend(model, tiny_tokenizer), tiny_tokenizer)
+    got = driver.run(RequestMachine(driver.info, tiny_tokenizer, MESSAGES, config), id)
+    assert got.report.route_reason == direct.report.route_reason
+    assert got.content == direct.content
