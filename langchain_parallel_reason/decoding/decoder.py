@@ -426,6 +426,7 @@ def iter_decode_branches(
     max_rows: int | None = None,
 ) -> Generator[StepEvent, None, BranchesOutput]:
     """Decode every branch at once; yield one ``StepEvent`` per forward; return the results.
+    Sending a set of branch indexes into the generator (``send``) ends those branches there.
 
     Args:
         model: a stock transformers causal LM (eval mode).
@@ -486,7 +487,15 @@ def iter_decode_branches(
                     for b, tok in zip(live, tokens, strict=True)
                     if _record(b, tok, stopping)
                 ]
-                yield StepEvent(step, tuple(b.index for b in live), tuple(tokens), tuple(ended))
+                # A caller may send the indexes of branches it ends itself (a request machine's
+                # Cancel): they retire now, as if stopped, and decode no further token.
+                closing = yield StepEvent(
+                    step, tuple(b.index for b in live), tuple(tokens), tuple(ended)
+                )
+                for b in live:
+                    if closing and b.index in closing and b.finish is None:
+                        b.finish = ("stop", None)
+                        ended.append((b.index, "stop"))
                 step += 1
                 if ended:
                     if keep_kv:  # before retire: the split backend reuses an ended slot

@@ -216,13 +216,15 @@ def iter_decode(
             tokens.append(tok)
             if rep is not None:
                 rep.push(tok)
-            yield tok
+            closing = yield tok
             if constraint is not None:
                 constraint.advance(tok)
                 if constraint.is_terminated():
                     return SequentialResult(tokens, "stop", None, passes)
             if (end := stopping.check(tokens)) is not None:
                 return SequentialResult(tokens, end[0], end[1], passes)
+            if closing:  # the caller ended the decode (a request machine's Cancel)
+                return SequentialResult(tokens, "stop", None, passes)
             forced: list[int] = []
             if jump_forward and constraint is not None and tokenizer is not None:
                 for f in _forced_ids(constraint, tokenizer, max_new_tokens - len(tokens)):
@@ -230,7 +232,8 @@ def iter_decode(
                     tokens.append(f)
                     if rep is not None:
                         rep.push(f)
-                    yield f
+                    if (yield f):
+                        return SequentialResult(tokens, "stop", None, passes)
                 if forced and constraint.is_terminated():
                     return SequentialResult(tokens, "stop", None, passes)
             ids = torch.tensor([tok, *forced], device=device)

@@ -4,7 +4,10 @@ and the data they carry. Plain frozen data: no behaviour, no I/O.
 Contract: a driver executes ``Decode``, ``Cancel`` and ``Choose``, passes ``Emit``'s event on and
 stops at ``Done``; it feeds ``Tokens`` and ``Ended`` for every branch of a decode it did not
 cancel, ``Scores`` for a choice, ``Failed`` for an operation that failed. ``op`` numbers an
-operation within one machine.
+operation within one machine. A driver that holds KV caches in-process (runtime/local_driver.py)
+also replays each decode's ``replay`` on its cache ``cache``, feeds ``Decoded`` when a decode
+is over, and executes ``LayOut`` (only asked where ``BackendInfo.kv_reuse_problem``
+is None), answering ``LaidOut``.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ __all__ = [
     "Choose",
     "Decode",
     "DecodeSettings",
+    "Decoded",
     "Done",
     "Emit",
     "Ended",
     "Failed",
     "Grammar",
+    "LaidOut",
+    "LayOut",
     "MachineEvent",
     "Scores",
     "TokenCache",
@@ -55,6 +61,13 @@ class TokenCache:
     """A sequence: the ids the next decode sends as its context."""
 
     ids: list[int] = field(default_factory=list)
+    key: int = 0
+    """Names the sequence to a driver that keeps a KV cache per sequence."""
+    replay: list[tuple[Any, ...]] = field(default_factory=list)
+    """The stages' feeds ``("feed", start, ids)`` and crops ``("crop", length)`` since the last
+    decode on it: a KV-holding driver repeats them, so its forwards are the stages' own."""
+    branch_rows: list[list[int]] = field(default_factory=list)
+    """Per branch decoded after it with ``keep_kv``: forced and new ids (for ``LayOut``)."""
 
     def get_seq_length(self) -> int:
         """Tokens held."""
@@ -78,6 +91,14 @@ class BackendInfo:
     grammar: Callable[..., Any] | None = None
     """Builds a constraint from ``ebnf=`` or ``json_schema=`` (and ``stop_token_ids=``) for a
     backend that masks logits itself; None: a ``Grammar`` the backend enforces."""
+    kv_reuse_problem: str | None = (
+        "the server prefills the laid-out steps from its own prefix cache"
+    )
+    """Why Stage 3 cannot lay the steps' own KV out (None: the driver executes ``LayOut``)."""
+    reports_decodes: bool = False
+    """The driver feeds ``Decoded`` once each decode's branches all ended or were cancelled
+    (an in-process decoder), and the machine waits for it."""
+    """Why Stage 3 cannot lay the steps' own KV out (None: the driver executes ``LayOut``)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +127,10 @@ class DecodeSettings:
     """Whether the loop guard ends a repeating branch (the machine checks it)."""
     step_opening: bool = False
     """A paragraph step's opening bans apply (a server sends the step-opening regex)."""
+    attention: str = "auto"
+    """The local belt decoder's backend ("auto", "split" or "mask"); a server ignores it."""
+    keep_kv: bool = False
+    """Return the branches' KV (``Decoded``) for a ``LayOut``; only with a KV-holding driver."""
 
     @property
     def min_tokens(self) -> int:
@@ -137,6 +162,12 @@ class Decode:
     budgets: tuple[int, ...]
     seeds: tuple[int | None, ...]
     settings: DecodeSettings
+    cache: int = 0
+    """The sequence (``TokenCache.key``) whose KV holds the context, for a KV-holding driver."""
+    replay: tuple[tuple[Any, ...], ...] = ()
+    """``TokenCache.replay``: what a KV-holding driver does to that cache first."""
+    start: int = -1
+    """Where the ids the decoder feeds itself begin in ``context_ids`` (-1: at its end)."""
 
 
 @dataclass(frozen=True)
@@ -158,13 +189,26 @@ class Choose:
 
 
 @dataclass(frozen=True)
+class LayOut:
+    """Lay ``kvs`` (per branch, per layer keys and values from ``Decoded``) and ``glue_ids``
+    out after cache ``cache`` (``decoding.merge``), after replaying ``replay``; feed
+    ``LaidOut``. Asked only where ``BackendInfo.kv_reuse_problem`` is None."""
+
+    op: int
+    cache: int
+    replay: tuple[tuple[Any, ...], ...]
+    kvs: Any
+    glue_ids: Any
+
+
+@dataclass(frozen=True)
 class Done:
     """The request is answered: ``result`` is ``iter_answer``'s ``AnswerResult``."""
 
     result: AnswerResult
 
 
-Action = Emit | Decode | Cancel | Choose | Done
+Action = Emit | Decode | Cancel | Choose | LayOut | Done
 
 
 # -- events (driver -> machine) --------------------------------------------------------------
@@ -192,6 +236,27 @@ class Scores:
 
     op: int
     logprobs: dict[int, float]
+    logits: Any = None
+    """An in-process driver's whole logits row ``[V]``: the machine masks and samples it as
+    the local decoder would (its dtype, its device's generator); ``logprobs`` are then unused."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What an in-process decoder returned for decode ``op`` (its ``BranchesOutput`` or
+    ``SequentialResult``: forward passes, attention, the branches' KV), fed once every branch
+    ended or was cancelled (``BackendInfo.reports_decodes``); the machine takes its counts and
+    KV, and keeps its own tokens and ends."""
+
+    op: int
+    output: Any
+
+
+@dataclass(frozen=True)
+class LaidOut:
+    """``LayOut`` ``op`` is done: the cache holds the row."""
+
+    op: int
 
 
 @dataclass(frozen=True)
@@ -202,4 +267,4 @@ class Failed:
     error: BaseException
 
 
-MachineEvent = Tokens | Ended | Scores | Failed
+MachineEvent = Tokens | Ended | Scores | Decoded | LaidOut | Failed

@@ -5,10 +5,10 @@ Contract: the stages (route, plan, steps, conclusion, blocks) are written once, 
 back, and decoding after a cache (one continuation, or N branches over a shared prefix under
 the belt mask), under the decode settings of ``decoding`` (sampling, stop ids and strings, the
 loop guard, first-token bans, repetition controls, a grammar). ``LocalBackend`` runs them on a
-model in this process (the engine hands it a view whose forwards it batches); a
-``machine.RequestMachine`` runs them as actions for a driver (runtime/http.py: streamed
-completions on an OpenAI-compatible server), its "cache" the list of ids the next decode sends
-as its context. Both end a branch with the same stop rules (``decoding.stops.Stopping``), so
+model in this process; a ``machine.RequestMachine`` runs them as actions for a driver, its
+"cache" the list of ids the next decode sends as its context: runtime/http.py (streamed
+completions on an OpenAI-compatible server) or runtime/local_driver.py (``LocalBackend`` on the
+engine's view of the model, whose forwards the engine batches). Both end a branch with the same stop rules (``decoding.stops.Stopping``), so
 the guards hold on every backend.
 """
 

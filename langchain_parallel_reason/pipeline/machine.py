@@ -7,7 +7,8 @@ executes them and feeds back ``Tokens``, ``Ended``, ``Scores`` or ``Failed`` (al
 ``pipeline.actions``). The stages are ``iter_answer``'s, run in a greenlet over a backend whose
 operations are these actions; the stop rules (``decoding.stops.Stopping``: stop ids and strings, the loop guard), the budgets and
 the min_tokens floor are applied here to the fed tokens, so they hold on every backend. A cache
-is the list of ids a later decode sends as its context (a server's prefix cache keeps their KV).
+is the list of ids a later decode sends as its context (a server's prefix cache keeps their KV;
+an in-process driver keeps a KV cache per sequence and replays the stages' feeds and crops).
 An error the pipeline does not recover from is raised by ``start``/``feed``.
 """
 
@@ -31,12 +32,15 @@ from .actions import (
     Cancel,
     Choose,
     Decode,
+    Decoded,
     DecodeSettings,
     Done,
     Emit,
     Ended,
     Failed,
     Grammar,
+    LaidOut,
+    LayOut,
     MachineEvent,
     Scores,
     TokenCache,
@@ -44,7 +48,6 @@ from .actions import (
 )
 from .events import AnswerResult
 from .render import step_opening_banned_ids
-from .stages import iter_answer
 
 __all__ = ["RequestMachine"]
 
@@ -60,9 +63,11 @@ class RequestMachine:
         config: Any,
         *,
         tools: list[dict[str, Any]] | None = None,
+        cancel: Any = None,
     ) -> None:
         self.info = info
-        self._args = (_Backend(self, info, tokenizer), tokenizer, messages, config, tools)
+        backend = _Backend(self, info, tokenizer)
+        self._args = (backend, tokenizer, messages, config, tools, cancel)
         self._glet = greenlet.greenlet(self._run)
         self._out: list[Action] = []
         self._ops = itertools.count()
@@ -84,8 +89,9 @@ class RequestMachine:
 
     def feed(self, event: MachineEvent) -> list[Action]:
         """The actions that follow ``event`` (an event of a finished operation is ignored)."""
-        if not isinstance(event, Tokens | Ended | Scores | Failed):
-            raise TypeError(f"feed() takes Tokens, Ended, Scores or Failed, not {event!r}")
+        if not isinstance(event, Tokens | Ended | Scores | Decoded | LaidOut | Failed):
+            kinds = "Tokens, Ended, Scores, Decoded, LaidOut or Failed"
+            raise TypeError(f"feed() takes {kinds}, not {event!r}")
         if not self._started or self.done:
             state = "has not started: call start() first" if not self._started else "is done"
             raise RuntimeError(f"the request machine {state}; it takes no more events")
@@ -106,8 +112,13 @@ class RequestMachine:
         return actions
 
     def _run(self, _: Any) -> None:
-        backend, tokenizer, messages, config, tools = self._args
-        events = iter_answer(backend, tokenizer, messages, config, tools=tools)
+        # Looked up at run time: ``pipeline.iter_answer`` is the one seam for every backend.
+        from .. import pipeline
+
+        backend, tokenizer, messages, config, tools, cancel = self._args
+        events = pipeline.iter_answer(
+            backend, tokenizer, messages, config, tools=tools, cancel=cancel
+        )
         while True:
             try:
                 event = next(events)
@@ -147,18 +158,23 @@ class _Backend:
         self.name, self.context_window = info.name, info.context_window
         self.stop_ids, self.vocab_size = list(info.stop_ids), info.vocab_size
         self.longer_context = info.longer_context
+        self._keys = itertools.count(1)
 
     def new_cache(self) -> TokenCache:
         """An empty sequence."""
-        return TokenCache()
+        return TokenCache(key=next(self._keys))
 
     def forward_tokens(self, ids: Sequence[int], cache: TokenCache, start: int) -> None:
         """Append ``ids`` (the backend computes them with the next decode)."""
-        cache.ids[start:] = [int(i) for i in ids]
+        ids = [int(i) for i in ids]
+        cache.ids[start:] = ids
+        cache.replay.append(("feed", start, tuple(ids)))
 
     def crop(self, cache: TokenCache, length: int) -> None:
         """Keep the first ``length`` ids."""
         del cache.ids[length:]
+        cache.replay.append(("crop", length))
+        cache.branch_rows = []
 
     def grammar(self, *, ebnf: str | None = None, json_schema: Any = None, **kw: Any) -> Any:
         """``BackendInfo.grammar``'s constraint, or a ``Grammar`` the backend enforces."""
@@ -168,13 +184,31 @@ class _Backend:
             json_schema = json.loads(json_schema)
         return Grammar(ebnf, json_schema)
 
-    def kv_reuse_problem(self) -> str:
-        """The caches are ids: the backend prefills the laid-out steps itself."""
-        return "the server prefills the laid-out steps from its own prefix cache"
+    def kv_reuse_problem(self) -> str | None:
+        """``BackendInfo.kv_reuse_problem`` (a server prefills the laid-out steps itself)."""
+        return self.info.kv_reuse_problem
 
-    def lay_out_branches(self, *args: Any, **kwargs: Any) -> Any:
-        """Not available (see ``kv_reuse_problem``)."""
-        raise NotImplementedError(self.kv_reuse_problem())
+    def lay_out_branches(
+        self, cache: TokenCache, kvs: Any, glue_ids: Any, cancel: Any = None
+    ) -> tuple[int, None]:
+        """A ``LayOut`` of the steps' KV (from ``Decoded``) after ``cache``; returns the row's
+        length (the driver keeps the logits after it for the next decode)."""
+        if (problem := self.kv_reuse_problem()) is not None:
+            raise NotImplementedError(problem)
+        rows = cache.branch_rows
+        if len(rows) != len(kvs):
+            raise RuntimeError(f"{len(kvs)} steps' KV to lay out, {len(rows)} decoded with it")
+        row = list(cache.ids)
+        for ids, kv, glue in zip(rows, kvs, glue_ids, strict=True):
+            row += [*ids[: kv[0][0].shape[-2]], *(int(i) for i in glue)]
+        glue = tuple(tuple(int(i) for i in g) for g in glue_ids)
+        replay = tuple(cache.replay)
+        op = self.m._issue(lambda op: LayOut(op, cache.key, replay, kvs, glue))
+        cache.replay.clear()
+        cache.branch_rows = []
+        self.m._wait(op, (LaidOut,))
+        cache.ids[:] = row
+        return len(row), None
 
     def iter_decode(
         self, input_ids: Sequence[int], cache: TokenCache, *, start: int, **kw: Any
@@ -187,11 +221,12 @@ class _Backend:
             yield token
             cache.ids[:] = context
             return SequentialResult([token], "stop", None, 1)
-        out = yield from _tokens(self._decode(context, [[]], kw, [kw.get("seed")]))
+        decode = self._decode(context, [[]], kw, [kw.get("seed")], cache, start)
+        out = yield from _tokens(decode)
         result = out.branches[0]
         cache.ids[:] = [*context, *result.token_ids[:-1]]  # as a KV cache: the last never fed
         return SequentialResult(
-            result.token_ids, result.finish_reason, result.stop, len(result.token_ids)
+            result.token_ids, result.finish_reason, result.stop, out.forward_passes
         )
 
     def iter_decode_branches(
@@ -200,7 +235,10 @@ class _Backend:
         """All branches at once (as ``iter_decode_branches``); branch b samples with seed + b."""
         seed = kw.get("seed")
         seeds = [None if seed is None else seed + b for b in range(len(branch_prefixes))]
-        gen = self._decode(list(prefix_ids), [list(p) for p in branch_prefixes], kw, seeds)
+        prefix = list(prefix_ids)
+        branches = [list(p) for p in branch_prefixes]
+        cache = kw.get("prefix_cache")
+        gen = self._decode(prefix, branches, kw, seeds, cache, len(prefix) if cache else 0)
         step = 0
         while True:
             try:
@@ -210,9 +248,10 @@ class _Backend:
             yield StepEvent(step, (b,), (token,))
             step += 1
 
-    def _decode(self, context, branches, kw, seeds) -> Generator:
-        """Issue a ``Decode``; yield ``(branch, token)`` as fed; ``Cancel`` a branch that must
-        end; return the ``BranchesOutput``."""
+    def _decode(self, context, branches, kw, seeds, cache, start) -> Generator:
+        """Issue a ``Decode`` after ``cache`` (None: a fresh one); yield ``(branch, token)`` as
+        fed; ``Cancel`` a branch that must end; return the ``BranchesOutput`` (with a
+        ``Decoded``'s counts and KV where the driver fed one)."""
         n = len(branches)
         budget = kw["max_new_tokens"]
         budgets = [budget] * n if isinstance(budget, int) else list(budget)
@@ -225,14 +264,24 @@ class _Backend:
         settings = self._settings(kw)
         floor, cancel = settings.min_tokens, kw.get("cancel")
         decode = (tuple(context), tuple(map(tuple, branches)), tuple(budgets), tuple(seeds))
-        op = self.m._issue(lambda op: Decode(op, *decode, settings))
+        if cache is None:
+            cache = self.new_cache()
+        replay = tuple(cache.replay)
+        cache.replay.clear()
+        op = self.m._issue(lambda op: Decode(op, *decode, settings, cache.key, replay, start))
+        decoded: Any = None  # a Decoded's output
         tokens: list[list[int]] = [[] for _ in range(n)]
         ends: list[tuple[str, Any] | None] = [None] * n
         try:
-            while any(end is None for end in ends):
+            # A driver that reports its decodes is waited for: its decoder's counts and KV.
+            wait_decoded = self.info.reports_decodes
+            while any(end is None for end in ends) or (wait_decoded and decoded is None):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("decoding cancelled")
-                event = self.m._wait(op, (Tokens, Ended))
+                event = self.m._wait(op, (Tokens, Ended, Decoded))
+                if isinstance(event, Decoded):
+                    decoded = event.output
+                    continue
                 b = event.branch
                 if ends[b] is not None:
                     continue  # tokens the backend sent before it saw the Cancel
@@ -260,6 +309,13 @@ class _Backend:
         if isinstance(settings.grammar, Grammar):  # a backend ends a finished grammar with EOS
             settings.grammar.completed = results[0].finish_reason == "stop"
         total = sum(len(t) for t in tokens)
+        if settings.keep_kv:
+            cache.branch_rows += [[*branches[b], *tokens[b]] for b in range(n)]
+        if decoded is not None:  # an in-process decoder's own counts, and its KV
+            out = decoded.forward_passes, getattr(decoded, "kv_bytes", 0)
+            attention = getattr(decoded, "attention", self.name)
+            kept = getattr(decoded, "branch_kv", None)
+            return BranchesOutput(results, *out, attention, total, kept)
         # The backend decodes the branches in one batch: about one pass per token of the longest.
         passes = max((len(t) for t in tokens), default=0)
         return BranchesOutput(results, passes, 0, self.name, total)
@@ -286,6 +342,8 @@ class _Backend:
             jump_forward=bool(kw.get("jump_forward", False)),
             loop_guard=bool(kw.get("loop_guard", False)),
             step_opening=step,
+            attention=str(kw.get("attention", "auto")),
+            keep_kv=bool(kw.get("keep_kv", False)),
         )
 
     def _choose(self, context: list[int], constraint: Any, kw: dict[str, Any]) -> int:
@@ -294,10 +352,12 @@ class _Backend:
         choices = tuple(int(i) for i in constraint.choice_ids)
         op = self.m._issue(lambda op: Choose(op, tuple(context), choices))
         event = self.m._wait(op, (Scores,))
-        logits = torch.full((self.vocab_size,), float("-inf"))
-        for token, score in event.logprobs.items():
-            if 0 <= token < self.vocab_size:
-                logits[token] = score
+        logits = event.logits
+        if logits is None:
+            logits = torch.full((self.vocab_size,), float("-inf"))
+            for token, score in event.logprobs.items():
+                if 0 <= token < self.vocab_size:
+                    logits[token] = score
         logits = constraint.mask_logits(logits)
         params = kw.get("params")
         gen = (

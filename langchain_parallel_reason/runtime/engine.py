@@ -1,11 +1,10 @@
 """The local engine: one scheduler thread owns a model and batches the forwards of every request.
 
 Contract: ``Engine(model, tokenizer)`` serves ``Request`` objects (runtime/base.py) with
-continuous batching. Each admitted request runs the three-stage pipeline as a coroutine (a
-greenlet) on the scheduler's own thread, against a *view* of the model: every forward the
-pipeline asks for (a prefill, a plan token, a step of N branches, a conclusion token) becomes a
-call parked with the scheduler, and the request's coroutine is suspended until its logits are
-there. The scheduler resumes every ready request until each has parked its next call (or
+continuous batching. Each admitted request is a coroutine (a greenlet) on the scheduler's own
+thread: its ``RequestMachine`` (the stages) driven by a ``LocalDriver`` (runtime/local_driver.py)
+against a *view* of the model: every forward (a prefill, a plan token, a step of N branches, a
+conclusion token) becomes a call parked with the scheduler until its logits are there. The scheduler resumes every ready request until each has parked its next call (or
 ended), then runs ONE forward over all of them, whatever stage each is at (runtime/ragged.py
 keeps each call to its own cache), so a request joins at the next step and leaves when it is
 done; long prefills are cut into chunks interleaved with decode steps. No thread per request, no
@@ -47,6 +46,8 @@ from ..decoding.cache import kv_bytes
 from ..decoding.masks import model_mask_kind
 from ..decoding.sampling import use_row_sampler
 from ..decoding.sequential import Cancelled
+from ..pipeline.backend import LocalBackend
+from ..pipeline.machine import RequestMachine
 from .base import EngineLimits, Item, Request
 from .calls import (
     Call,
@@ -62,6 +63,7 @@ from .calls import (
     with_engine_report,
 )
 from .kv import SlabLayer
+from .local_driver import LocalDriver
 from .prefix_cache import PrefixCache, common_prefix
 from .ragged import RAGGED_ATTENTION, RaggedCache, pack_step
 from .retry import is_transient, run_with_retries
@@ -100,6 +102,7 @@ class _Core:
         # float32 answers equal their solo runs whatever the batch; half precision's do not.
         self.invariant = next(model.parameters()).dtype == torch.float32
         self.prefix = PrefixCache(limits.prefix_cache_bytes)
+        self.kv_reuse_problem = LocalBackend(model, tokenizer).kv_reuse_problem()
         # Fresh prefills running now: id -> (prompt ids, set once its KV is stored).
         self.prefilling: dict[int, tuple[list[int], threading.Event]] = {}
         self.cond = threading.Condition()
@@ -337,23 +340,21 @@ class _Core:
         view = ModelView(self, req)
         sent_text = False
 
-        def attempt() -> Any:
+        def emit(event: Any) -> None:
             nonlocal sent_text
+            req.stage = after_event(req.stage, event)
+            req.send(("event", event))
+            sent_text = sent_text or not isinstance(event, pl.StageEvent)
+
+        def attempt() -> Any:
+            # The request's machine runs the stages; its driver runs their forwards on the view.
+            backend = LocalBackend(view, tokenizer)
+            driver = LocalDriver(backend, tokenizer, req.cancel, self.kv_reuse_problem)
+            machine = RequestMachine(
+                driver.info, tokenizer, messages, config, tools=tools, cancel=req.cancel
+            )
             with torch.no_grad():
-                events = pl.iter_answer(
-                    view, tokenizer, messages, config, cancel=req.cancel, tools=tools
-                )
-                try:
-                    while True:
-                        try:
-                            event = next(events)
-                        except StopIteration as stop:
-                            return with_engine_report(req, stop.value, self.invariant)
-                        req.stage = after_event(req.stage, event)
-                        req.send(("event", event))
-                        sent_text = sent_text or not isinstance(event, pl.StageEvent)
-                finally:
-                    events.close()
+                return with_engine_report(req, driver.run(machine, emit), self.invariant)
 
         def backoff(seconds: float) -> None:
             end = time.monotonic() + seconds
