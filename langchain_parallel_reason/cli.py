@@ -166,10 +166,11 @@ def _run_bench_decode(args: argparse.Namespace) -> int:
     from langchain_parallel_reason.loading import load_model_and_tokenizer
 
     progress = not args.no_progress
-    # A fixed dtype is loaded directly; "auto" loads the default and casts per mode.
+    # A fixed dtype is loaded directly; "auto" loads the default and casts per mode (so its
+    # Linear weights stay plain: packed ones are bfloat16 for good).
     dtype = None if args.dtype == "auto" else args.dtype
     model, tokenizer = load_model_and_tokenizer(
-        args.model, device=args.device, dtype=dtype, progress=progress
+        args.model, device=args.device, dtype=dtype, progress=progress, pack=dtype is not None
     )
     model_name = args.model or "embedded SmolLM2-135M-Instruct"
     result = run_decode_bench(model, tokenizer, config, model_name=model_name, progress=progress)

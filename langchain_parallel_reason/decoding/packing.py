@@ -65,6 +65,14 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in_features] -> [..., out_features]``, as ``F.linear(x, W, b)``."""
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+            # The model was cast or moved after loading: the packed weight cannot follow.
+            msg = (
+                f"this Linear layer's weight was packed for bfloat16 on the CPU when the model "
+                f"was loaded, and got {x.dtype} on {x.device}: load the model with "
+                "load_model_and_tokenizer(..., pack=False) to change its dtype or device later"
+            )
+            raise RuntimeError(msg)
         bias = None if self.bias is None else self.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 

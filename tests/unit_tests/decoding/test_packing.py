@@ -89,3 +89,12 @@ def test_the_loader_packs_a_bf16_model_and_answers_as_the_unpacked_one(tmp_path:
         b = ChatParallelReason.from_model(plain, tokenizer).invoke("Say hi.", **settings)
         assert a.content == b.content
         assert a.response_metadata["parallel"]["mode_used"] == settings["mode"]
+
+
+@needs_bf16
+def test_a_packed_model_cast_later_says_how_to_fix() -> None:
+    model = _bf16("llama")
+    pack_linears(model)
+    model.to(torch.float32)
+    with pytest.raises(RuntimeError, match="pack=False"), torch.inference_mode():
+        model(input_ids=torch.tensor([[5, 9, 33]]))
