@@ -127,6 +127,9 @@ class DecodeSettings:
     """Whether the loop guard ends a repeating branch (the machine checks it)."""
     step_opening: bool = False
     """A paragraph step's opening bans apply (a server sends the step-opening regex)."""
+    line_goes_on: tuple[bool, ...] = ()
+    """Per branch (one for a single continuation; empty: none), whether its first token may
+    not end the line: a check step whose record goes on (a server sends a regex for it)."""
     attention: str = "auto"
     """The local belt decoder's backend ("auto", "split" or "mask"); a server ignores it."""
     keep_kv: bool = False

@@ -47,7 +47,7 @@ from .actions import (
     Tokens,
 )
 from .events import AnswerResult
-from .render import step_opening_banned_ids
+from .render import newline_token_ids, step_opening_banned_ids
 
 __all__ = ["RequestMachine"]
 
@@ -330,6 +330,10 @@ class _Backend:
             and set(step_opening_banned_ids(self.tokenizer)) <= set(suppress.token_ids)
         )
         opening = kw.get("opening_banned_ids")
+        # Per branch, its first token's bans: whether they keep it from ending the line.
+        firsts = opening if opening is not None else [suppress.first_ids] if suppress else []
+        newlines = set(newline_token_ids(self.tokenizer))
+        goes_on = tuple(bool(f) and newlines <= set(f) for f in firsts)
         return DecodeSettings(
             params=kw.get("params"),
             stop_token_ids=tuple(kw.get("stop_token_ids", ())),
@@ -342,6 +346,7 @@ class _Backend:
             jump_forward=bool(kw.get("jump_forward", False)),
             loop_guard=bool(kw.get("loop_guard", False)),
             step_opening=step,
+            line_goes_on=goes_on if any(goes_on) else (),
             attention=str(kw.get("attention", "auto")),
             keep_kv=bool(kw.get("keep_kv", False)),
         )

@@ -33,6 +33,8 @@ __all__ = [
     "grammar_constraint",
     "marker_token_ids",
     "merged_steps_text",
+    "newline_token_ids",
+    "record_goes_on",
     "record_quote",
     "record_titles",
     "render_prompt",
@@ -183,20 +185,21 @@ def grammar_constraint(tokenizer: Any, ebnf: str, vocab_size: int) -> Any:
     return GrammarConstraint.from_ebnf(tokenizer, ebnf, vocab_size=vocab_size)
 
 
-_MARKER_IDS: dict[int, tuple[Any, list[int], list[int]]] = {}
+_MARKER_IDS: dict[int, tuple[Any, list[int], list[int], list[int]]] = {}
 
 
 _MARKER_LOCK = threading.Lock()
 
 
-def _banned_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """(step opening bans, marker ids), computed once per tokenizer object."""
+def _banned_ids(tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
+    """(step opening bans, marker ids, newline ids), computed once per tokenizer object."""
     with _MARKER_LOCK:
         hit = _MARKER_IDS.get(id(tokenizer))
         if hit is not None and hit[0] is tokenizer:
-            return hit[1], hit[2]
+            return hit[1], hit[2], hit[3]
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     markers = [i for i, text in enumerate(texts) if "#" in text]
+    newlines = [i for i, text in enumerate(texts) if "\n" in text]
     opening = [
         i
         for i, text in enumerate(texts)
@@ -205,8 +208,8 @@ def _banned_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     with _MARKER_LOCK:
         if len(_MARKER_IDS) > 16:  # a handful of tokenizers per process at most
             _MARKER_IDS.clear()
-        _MARKER_IDS[id(tokenizer)] = (tokenizer, opening, markers)
-    return opening, markers
+        _MARKER_IDS[id(tokenizer)] = (tokenizer, opening, markers, newlines)
+    return opening, markers, newlines
 
 
 def step_opening_banned_ids(tokenizer: Any) -> list[int]:
@@ -221,6 +224,11 @@ def step_opening_banned_ids(tokenizer: Any) -> list[int]:
 def marker_token_ids(tokenizer: Any) -> list[int]:
     """Ids of tokens holding '#' (a step marker would start), cached per tokenizer object."""
     return _banned_ids(tokenizer)[1]
+
+
+def newline_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of tokens holding a newline, cached per tokenizer object."""
+    return _banned_ids(tokenizer)[2]
 
 
 def title_opening_ids(tokenizer: Any, titles: Sequence[str]) -> list[list[int]]:
@@ -295,6 +303,13 @@ def record_quote(message: str, title: str) -> str:
             quote = line[: line.index(title) + len(title)].strip()
             return re.sub(r"^\(?\d+[.)]\s*", "", quote)
     return title
+
+
+def record_goes_on(message: str, title: str) -> bool:
+    """Whether the first line of ``message`` that holds ``title`` goes on after it ("; GPA:
+    3.81"): a check of that record has something to copy, so it may not end at once."""
+    line = next((x for x in message.splitlines() if title in x), "")
+    return bool(line[line.index(title) + len(title) :].strip()) if line else False
 
 
 def steps_content(preamble: str, titles: Sequence[str], bodies: Sequence[str]) -> str:

@@ -52,6 +52,8 @@ __all__ = [
 # model tends to copy the placeholder ("......") or start the next title ("\n####..."), so the
 # first character is a word character and the first 30 hold no "#" and no newline.
 STEP_OPENING_REGEX = "[ ]?[^\\s#.\u2026]([^#\\n]{0,30}|[^#\\n]{30}[\\s\\S]*)"
+# A check step whose record goes on after its title: its first character does not end the line.
+LINE_GOES_ON_REGEX = "[^\\n][\\s\\S]*"
 # Server error texts that mean "this server cannot use the grammar or regex we sent".
 GRAMMAR_WORDS = ("grammar", "structured", "guided", "ebnf", "xgrammar", "regex")
 
@@ -125,14 +127,15 @@ class HttpDriver:
     def _bodies(self, decode: Decode) -> list[dict[str, Any]]:
         """One completion body per branch of ``decode``."""
         context = list(decode.context_ids)
+        goes_on = decode.settings.line_goes_on or (False,) * len(decode.branch_prefixes)
         return [
-            self._body([*context, *forced], budget, seed, decode.settings)
-            for forced, budget, seed in zip(
-                decode.branch_prefixes, decode.budgets, decode.seeds, strict=True
+            self._body([*context, *forced], budget, seed, decode.settings, line)
+            for forced, budget, seed, line in zip(
+                decode.branch_prefixes, decode.budgets, decode.seeds, goes_on, strict=True
             )
         ]
 
-    def _body(self, prompt, max_tokens, seed, settings: DecodeSettings) -> dict[str, Any]:
+    def _body(self, prompt, max_tokens, seed, settings: DecodeSettings, line=False) -> dict:
         params = settings.params
         body: dict[str, Any] = {
             "model": self.info.model,
@@ -169,6 +172,8 @@ class HttpDriver:
             body |= self._structured(ebnf=grammar.ebnf, schema=grammar.json_schema)
         elif settings.step_opening and self.regex_ok:
             body |= self._structured(regex=STEP_OPENING_REGEX)
+        elif line and self.regex_ok:
+            body |= self._structured(regex=LINE_GOES_ON_REGEX)
         return body
 
     def _structured(self, ebnf=None, schema=None, regex=None) -> dict[str, Any]:

@@ -174,6 +174,7 @@ def test_records_as_steps_are_one_line_checks(make: Any) -> None:
         line = next(x for x in msg.content.splitlines() if x.startswith(f"**{title}**: "))
         assert line.startswith(f"**{title}**: Name: {title}")  # the record's own words
         assert "\n" not in line  # one line: the step ended at the line's end or its budget
+        assert line != f"**{title}**: Name: {title}"  # its record goes on: so does the check
 
 
 @pytest.mark.parametrize("mode", ["parallel", "stepped"])

@@ -55,3 +55,58 @@ def test_paragraph_steps_are_reported_as_such(tiny_llama, tiny_tokenizer) -> Non
         iter_answer(tiny_llama, tiny_tokenizer, messages, PipelineConfig(mode="sequential")), []
     )
     assert sequential.report.step_kind is None
+
+
+def _newline_first_model(tokenizer):
+    """A private tiny Llama whose every next token is a newline unless that is banned (then
+    "x"): logits come from the head's bias alone."""
+    import torch
+    from tiny_models import build_tiny_model
+
+    model = build_tiny_model("llama", attn_implementation="sdpa")
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tokenizer.encode("\n", add_special_tokens=False)[0]] = 10.0
+        head.bias[tokenizer.encode("x", add_special_tokens=False)[0]] = 5.0
+    model.lm_head = head
+    model.config.tie_word_embeddings = False
+    return model
+
+
+ENDS_AT_TITLE = "Records:\n1. Name: Ann Lee; GPA: 3.10\n2. Bo Kim\n\nQuestion: Who is first?"
+
+
+@pytest.mark.parametrize("mode", ["parallel", "stepped"])
+def test_a_check_step_whose_record_goes_on_never_ends_at_once(tiny_tokenizer, mode) -> None:
+    model = _newline_first_model(tiny_tokenizer)
+    messages = [{"role": "user", "content": ENDS_AT_TITLE}]
+    config = PipelineConfig(mode=mode, steps=("Ann Lee", "Bo Kim"), max_tokens=60)
+    events: list = []
+    result = drive(iter_answer(model, tiny_tokenizer, messages, config), events)
+    assert result.report.mode_used == mode, result.report.fallback_reason
+    texts = [
+        "".join(e.text for e in events if isinstance(e, StepDelta) and e.step == b) for b in (0, 1)
+    ]
+    # Ann Lee's record goes on ("; GPA: 3.10"): her check writes at least one token ("x")
+    # before the line ends; Bo Kim's line ends at his name, so his check may end at once.
+    assert texts[0].strip().startswith("Name: Ann Lee")
+    assert texts[0].strip() != "Name: Ann Lee"
+    assert result.report.branch_tokens[0] >= 2
+    assert result.report.branch_tokens[1] == 1
+
+
+def test_a_server_gets_the_line_rule_as_a_regex_per_branch(tiny_tokenizer) -> None:
+    import httpx
+
+    from langchain_parallel_reason.pipeline.actions import Decode, DecodeSettings
+    from langchain_parallel_reason.runtime.http import LINE_GOES_ON_REGEX, HttpDriver
+    from langchain_parallel_reason.runtime.server import ServerInfo
+
+    info = ServerInfo("http://127.0.0.1:9/v1", "m", ["m"], "vllm", 4096, None)
+    driver = HttpDriver(httpx.AsyncClient(), info, tiny_tokenizer)
+    settings = DecodeSettings(line_goes_on=(True, False))
+    bodies = driver._bodies(Decode(0, (1, 2), ((3,), (4,)), (8, 8), (0, 1), settings))
+    assert bodies[0]["structured_outputs"] == {"regex": LINE_GOES_ON_REGEX}
+    assert "structured_outputs" not in bodies[1]
