@@ -4,13 +4,13 @@ Contract: ``Engine(model, tokenizer)`` serves ``Request`` objects (runtime/base.
 continuous batching. Each admitted request is a coroutine (a greenlet) on the scheduler's own
 thread: its ``RequestMachine`` (the stages) driven by a ``LocalDriver`` (runtime/local_driver.py)
 against a *view* of the model: every forward (a prefill, a plan token, a step of N branches, a
-conclusion token) becomes a call parked with the scheduler until its logits are there. The scheduler resumes every ready request until each has parked its next call (or
-ended), then runs ONE forward over all of them, whatever stage each is at (runtime/ragged.py
-keeps each call to its own cache), so a request joins at the next step and leaves when it is
-done; long prefills are cut into chunks interleaved with decode steps. No thread per request, no
-lock between requests' Python, no waiting window: the scheduler knows when every request has
-handed in its call. Each request's output is the one it gets alone (tested token for token):
-batching changes speed, not text.
+conclusion token) is parked with the scheduler until its logits are there; the scheduler resumes
+every ready request until each has parked its next call (or ended), then runs ONE forward over
+all of them, whatever stage each is at (runtime/ragged.py keeps each call to its own cache): a
+request joins at the next step and leaves when it is done; long prefills are cut into chunks
+interleaved with decode steps. No thread per request, no lock between requests' Python, no
+waiting window: the scheduler knows when every request has handed in its call. Each request's
+output is the one it gets alone (tested token for token): batching changes speed, not text.
 
 Limits: ``max_concurrent_requests`` running at once, ``max_batch_rows`` tokens per forward and
 an optional ``kv_budget_bytes`` reserved per request at admission; beyond them requests wait in
