@@ -295,21 +295,30 @@ def record_titles(message: str, titles: Sequence[str]) -> bool:
     return bool(titles) and all(any(t in line for line in material) for t in titles)
 
 
+def _record_split(message: str, title: str) -> tuple[str, str] | None:
+    """The first line of ``message`` that holds ``title``, cut after the title: (up to and
+    with the title, the rest of the line); None where no line holds it."""
+    line = next((x for x in message.splitlines() if title in x), None)
+    if line is None:
+        return None
+    end = line.index(title) + len(title)
+    return line[:end], line[end:]
+
+
 def record_quote(message: str, title: str) -> str:
     """The first line of ``message`` that holds ``title``, up to the title's end (its list
     number dropped): "Name: Oscar Popescu" of "1. Name: Oscar Popescu; GPA: 3.81"."""
-    for line in message.splitlines():
-        if title in line:
-            quote = line[: line.index(title) + len(title)].strip()
-            return re.sub(r"^\(?\d+[.)]\s*", "", quote)
-    return title
+    split = _record_split(message, title)
+    if split is None:
+        return title
+    return re.sub(r"^\(?\d+[.)]\s*", "", split[0].strip())
 
 
 def record_goes_on(message: str, title: str) -> bool:
     """Whether the first line of ``message`` that holds ``title`` goes on after it ("; GPA:
     3.81"): a check of that record has something to copy, so it may not end at once."""
-    line = next((x for x in message.splitlines() if title in x), "")
-    return bool(line[line.index(title) + len(title) :].strip()) if line else False
+    split = _record_split(message, title)
+    return split is not None and bool(split[1].strip())
 
 
 def steps_content(preamble: str, titles: Sequence[str], bodies: Sequence[str]) -> str:
