@@ -40,7 +40,7 @@ from ..pipeline.actions import (
 )
 from ..pipeline.events import AnswerResult, Event
 from ..pipeline.machine import RequestMachine
-from ..pipeline.render import stop_token_ids
+from ..pipeline.render import newline_token_ids, stop_token_ids
 from .server import ServerError, ServerInfo, error_text, malformed, send_json, unreachable
 
 __all__ = [
@@ -52,7 +52,8 @@ __all__ = [
 # model tends to copy the placeholder ("......") or start the next title ("\n####..."), so the
 # first character is a word character and the first 30 hold no "#" and no newline.
 STEP_OPENING_REGEX = "[ ]?[^\\s#.\u2026]([^#\\n]{0,30}|[^#\\n]{30}[\\s\\S]*)"
-# A check step whose record goes on after its title: its first character does not end the line.
+# A check step whose record goes on after its title: its first character does not end the line
+# (sent only where the branch does not end at the line's end, see ``_line_rule``).
 LINE_GOES_ON_REGEX = "[^\\n][\\s\\S]*"
 # Server error texts that mean "this server cannot use the grammar or regex we sent".
 GRAMMAR_WORDS = ("grammar", "structured", "guided", "ebnf", "xgrammar", "regex")
@@ -72,6 +73,7 @@ class HttpDriver:
             longer_context="start the server with a larger --max-model-len",
         )
         """What the machine's stages need to know of the server."""
+        self.newline_ids = tuple(newline_token_ids(tokenizer))
         self.regex_ok = True  # False once the server refused the step-opening regex
         self.completions_running = 0
         self.notes: list[str] = []
@@ -172,9 +174,25 @@ class HttpDriver:
             body |= self._structured(ebnf=grammar.ebnf, schema=grammar.json_schema)
         elif settings.step_opening and self.regex_ok:
             body |= self._structured(regex=STEP_OPENING_REGEX)
-        elif line and self.regex_ok:
-            body |= self._structured(regex=LINE_GOES_ON_REGEX)
+        elif line:
+            body |= self._line_rule(settings, body)
         return body
+
+    def _line_rule(self, settings: DecodeSettings, body: dict[str, Any]) -> dict[str, Any]:
+        """A branch whose first token may not end the line, as the server's parameters.
+
+        A branch that ends at the line's end anyway (stop string "\\n": a check step) gets
+        the newline-holding ids as stop ids with ``min_tokens`` >= 1: the server bans them
+        (and EOS) for the first token, as the local first-token ban does, and afterwards ends
+        the stream at the very token where the machine's "\\n" stop would cut it. This costs
+        the server nothing per token, where a regex runs its grammar engine on every step
+        (and it ends the stream on the server, without waiting for our cancel). Otherwise a
+        regex says it.
+        """
+        if "\n" in settings.stop_strings:
+            stops = list(dict.fromkeys([*body.get("stop_token_ids", ()), *self.newline_ids]))
+            return {"stop_token_ids": stops, "min_tokens": max(1, body.get("min_tokens", 0))}
+        return self._structured(regex=LINE_GOES_ON_REGEX) if self.regex_ok else {}
 
     def _structured(self, ebnf=None, schema=None, regex=None) -> dict[str, Any]:
         """The server's structured-output field for an EBNF grammar, a JSON schema or a regex."""

@@ -97,15 +97,28 @@ def test_a_check_step_whose_record_goes_on_never_ends_at_once(tiny_tokenizer, mo
     assert result.report.branch_tokens[1] == 1
 
 
-def test_a_server_gets_the_line_rule_as_a_regex_per_branch(tiny_tokenizer) -> None:
+def test_a_server_gets_the_line_rule_per_branch(tiny_tokenizer) -> None:
     import httpx
 
     from langchain_parallel_reason.pipeline.actions import Decode, DecodeSettings
+    from langchain_parallel_reason.pipeline.render import newline_token_ids
     from langchain_parallel_reason.runtime.http import LINE_GOES_ON_REGEX, HttpDriver
     from langchain_parallel_reason.runtime.server import ServerInfo
 
     info = ServerInfo("http://127.0.0.1:9/v1", "m", ["m"], "vllm", 4096, None)
     driver = HttpDriver(httpx.AsyncClient(), info, tiny_tokenizer)
+    newlines = set(newline_token_ids(tiny_tokenizer))
+    # A check step ends at the line's end: the newline ids become stop ids, banned for the
+    # first token by min_tokens (the server's own first-token ban), and no grammar runs.
+    settings = DecodeSettings(stop_token_ids=(0,), stop_strings=("\n",), line_goes_on=(True, False))
+    bodies = driver._bodies(Decode(0, (1, 2), ((3,), (4,)), (8, 8), (0, 1), settings))
+    assert newlines
+    assert newlines | {0} == set(bodies[0]["stop_token_ids"])
+    assert bodies[0]["min_tokens"] == 1
+    assert "structured_outputs" not in bodies[0]
+    assert bodies[1]["stop_token_ids"] == [0]
+    assert "min_tokens" not in bodies[1]
+    # A branch that goes on past the line gets the rule as a regex instead.
     settings = DecodeSettings(line_goes_on=(True, False))
     bodies = driver._bodies(Decode(0, (1, 2), ((3,), (4,)), (8, 8), (0, 1), settings))
     assert bodies[0]["structured_outputs"] == {"regex": LINE_GOES_ON_REGEX}
