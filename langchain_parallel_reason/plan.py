@@ -206,6 +206,7 @@ def plan_grammar_ebnf(
     *,
     preamble: bool = True,
     titles: Sequence[str] | None = None,
+    done_steps: int | None = None,
 ) -> str:
     """Return an xgrammar EBNF grammar that forces the exact Stage-1 plan shape.
 
@@ -229,11 +230,15 @@ def plan_grammar_ebnf(
             given, each title is one of them, written exactly, and the plan has
             2..min(len(titles), max_branches) steps, each title at most once (the first 6
             titles are offered); the model picks which and in what order. None: free titles.
+        done_steps: The rest of a plan (free titles only): the text starts at a title, right
+            after the ``####`` of a step line that follows ``done_steps`` complete ones (a
+            server that cannot resume a grammar gets this one to continue a cut plan).
 
     Raises:
         ValueError: If a limit is out of range, or ``titles`` has fewer than 2 entries or
             one that is not a valid title (empty, longer than ``max_title_chars``, with
-            ``#``, ``:``, a control character, or spaces at its ends).
+            ``#``, ``:``, a control character, or spaces at its ends), or ``done_steps`` is
+            given with ``titles`` or leaves no step to write.
     """
     _check_limit("max_branches", max_branches, 2)
     _check_limit("max_title_chars", max_title_chars, 1)
@@ -243,8 +248,17 @@ def plan_grammar_ebnf(
     most = max_branches if titles is None else min(max_branches, len(titles), _MAX_GROUNDED)
     preamble_char = f"[^#{_CONTROL_CLASS}]"
     head = f"preamble {_ebnf_string(chr(10))} " if preamble else ""
+    body = f"step{{2,{most}}}"
+    if done_steps is not None:
+        if titles is not None or not 0 <= done_steps < most:
+            msg = f"done_steps must be 0..{most - 1} with free titles, got {done_steps}"
+            raise ValueError(msg)
+        # This step's line after its "####", then the steps still allowed (at least 2 in all).
+        low, high = max(0, 1 - done_steps), most - done_steps - 1
+        more = f" step{{{low},{high}}}" if high > 0 else ""
+        head, body = "", f"title {_ebnf_string(f':{PLACEHOLDER}' + chr(10))}{more}"
     rules = [
-        f"root ::= {head}step{{2,{most}}} {_ebnf_string(END_MARKER)}",
+        f"root ::= {head}{body} {_ebnf_string(END_MARKER)}",
         *(
             [
                 f"preamble ::= {preamble_char} preamble_rest",

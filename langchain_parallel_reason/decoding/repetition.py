@@ -307,6 +307,12 @@ class RepetitionControl:
             bad_word_ids=tuple(dict.fromkeys((*self.bad_word_ids, *ids))),
         )
 
+    def banning_ids(self, ids: Sequence[int]) -> RepetitionControl:
+        """This control that also bans the single tokens ``ids`` (a server gets them as a
+        logit bias of -100)."""
+        more = tuple((int(i),) for i in ids)
+        return replace(self, bad_word_ids=tuple(dict.fromkeys((*self.bad_word_ids, *more))))
+
     def single_token_bans(self) -> list[int]:
         """The banned words' one-token forms (what a server gets as a logit bias)."""
         return sorted({seq[0] for seq in self.bad_word_ids if len(seq) == 1})

@@ -23,6 +23,7 @@ import greenlet
 import torch
 
 from ..decoding.decoder import BranchesOutput, BranchResult, StepEvent
+from ..decoding.repetition import RepetitionControl
 from ..decoding.sampling import make_generator, sample_next
 from ..decoding.sequential import Cancelled, SequentialResult
 from ..decoding.stops import Stopping
@@ -47,7 +48,7 @@ from .actions import (
     Tokens,
 )
 from .events import AnswerResult
-from .render import newline_token_ids, step_opening_banned_ids
+from .render import DistinctTitles, newline_token_ids, step_opening_banned_ids
 
 __all__ = ["RequestMachine"]
 
@@ -221,13 +222,67 @@ class _Backend:
             yield token
             cache.ids[:] = context
             return SequentialResult([token], "stop", None, 1)
-        decode = self._decode(context, [[]], kw, [kw.get("seed")], cache, start)
-        out = yield from _tokens(decode)
-        result = out.branches[0]
+        if isinstance(constraint, DistinctTitles) and self.info.grammar is None:
+            result = yield from self._distinct_plan(context, cache, start, kw, constraint)
+        else:
+            decode = self._decode(context, [[]], kw, [kw.get("seed")], cache, start)
+            out = yield from _tokens(decode)
+            branch = out.branches[0]
+            result = SequentialResult(
+                branch.token_ids, branch.finish_reason, branch.stop, out.forward_passes
+            )
         cache.ids[:] = [*context, *result.token_ids[:-1]]  # as a KV cache: the last never fed
-        return SequentialResult(
-            result.token_ids, result.finish_reason, result.stop, out.forward_passes
-        )
+        return result
+
+    def _distinct_plan(self, context, cache, start, kw, rule) -> Generator:
+        """A plan under ``DistinctTitles`` on a backend that runs only its grammar (a server):
+        the rule is applied to the tokens fed back (a greedy token is the argmax the local rule
+        looks at). A title that opens with an earlier title's first token closes the list
+        (its stream is cancelled and ``%%%%`` written after the ``####``), or, before the
+        second title, is banned: the plan goes on from its text so far under the grammar of
+        the rest (``rule.rest``), with those first tokens banned for the rest of the plan (a
+        logit bias: a server cannot ban them at title starts only)."""
+        track = DistinctTitles(None, self.tokenizer)
+        tokens: list[int] = []
+        budget, passes = int(kw["max_new_tokens"]), 0
+        seg = dict(kw, constraint=rule.inner)
+        while True:
+            decode = self._decode([*context, *tokens], [[]], seg, [kw.get("seed")], cache, start)
+            verdict, first = "ok", len(tokens)
+            try:
+                while verdict == "ok":
+                    try:
+                        _, token = next(decode)
+                    except StopIteration as stop:
+                        out = stop.value.branches[0]
+                        passes += stop.value.forward_passes
+                        return SequentialResult(tokens, out.finish_reason, out.stop, passes)
+                    verdict = track.verdict(token)
+                    if verdict == "ban" and rule.rest is None:
+                        verdict = "ok"  # no grammar to go on under: the token stands
+                    if verdict == "ok":
+                        track.advance(token)
+                        tokens.append(token)
+                        yield token
+            finally:
+                decode.close()  # a cut stream is cancelled
+            passes += len(tokens) - first + 1
+            if verdict == "close":
+                for token in track.close_tail_ids()[: budget - len(tokens)]:
+                    tokens.append(token)
+                    yield token
+                if isinstance(rule.inner, Grammar):
+                    rule.inner.completed = True
+                return SequentialResult(tokens, "stop", None, passes)
+            if len(tokens) >= budget:
+                return SequentialResult(tokens, "length", None, passes)
+            grammar = rule.rest(len(track.firsts))
+            seg = dict(
+                kw,
+                constraint=None if grammar is None else Grammar(grammar),
+                repetition=(kw.get("repetition") or RepetitionControl()).banning_ids(track.firsts),
+                max_new_tokens=budget - len(tokens),
+            )
 
     def iter_decode_branches(
         self, prefix_ids: Sequence[int], branch_prefixes: Sequence[Sequence[int]], **kw: Any

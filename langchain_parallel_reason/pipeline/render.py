@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -337,11 +337,18 @@ class DistinctTitles:
     A small model otherwise repeats its first title ("####Quit:......" six times), and forcing
     it past the repeat only makes it write unrelated titles. Titles are found in the text (a
     title starts right after each ``####``), whatever the tokenization of the marker.
+
+    ``rest(k)``, where given, is the plan grammar's EBNF from a title start after ``k``
+    complete step lines: a backend that runs only the grammar (a server) applies the rule to
+    the tokens it returns (``verdict``) and continues a cut plan under it.
     """
 
-    def __init__(self, inner: Any, tokenizer: Any) -> None:
+    def __init__(
+        self, inner: Any, tokenizer: Any, rest: Callable[[int], str | None] | None = None
+    ) -> None:
         self.inner = inner
         self.tok = tokenizer
+        self.rest = rest
         self.tokens: list[int] = []
         self.firsts: list[int] = []
         self.at_title = False
@@ -368,6 +375,17 @@ class DistinctTitles:
         out = logits.clone()
         out[self.firsts] = float("-inf")
         return out
+
+    def verdict(self, token_id: int) -> str:
+        """The rule on a chosen token: "ok", "close" (it repeats a title's first token and the
+        list has 2 titles: close it instead) or "ban" (it repeats one before that)."""
+        if not (self.at_title and token_id in self.firsts):
+            return "ok"
+        return "close" if len(self.firsts) >= 2 else "ban"
+
+    def close_tail_ids(self) -> list[int]:
+        """The ids that close the list after a step line's ``####`` (``%%%%``)."""
+        return self.tok.encode(END_MARKER[len(STEP_MARKER) :], add_special_tokens=False)
 
     def advance(self, token_id: int) -> None:
         """Accept ``token_id`` (into the grammar too)."""

@@ -136,6 +136,14 @@ class Run:
             if cfg.constrain_plan
             else None
         )
+
+        def rest_grammar(done_steps: int) -> str | None:
+            # The plan from a title start on, for a backend that continues a cut plan (a
+            # grounded plan's grammar keeps its titles distinct itself: no rest for it).
+            if grammar is None:
+                return None
+            return plan_grammar_ebnf(cfg.max_branches, PLAN_TITLE_CHARS, done_steps=done_steps)
+
         spent = 0
 
         def attempt() -> tuple[Plan, list[int]]:
@@ -157,6 +165,7 @@ class Run:
             constraint = DistinctTitles(
                 self.backend.grammar(ebnf=grammar) if grammar else None,
                 self.tok,
+                rest=rest_grammar if grounded is None else None,
             )
             gen = self.backend.iter_decode(
                 prompt[-1:],

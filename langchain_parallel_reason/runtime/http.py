@@ -164,7 +164,8 @@ class HttpDriver:
             body["repetition_penalty"] = repetition.penalty
         if repetition is not None and repetition.bad_words:
             body["bad_words"] = list(repetition.bad_words)  # tokenized as the local ban is
-            body["logit_bias"] = {str(i): -100 for i in repetition.single_token_bans()}
+        if repetition is not None and (single := repetition.single_token_bans()):
+            body["logit_bias"] = {str(i): -100 for i in single}
         if repetition is not None and repetition.ngram_size:
             note = "no_repeat_ngram_size is not a server sampling parameter: not applied there"
             if note not in self.notes:

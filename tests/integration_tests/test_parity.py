@@ -73,6 +73,20 @@ def test_the_loop_guard_cuts_looping_steps(make: Any) -> None:
     assert report["conclusion_tokens"] >= MIN_CONCLUSION_TOKENS
 
 
+def test_a_plan_title_never_opens_like_an_earlier_one(make: Any) -> None:
+    # The 135M model's own plan repeats its first title here ("####Quitting:...... ####Quit.."):
+    # in process the rule masks logits; a server returns tokens, and the machine applies the
+    # same rule to them (a repeat is banned and the plan goes on, or it closes the list).
+    msg = make(max_tokens=160, mode="parallel").invoke("How do I quit smoking?")
+    report = _report(msg)
+    assert report["mode_used"] == "parallel", report["fallback_reason"]
+    assert report["plan_attempts"] == 1
+    titles = report["steps"]
+    assert len(titles) >= 2
+    openings = [title.split()[0].lower() for title in titles]
+    assert len(set(openings)) == len(openings), titles
+
+
 def test_the_report_has_the_same_keys_all_filled(make: Any) -> None:
     msg = make(steps=["Taste", "Price"], max_tokens=160).invoke("Compare tea and coffee.")
     report = _report(msg)

@@ -195,6 +195,26 @@ def test_a_plan_title_may_not_open_like_an_earlier_one(tiny_tokenizer) -> None:
     assert torch.equal(guard.mask_logits(logits), logits)
 
 
+def test_the_title_rule_judges_a_chosen_token_as_it_masks(tiny_tokenizer) -> None:
+    # What a server's tokens are judged by: the same rule as the logits mask above.
+    from langchain_parallel_reason.pipeline.render import DistinctTitles
+
+    def fed(text):
+        guard = DistinctTitles(None, tiny_tokenizer)
+        for token in tiny_tokenizer.encode(text, add_special_tokens=False):
+            guard.advance(token)
+        return guard
+
+    one, two = "Intro\n####Taste:......\n####", "Intro\n####Taste:......\n####Price:......\n####"
+    taste = tiny_tokenizer.encode(one + "Taste", add_special_tokens=False)[
+        len(tiny_tokenizer.encode(one, add_special_tokens=False))
+    ]
+    assert fed(one).verdict(taste) == "ban"
+    assert fed(two).verdict(taste) == "close"
+    assert fed("Intro\n####Taste:").verdict(taste) == "ok"  # inside a title
+    assert tiny_tokenizer.decode(fed(two).close_tail_ids()) == "%%%%"
+
+
 @pytest.mark.parametrize(
     ("text", "shown"),
     [

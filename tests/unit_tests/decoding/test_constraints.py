@@ -90,6 +90,32 @@ def test_plan_grammar_always_yields_a_parsable_plan(tok, padded_vocab: int, seed
 
 
 @pytest.mark.parametrize("seed", range(8))
+def test_the_rest_of_a_plan_continues_any_cut_plan(tok, padded_vocab: int, seed: int) -> None:
+    # A plan cut at a title start after k step lines, continued under the rest's grammar,
+    # is a whole plan the first grammar accepts: the same shape, 2..max_branches steps.
+    max_branches = 2 + seed % 4
+    ebnf = plan_grammar_ebnf(max_branches, 20, 40)
+    whole = GrammarConstraint.from_ebnf(tok, ebnf, vocab_size=padded_vocab)
+    ids, _ = _greedy(whole, padded_vocab, seed)
+    text = tok.decode(ids)
+    head, *lines = text.split("####")[:-1]  # preamble, then each step line's text
+    k = seed % len(lines)
+    rest = GrammarConstraint.from_ebnf(
+        tok, plan_grammar_ebnf(max_branches, 20, done_steps=k), vocab_size=padded_vocab
+    )
+    more, _ = _greedy(rest, padded_vocab, seed + 100)
+    cut = head + "".join("####" + line for line in lines[:k]) + "####"
+    full = GrammarConstraint.from_ebnf(tok, ebnf, vocab_size=padded_vocab)
+    for token in tok.encode(cut + tok.decode(more), add_special_tokens=False):
+        full.advance(token)  # raises on a token the whole plan's grammar would not allow
+    assert full.is_completed()
+    with pytest.raises(ValueError, match="done_steps"):
+        plan_grammar_ebnf(max_branches, done_steps=max_branches)
+    with pytest.raises(ValueError, match="done_steps"):
+        plan_grammar_ebnf(max_branches, titles=["Tea", "Coffee"], done_steps=0)
+
+
+@pytest.mark.parametrize("seed", range(8))
 def test_json_schema_yields_valid_json(tok, padded_vocab: int, seed: int) -> None:
     constraint = GrammarConstraint.from_json_schema(tok, SCHEMA, vocab_size=padded_vocab)
     ids, _ = _greedy(constraint, padded_vocab, seed)
