@@ -186,7 +186,7 @@ def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t
         start, logits, context = laid
     picks = plan.titles if form.check else ()
     stream, finish_reason = yield from _conclusion(
-        run, cache, stage3, start, context, t, logits=logits, picks=picks
+        run, cache, stage3, start, context, t, logits=logits, picks=picks, titles=plan.titles
     )
     run.timings["total"] = time.perf_counter() - t0
     content = steps_md + stream.text
@@ -278,7 +278,9 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
     steps_md = steps_content(plan.preamble.strip(), plan.titles, bodies)
     yield ContentDelta(steps_md)
     picks = plan.titles if form.check else ()
-    stream, finish_reason = yield from _conclusion(run, cache, feed, pos, row, t, picks=picks)
+    stream, finish_reason = yield from _conclusion(
+        run, cache, feed, pos, row, t, picks=picks, titles=plan.titles
+    )
     run.timings["total"] = time.perf_counter() - t0
     report = ParallelReport(
         mode_used="stepped",
@@ -305,13 +307,23 @@ def pick_grammar(picks: Sequence[str]) -> str:
     return f"root ::= pick rest\npick ::= {alternatives}\nrest ::= [^\\n]*\n"
 
 
-def _conclusion(run, cache, feed, start, context, t, logits=None, picks=()):
+def conclusion_stops(stop: Sequence[str], titles: Sequence[str]) -> tuple[str, ...]:
+    """The conclusion's stop strings: the caller's, the step marker (a later block opens with
+    it), and each step's header written with three ``#`` (``###Books:``): the 135M model
+    sometimes rewrites the steps after its conclusion that way, which the four-``#`` marker
+    does not catch. A four-``#`` header still stops at the marker first (it is complete a
+    token earlier)."""
+    return (*stop, STEP_MARKER, *(f"###{title}:" for title in titles))
+
+
+def _conclusion(run, cache, feed, start, context, t, logits=None, picks=(), titles=()):
     """Stage 3's decoding: ``feed`` (the token ids the cache still lacks, ending with the
     conclusion cue) at position ``start``, then the conclusion; yields its ContentDelta items
     and returns ``(stream, finish_reason)``. ``context`` is the sequence before ``feed`` (for
     the repetition controls); ``t`` is when Stage 3 began; ``logits``: those after the cue
     when the cache holds it already (``feed`` is then empty). ``picks``: after check steps,
     the conclusion opens with one of them (a grammar; `pick_grammar`) and goes on in one line.
+    ``titles``: the steps' titles (`conclusion_stops`).
 
     The steps are content already, so nothing here falls back: when the context is full (the
     merged steps can re-tokenize longer than decoded) or the conclusion fails, the answer ends
@@ -322,7 +334,8 @@ def _conclusion(run, cache, feed, start, context, t, logits=None, picks=()):
     cfg, tok = run.cfg, run.tok
     room = run.ctx - start - len(feed)
     budget = min(cfg.max_tokens - run.output_tokens, room)
-    stream = TextStream(tok, (*cfg.stop, STEP_MARKER), lstrip=True)
+    stops = conclusion_stops(cfg.stop, titles)
+    stream = TextStream(tok, stops, lstrip=True)
     finish_reason = "length"
     if room < 1:
         run.notes.append(f"context window ({run.ctx} tokens) full after the steps: no conclusion")
@@ -339,7 +352,7 @@ def _conclusion(run, cache, feed, start, context, t, logits=None, picks=()):
             params=run.params,
             seed=cfg.seed,
             stop_token_ids=run.stop_ids,
-            stop_strings=(*cfg.stop, STEP_MARKER),
+            stop_strings=stops,
             tokenizer=tok,
             cancel=run.cancel,
             # Right after the steps a small model tends to end the answer at once (EOS) or

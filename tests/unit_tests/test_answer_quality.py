@@ -238,3 +238,25 @@ def test_resample_settings_are_derived_and_reproducible() -> None:
     assert resample_settings(0.0, 7, 3) == (0.7, 3007)
     assert resample_settings(0.9, None, 2) == (0.9, None)  # unseeded sampling stays random
     assert resample_settings(0.0, 1, 9)[0] == 1.0
+
+
+def test_a_conclusion_stops_where_it_rewrites_a_step_header(tiny_tokenizer) -> None:
+    # The 135M model once ended "...books, podcasts and videos" with "###Books:" lines: the
+    # steps again, under a three-'#' header the step marker missed.
+    from langchain_parallel_reason.decoding.stops import Stopping
+    from langchain_parallel_reason.pipeline.steps import conclusion_stops
+    from langchain_parallel_reason.prompts import STEP_MARKER
+
+    stopping = Stopping.build((), conclusion_stops((), ["Books", "Videos"]), tiny_tokenizer, False)
+
+    def end(text):
+        ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+        for n in range(1, len(ids) + 1):
+            if (hit := stopping.check(ids[:n])) is not None:
+                return hit
+        return None
+
+    assert end("Books teach.\n###Videos: they show.") == ("stop", "###Videos:")
+    # A four-'#' header is the step marker (a later block opens with it), found first.
+    assert end("Books teach.\n####Videos: they show.") == ("stop", STEP_MARKER)
+    assert end("Books teach, ### and Videos: show.") is None
