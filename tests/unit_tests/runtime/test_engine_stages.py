@@ -18,7 +18,7 @@ from tiny_models import build_tiny_model, build_tiny_tokenizer
 from langchain_parallel_reason import pipeline as pl
 from langchain_parallel_reason.runtime.base import Request
 from langchain_parallel_reason.runtime.engine import Engine
-from langchain_parallel_reason.runtime.ragged import _packed_decode
+from langchain_parallel_reason.runtime.ragged import _packed_decode, _packed_masked
 from langchain_parallel_reason.runtime.stage_tags import STAGES
 
 CONFIGS = [
@@ -77,3 +77,23 @@ def test_packed_one_token_attention_matches_stock_sdpa_in_half_precision() -> No
         stock = F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
         packed = _packed_decode(q, k, v, 0.125)  # [1, 1, H, d]
         torch.testing.assert_close(packed, stock.transpose(1, 2), atol=1e-2, rtol=1e-2)
+
+
+def test_folded_masked_attention_matches_stock_sdpa_in_half_precision() -> None:
+    # The masked path (belt rows, prefill chunks): the stock function repeats K/V per group.
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    gen = torch.Generator().manual_seed(0)
+    for rows, length in ((2, 9), (5, 300), (64, 600)):
+        q = torch.randn(1, 9, rows, 64, generator=gen).bfloat16()
+        k = torch.randn(1, 3, length, 64, generator=gen).bfloat16()
+        v = torch.randn(1, 3, length, 64, generator=gen).bfloat16()
+        allowed = torch.rand(rows, length, generator=gen) > 0.5
+        allowed[:, 0] = True  # every row sees a key
+        mask = torch.zeros(1, 1, rows, length).masked_fill(~allowed, float("-inf")).bfloat16()
+        stock, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.125)  # [1, S, H, d]
+        folded = _packed_masked(q, k, v, mask, 0.125)
+        assert folded.shape == stock.shape
+        torch.testing.assert_close(folded, stock, atol=1e-2, rtol=1e-2)
