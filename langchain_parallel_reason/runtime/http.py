@@ -55,6 +55,8 @@ STEP_OPENING_REGEX = "[ ]?[^\\s#.\u2026]([^#\\n]{0,30}|[^#\\n]{30}[\\s\\S]*)"
 # A check step whose record goes on after its title: its first character does not end the line
 # (sent only where the branch does not end at the line's end, see ``_line_rule``).
 LINE_GOES_ON_REGEX = "[^\\n][\\s\\S]*"
+# Most stop strings an OpenAI-compatible completion takes.
+SERVER_STOP_STRINGS = 4
 # Server error texts that mean "this server cannot use the grammar or regex we sent".
 GRAMMAR_WORDS = ("grammar", "structured", "guided", "ebnf", "xgrammar", "regex")
 
@@ -156,7 +158,9 @@ class HttpDriver:
         if settings.stop_token_ids:
             body["stop_token_ids"] = list(settings.stop_token_ids)
         if settings.stop_strings:
-            body["stop"] = list(settings.stop_strings)
+            # OpenAI's limit, which vLLM enforces (a 400 past it): the first ones go to the
+            # server; the machine checks them all and cancels the stream at any of them.
+            body["stop"] = list(settings.stop_strings)[:SERVER_STOP_STRINGS]
         if settings.min_tokens:
             body["min_tokens"] = settings.min_tokens  # the server bans EOS / stop ids that long
         repetition = settings.repetition

@@ -189,6 +189,10 @@ def test_records_as_steps_are_one_line_checks(make: Any) -> None:
         assert line.startswith(f"**{title}**: Name: {title}")  # the record's own words
         assert "\n" not in line  # one line: the step ended at the line's end or its budget
         assert line != f"**{title}**: Name: {title}"  # its record goes on: so does the check
+    # ... and a conclusion follows (its stop strings, one per title, are more than the 4 a
+    # server takes: the machine checks the rest).
+    assert report["conclusion_tokens"] > 0, report["notes"]
+    assert not any("conclusion failed" in note for note in report["notes"]), report["notes"]
 
 
 @pytest.mark.parametrize("mode", ["parallel", "stepped"])

@@ -123,3 +123,18 @@ def test_a_server_gets_the_line_rule_per_branch(tiny_tokenizer) -> None:
     bodies = driver._bodies(Decode(0, (1, 2), ((3,), (4,)), (8, 8), (0, 1), settings))
     assert bodies[0]["structured_outputs"] == {"regex": LINE_GOES_ON_REGEX}
     assert "structured_outputs" not in bodies[1]
+
+
+def test_a_server_gets_at_most_four_stop_strings_the_machine_checks_all(tiny_tokenizer) -> None:
+    import httpx
+
+    from langchain_parallel_reason.pipeline.actions import Decode, DecodeSettings
+    from langchain_parallel_reason.runtime.http import SERVER_STOP_STRINGS, HttpDriver
+    from langchain_parallel_reason.runtime.server import ServerInfo
+
+    info = ServerInfo("http://127.0.0.1:9/v1", "m", ["m"], "vllm", 4096, None)
+    driver = HttpDriver(httpx.AsyncClient(), info, tiny_tokenizer)
+    stops = tuple(f"stop {i}" for i in range(7))
+    body = driver._bodies(Decode(0, (1,), ((),), (8,), (0,), DecodeSettings(stop_strings=stops)))[0]
+    assert body["stop"] == list(stops[:SERVER_STOP_STRINGS])
+    assert SERVER_STOP_STRINGS == 4  # vLLM answers 400 past OpenAI's limit
