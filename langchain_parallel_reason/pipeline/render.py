@@ -36,6 +36,7 @@ __all__ = [
     "newline_token_ids",
     "record_goes_on",
     "record_quote",
+    "record_rest",
     "record_titles",
     "render_prompt",
     "resample_settings",
@@ -312,6 +313,13 @@ def record_quote(message: str, title: str) -> str:
     if split is None:
         return title
     return re.sub(r"^\(?\d+[.)]\s*", "", split[0].strip())
+
+
+def record_rest(message: str, title: str) -> str:
+    """The rest of the first line of ``message`` that holds ``title``, after the title ("; GPA:
+    3.81; Major: Biology"); "" where no line holds it."""
+    split = _record_split(message, title)
+    return "" if split is None else split[1]
 
 
 def record_goes_on(message: str, title: str) -> bool:

@@ -16,6 +16,7 @@ from ..decoding.sampling import SamplingParams
 from ..setting_bounds import FLOAT_BOUNDS, INT_BOUNDS
 
 __all__ = [
+    "CHECK_SLACK_TOKENS",
     "MIN_CONCLUSION_TOKENS",
     "MIN_PLAN_TOKENS",
     "MIN_STEP_TOKENS",
@@ -38,6 +39,11 @@ Mode = Literal["auto", "parallel", "sequential", "stepped"]
 # Fewest new tokens a parallel step gets before the context/max_tokens budget makes parallel
 # decoding pointless; below it the answer is decoded sequentially and the reason recorded.
 MIN_STEP_TOKENS = 8
+
+
+# A check step copies the rest of its record's line: it may write that many tokens and this
+# many more (a remark, a re-tokenization), then it ends at its budget.
+CHECK_SLACK_TOKENS = 6
 
 
 PLAN_TITLE_CHARS = 28  # one to three words; a long title is a step written too early

@@ -42,6 +42,7 @@ from .render import (
     newline_token_ids,
     record_goes_on,
     record_quote,
+    record_rest,
     record_titles,
     step_opening_banned_ids,
     step_token_budget,
@@ -49,7 +50,7 @@ from .render import (
     title_opening_ids,
 )
 from .run import Run
-from .settings import MIN_CONCLUSION_TOKENS, MIN_STEP_TOKENS
+from .settings import CHECK_SLACK_TOKENS, MIN_CONCLUSION_TOKENS, MIN_STEP_TOKENS
 
 __all__ = [
     "step_budget",
@@ -86,6 +87,13 @@ class StepForm:
     """Ids no step may open with (besides EOS), for its first tokens."""
     title_openings: list[list[int]]
     """Per step, the first tokens of the other titles: not its first token."""
+    caps: tuple[int, ...] = ()
+    """Per check step, most tokens its check may write: its record's rest of line, in
+    tokens, plus ``CHECK_SLACK_TOKENS`` (empty for paragraph steps)."""
+
+    def budget(self, per_step: int, b: int) -> int:
+        """New tokens for step b: ``per_step``, or less for a check whose record is short."""
+        return max(1, min(per_step, self.caps[b])) if self.caps else per_step
 
     @property
     def check(self) -> bool:
@@ -124,7 +132,14 @@ def step_form(run: Run, titles: Sequence[str]) -> StepForm:
         # end it (the 135M model ended 7 of 72 retrieval checks at once, checking nothing).
         ends = [*newline_token_ids(run.tok), *run.stop_ids]
         openings = [ends if record_goes_on(run.question(), t) else [] for t in titles]
-        return StepForm(headers, quotes, (STEP_MARKER, *run.cfg.stop, "\n"), [], openings)
+        # A check copies the rest of its record's line; one that runs far past it is no
+        # longer checking ("Nikhil Costa, GPA: 3.97, Major: Art, GPA: 3.96, Major: ..."),
+        # and in parallel the longest step holds Stage 2 up.
+        caps = tuple(
+            len(run.encode(record_rest(run.question(), t))) + CHECK_SLACK_TOKENS for t in titles
+        )
+        stops = (STEP_MARKER, *run.cfg.stop, "\n")
+        return StepForm(headers, quotes, stops, [], openings, caps)
     return StepForm(
         headers,
         [""] * len(titles),
@@ -237,7 +252,7 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
             feed,
             cache,
             start=pos,
-            max_new_tokens=per_step,
+            max_new_tokens=form.budget(per_step, b),
             params=run.params,
             seed=None if cfg.seed is None else cfg.seed + b,
             stop_token_ids=run.stop_ids,
@@ -517,7 +532,7 @@ def _decode_steps(
         gen = run.backend.iter_decode_branches(
             prefix,
             [branch_prefixes[i] for i in group],
-            max_new_tokens=per_step,
+            max_new_tokens=[form.budget(per_step, i) for i in group],
             params=run.params,
             seed=None if cfg.seed is None else cfg.seed + group[0],
             stop_token_ids=run.stop_ids,

@@ -138,3 +138,34 @@ def test_a_server_gets_at_most_four_stop_strings_the_machine_checks_all(tiny_tok
     body = driver._bodies(Decode(0, (1,), ((),), (8,), (0,), DecodeSettings(stop_strings=stops)))[0]
     assert body["stop"] == list(stops[:SERVER_STOP_STRINGS])
     assert SERVER_STOP_STRINGS == 4  # vLLM answers 400 past OpenAI's limit
+
+
+@pytest.mark.parametrize("mode", ["parallel", "stepped"])
+def test_a_check_may_write_its_record_and_a_little_more(tiny_tokenizer, mode) -> None:
+    # A check that runs far past its record checks nothing, and in parallel the longest step
+    # holds Stage 2 up: each check's budget is its record's rest of line plus a slack.
+    from langchain_parallel_reason.pipeline.actions import BackendInfo, Decode
+    from langchain_parallel_reason.pipeline.machine import RequestMachine
+    from langchain_parallel_reason.pipeline.settings import CHECK_SLACK_TOKENS
+
+    info = BackendInfo("scripted", 2048, [tiny_tokenizer.eos_token_id], len(tiny_tokenizer))
+    messages = [{"role": "user", "content": RECORDS}]
+    config = PipelineConfig(
+        mode=mode, steps=("Ann Lee", "Bo Kim"), max_tokens=200, step_max_tokens=40
+    )
+    (decode,) = [
+        a
+        for a in RequestMachine(info, tiny_tokenizer, messages, config).start()
+        if isinstance(a, Decode)
+    ]
+    rest = len(tiny_tokenizer.encode("; GPA: 3.10", add_special_tokens=False))
+    cap = rest + CHECK_SLACK_TOKENS
+    assert cap < 40
+    assert decode.budgets[0] == cap  # the first step (stepped: the only one decoding now)
+    if mode == "parallel":
+        assert decode.budgets == (cap, cap)  # both records have the same rest's length
+    # Paragraph steps keep step_max_tokens.
+    para = PipelineConfig(mode=mode, steps=("Taste", "Price"), max_tokens=200, step_max_tokens=40)
+    machine = RequestMachine(info, tiny_tokenizer, [{"role": "user", "content": "Tea?"}], para)
+    (decode,) = [a for a in machine.start() if isinstance(a, Decode)]
+    assert set(decode.budgets) == {40}
