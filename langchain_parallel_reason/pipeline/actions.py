@@ -98,7 +98,6 @@ class BackendInfo:
     reports_decodes: bool = False
     """The driver feeds ``Decoded`` once each decode's branches all ended or were cancelled
     (an in-process decoder), and the machine waits for it."""
-    """Why Stage 3 cannot lay the steps' own KV out (None: the driver executes ``LayOut``)."""
 
 
 @dataclass(frozen=True)

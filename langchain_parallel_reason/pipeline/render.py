@@ -325,8 +325,7 @@ def record_rest(message: str, title: str) -> str:
 def record_goes_on(message: str, title: str) -> bool:
     """Whether the first line of ``message`` that holds ``title`` goes on after it ("; GPA:
     3.81"): a check of that record has something to copy, so it may not end at once."""
-    split = _record_split(message, title)
-    return split is not None and bool(split[1].strip())
+    return bool(record_rest(message, title).strip())
 
 
 def steps_content(preamble: str, titles: Sequence[str], bodies: Sequence[str]) -> str:
