@@ -167,47 +167,31 @@ def _segment_mask(seg: Segment, sliding_window: int | None) -> torch.Tensor | No
     return mask
 
 
-def _packed_decode(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None
-) -> torch.Tensor:
-    """One query token ``[1, H, 1, d]`` over its own cache ``[1, kvh, K, d]``, GQA packed:
-    returns ``[1, 1, H, d]``.
-
-    Why: for a single query the stock sdpa function passes ``enable_gqa=True``, which in half
-    precision takes a CPU kernel 5-7x slower than packing the group's heads as query rows
-    (``[1, kvh, H/kvh, d]``, what it does itself when a mask is given): 58 vs 319 us at 300
-    keys in bfloat16 here. Half precision only: in float32 the two paths cost the same and
-    differ by rounding (1e-7), and float32 answers keep their exact logits.
-    """
-    heads, dim = query.shape[1], query.shape[-1]
-    kvh = keys.shape[1]
-    packed = query.reshape(1, kvh, heads // kvh, dim)  # a view: the H heads are kvh groups
-    out = F.scaled_dot_product_attention(packed, keys, values, scale=scaling)  # [1, kvh, g, d]
-    return out.reshape(1, 1, heads, dim)
-
-
-def _packed_masked(
+def _packed_gqa(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scaling: float | None,
 ) -> torch.Tensor:
-    """Queries ``[1, H, S, d]`` over their own cache ``[1, kvh, K, d]`` under an additive mask
-    shared by all heads ``[1, 1, S, K]``, the query heads folded into rows of their KV head
-    (``[1, kvh, g*S, d]``, the mask tiled g times): returns ``[1, S, H, d]``.
+    """Queries ``[1, H, S, d]`` over their own cache ``[1, kvh, K, d]``, with no mask or an
+    additive mask shared by all heads ``[1, 1, S, K]``, the query heads folded into rows of
+    their KV head (``[1, kvh, g*S, d]``, the mask tiled g times): returns ``[1, S, H, d]``.
 
-    Why: with a mask, the stock sdpa function copies every key and value g times
-    (``repeat_kv``) for each call. Stage-2 belt rows, prefill chunks and forced feeds take this
-    path (4710 calls, 1.52 s of a 12 s all-at-once ``bench serve`` phase); folded, a call
-    copies only the S x K mask: 199 -> 135 us at 4 rows, 1051 -> 829 us at 64 rows over 600
-    keys in bfloat16, the same values bit for bit there. Half precision only, as
-    ``_packed_decode`` (float32 differs by rounding, 3e-7).
+    Why: the stock sdpa function runs GQA the slow way in half precision on this CPU.
+    - One query token, no mask: it passes ``enable_gqa=True``, a kernel 5-7x slower than the
+      group's heads as query rows: 58 vs 319 us at 300 keys in bfloat16.
+    - With a mask (Stage-2 belt rows, prefill chunks, forced feeds: 4710 calls, 1.52 s of a 12 s
+      all-at-once ``bench serve`` phase) it copies every key and value g times (``repeat_kv``)
+      on each call; folded, a call copies only the S x K mask: 199 -> 135 us at 4 rows, 1051 ->
+      829 us at 64 rows over 600 keys in bfloat16, the same values bit for bit there.
+    Half precision only: in float32 the paths cost the same and differ by rounding (1e-7 to
+    3e-7), and float32 answers keep their exact logits.
     """
     _, heads, rows, dim = query.shape
     groups = heads // keys.shape[1]
     packed = query.reshape(1, keys.shape[1], groups * rows, dim)  # a view: heads in kvh groups
-    tiled = mask.repeat(1, 1, groups, 1) if groups > 1 else mask
+    tiled = mask.repeat(1, 1, groups, 1) if mask is not None and groups > 1 else mask
     out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=tiled, scale=scaling)
     return out.reshape(1, heads, rows, dim).transpose(1, 2).contiguous()
 
@@ -235,7 +219,7 @@ def ragged_attention(
     if sliding_window is not None:
         extra["sliding_window"] = sliding_window
     segments = ragged_layout.segments
-    packed_decode = (
+    fold_heads = (
         ragged_layout.base == "sdpa"
         and query.dtype in (torch.bfloat16, torch.float16)
         and softcap is None
@@ -260,11 +244,10 @@ def ragged_attention(
                 mask = None if mask is None else mask[..., : keys.shape[-2]]
             else:
                 mask = _causal_mask(seg.positions, keys.shape[-2], sliding_window, query.dtype)
-                if mask is None and packed_decode and b - a == 1:
-                    outs.append(_packed_decode(q, keys, values, scaling))
-                    continue
-            if packed_decode and mask is not None and mask.dim() == 4 and mask.shape[1] == 1:
-                outs.append(_packed_masked(q, keys, values, mask, scaling))
+            # No mask: one query token (several without a mask are causal in the base call).
+            shared = b - a == 1 if mask is None else mask.dim() == 4 and mask.shape[1] == 1
+            if fold_heads and shared:
+                outs.append(_packed_gqa(q, keys, values, mask, scaling))
                 continue
             out, _ = base(module, q, keys, values, mask, scaling=scaling, dropout=dropout, **extra)
         outs.append(out)  # [1, S, H, d]

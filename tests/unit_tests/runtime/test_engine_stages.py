@@ -18,7 +18,7 @@ from tiny_models import build_tiny_model, build_tiny_tokenizer
 from langchain_parallel_reason import pipeline as pl
 from langchain_parallel_reason.runtime.base import Request
 from langchain_parallel_reason.runtime.engine import Engine
-from langchain_parallel_reason.runtime.ragged import _packed_decode, _packed_masked
+from langchain_parallel_reason.runtime.ragged import _packed_gqa
 from langchain_parallel_reason.runtime.stage_tags import STAGES
 
 CONFIGS = [
@@ -75,7 +75,7 @@ def test_packed_one_token_attention_matches_stock_sdpa_in_half_precision() -> No
         k = torch.randn(1, 3, length, 64, generator=gen).bfloat16()
         v = torch.randn(1, 3, length, 64, generator=gen).bfloat16()
         stock = F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
-        packed = _packed_decode(q, k, v, 0.125)  # [1, 1, H, d]
+        packed = _packed_gqa(q, k, v, None, 0.125)  # [1, 1, H, d]
         torch.testing.assert_close(packed, stock.transpose(1, 2), atol=1e-2, rtol=1e-2)
 
 
@@ -94,6 +94,6 @@ def test_folded_masked_attention_matches_stock_sdpa_in_half_precision() -> None:
         allowed[:, 0] = True  # every row sees a key
         mask = torch.zeros(1, 1, rows, length).masked_fill(~allowed, float("-inf")).bfloat16()
         stock, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.125)  # [1, S, H, d]
-        folded = _packed_masked(q, k, v, mask, 0.125)
+        folded = _packed_gqa(q, k, v, mask, 0.125)
         assert folded.shape == stock.shape
         torch.testing.assert_close(folded, stock, atol=1e-2, rtol=1e-2)
