@@ -12,14 +12,28 @@ one-token forward. Only models this package loaded itself are packed (a caller's
 left as it is). The dense weight is not kept (no extra memory), except where another module
 shares it (a head tied to the embeddings keeps its dense copy there): ``PackedLinear.weight``
 is then a meta tensor with the right shape and dtype, for code that reads them.
+
+Sibling layers that the model feeds the same input (an attention's ``q_proj``/``k_proj``/
+``v_proj``, an MLP's ``gate_proj``/``up_proj``) are packed as ONE GEMM (``FusedLinear``): each
+becomes a ``LinearPart`` that returns its slice of the fused output, computed once per input
+(the first sibling called with a tensor computes it; the others take their slices). Why: fewer,
+wider GEMMs; 7 calls per layer become 4, about 4 ms of a 48 ms forward at 24 rows of the
+embedded model. The fused outputs equal the separate ones bit for bit (each output element is
+the same dot product; tested on the 7 architectures). No extra memory: the fused weight is the
+only copy.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
-__all__ = ["PackedLinear", "can_pack", "pack_linears"]
+__all__ = ["FusedLinear", "LinearPart", "PackedLinear", "can_pack", "pack_linears"]
+
+# Sibling layers fed the same input in every stock transformers model that has them.
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -81,9 +95,103 @@ class PackedLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
 
 
+class FusedLinear(PackedLinear):
+    """Sibling Linear layers (same input size, all with or all without bias) packed as one:
+    ``forward(x)`` returns their outputs side by side; ``part(x, i)`` sibling i's slice.
+
+    Args:
+        linears: the siblings, in order (bfloat16, on the CPU).
+    """
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        joined = nn.Linear(
+            linears[0].in_features,
+            sum(lin.out_features for lin in linears),
+            bias=linears[0].bias is not None,
+            device="meta",
+        )
+        with torch.no_grad():
+            joined.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]))
+            if joined.bias is not None:
+                joined.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]))
+        super().__init__(joined)
+        self.sizes = [lin.out_features for lin in linears]
+        # Per thread: the last input, its parts and how many siblings have not taken theirs.
+        self._memo = threading.local()
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the per-thread memo behind (a fresh one is made)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
+        return {k: v for k, v in state.items() if k != "_memo"}
+
+    def __setstate__(self, state: dict) -> None:
+        """See ``__getstate__``."""
+        super().__setstate__(state)
+        self._memo = threading.local()
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Sibling ``index``'s output for ``x`` (``[..., out_i]``, a view of the fused one)."""
+        memo = self._memo
+        if getattr(memo, "x", None) is not x:
+            memo.x, memo.parts, memo.left = x, self(x).split(self.sizes, dim=-1), len(self.sizes)
+        out = memo.parts[index]
+        memo.left -= 1
+        if memo.left <= 0:  # every sibling has its slice: hold no tensors between forwards
+            memo.x = memo.parts = None
+        return out
+
+
+class LinearPart(nn.Module):
+    """Stands in for one fused sibling: its slice of a ``FusedLinear``'s output, with the
+    sibling's ``in_features``/``out_features`` and a meta ``weight`` of its shape for readers.
+
+    Args:
+        fused: the fused layer.
+        index: this sibling's place in it.
+        linear: the layer it replaces (for its sizes and dtype).
+    """
+
+    def __init__(self, fused: FusedLinear, index: int, linear: nn.Linear) -> None:
+        super().__init__()
+        self.fused = fused
+        self.index = index
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        meta = torch.empty(linear.weight.shape, dtype=linear.weight.dtype, device="meta")
+        self.register_buffer("weight", meta, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in_features] -> [..., out_features]``, from the fused layer."""
+        return self.fused.part(x, self.index)
+
+
+def _fuse_siblings(model: nn.Module, owners: dict[int, int]) -> int:
+    """Replace each group of `_SIBLINGS` by ``LinearPart`` views of one ``FusedLinear``."""
+    fused = 0
+    for parent in list(model.modules()):
+        for names in _SIBLINGS:
+            layers = [getattr(parent, n, None) for n in names]
+            if not all(
+                type(lin) is nn.Linear
+                and lin.weight.dtype == torch.bfloat16
+                and owners[id(lin.weight)] == 1
+                and lin.in_features == layers[0].in_features
+                and (lin.bias is None) == (layers[0].bias is None)
+                for lin in layers
+            ):
+                continue
+            joined = FusedLinear(layers)
+            parent.add_module("_fused_" + names[0].split("_")[0], joined)
+            for i, (name, lin) in enumerate(zip(names, layers, strict=True)):
+                setattr(parent, name, LinearPart(joined, i, lin))
+            fused += len(layers)
+    return fused
+
+
 def pack_linears(model: nn.Module) -> int:
-    """Replace the model's plain ``nn.Linear`` layers by ``PackedLinear`` (see the module
-    docstring); returns how many were replaced."""
+    """Replace the model's plain ``nn.Linear`` layers by ``PackedLinear``, fused siblings by
+    ``LinearPart`` views of one ``FusedLinear`` (see the module docstring); returns how many
+    layers were replaced."""
     if not can_pack(model):
         return 0
     # A weight held by two modules (a head tied to the embeddings) must stay a parameter.
@@ -91,6 +199,7 @@ def pack_linears(model: nn.Module) -> int:
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
+    fused = _fuse_siblings(model, owners)
     swaps = [
         (parent, name, child)
         for parent in model.modules()
@@ -99,4 +208,4 @@ def pack_linears(model: nn.Module) -> int:
     ]
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child, shared=owners[id(child.weight)] > 1))
-    return len(swaps)
+    return fused + len(swaps)

@@ -43,6 +43,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..decoding.attention import attention_configs
 from ..decoding.cache import kv_bytes
+from ..decoding.lean import lean_forward
 from ..decoding.masks import model_mask_kind
 from ..decoding.sampling import use_row_sampler
 from ..decoding.sequential import Cancelled
@@ -65,7 +66,7 @@ from .calls import (
 from .kv import SlabLayer
 from .local_driver import LocalDriver
 from .prefix_cache import PrefixCache, common_prefix
-from .ragged import RAGGED_ATTENTION, RaggedCache, pack_step
+from .ragged import forward_step, pack_step
 from .retry import is_transient, run_with_retries
 from .row_sampling import RowSampler
 from .stage_tags import STAGES, after_event, initial_stage
@@ -89,6 +90,7 @@ class _Core:
         self.name = name
         self.limits = limits
         self.configs = attention_configs(model)  # walked once, not per forward
+        self.lean = lean_forward(model)  # a stock Llama's forward as a loop (decoding/lean.py)
         self.base_impl = model.config._attn_implementation or "eager"
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -185,6 +187,7 @@ class _Core:
                 "parked_by_stage": _by_stage(call.stage for call in self.pending),
                 "rows_by_stage": {s: c["rows_" + s] for s in STAGES},
                 "threads": sum(t.name.startswith(self.tag) for t in threading.enumerate()),
+                "forward": "lean" if self.lean is not None else "transformers",
                 "max_concurrent_requests": self.limits.max_concurrent_requests,
                 "max_batch_rows": self.limits.max_batch_rows,
                 **self.prefix.stats(),
@@ -542,23 +545,9 @@ class _Core:
         does not end its prefill)."""
         apply_threads(batch[0][0].req.request.num_threads)
         step = pack_step(batch, self.base_impl)
-        with torch.inference_mode():
-            for cfg in self.configs:
-                cfg._attn_implementation = RAGGED_ATTENTION
-            try:
-                out = self.model(
-                    input_ids=step.ids,
-                    position_ids=step.positions,
-                    attention_mask=self.dummy_mask,
-                    use_cache=True,
-                    logits_to_keep=step.keep,
-                    ragged_layout=step.layout,
-                    **{self.cache_kw: RaggedCache()},
-                )
-            finally:
-                for cfg in self.configs:
-                    cfg._attn_implementation = self.base_impl
-        logits = out.logits[0]  # [len(keep), V]
+        logits = forward_step(
+            self.model, step, self.lean, self.configs, self.cache_kw, self.dummy_mask
+        )
         return [None if s is None else logits[s[0] : s[1]] for s in step.spans]
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "RaggedCache",
     "RaggedLayout",
     "Segment",
+    "forward_step",
     "pack_step",
     "ragged_attention",
 ]
@@ -85,6 +86,42 @@ class PackedStep:
     keep: torch.Tensor
     spans: list[tuple[int, int] | None]
     layout: RaggedLayout
+
+
+def forward_step(
+    model: Any, step: PackedStep, lean: Any, configs: list[Any], cache_kw: str, mask: Any
+) -> torch.Tensor:
+    """The kept logits ``[K, V]`` of one packed step.
+
+    ``lean``: the model's ``LeanForward`` (decoding/lean.py; its own modules without
+    transformers' per-layer plumbing; not while the model has forward hooks), or None to run ``model``'s forward with this module's
+    attention switched on for the call in ``configs`` (`attention_configs`), ``mask`` a dummy
+    4D mask (transformers then builds none) and a ``RaggedCache`` under ``cache_kw``.
+    """
+    with torch.inference_mode():
+        # A hook put on the model later (a test's spy, a profiler) needs the model's own call.
+        if lean is not None and not (model._forward_pre_hooks or model._forward_hooks):
+            hidden = lean.hidden(
+                step.ids, step.positions, ragged_attention, ragged_layout=step.layout
+            )
+            return model.lm_head(hidden[:, step.keep])[0]
+        saved = [cfg._attn_implementation for cfg in configs]
+        for cfg in configs:
+            cfg._attn_implementation = RAGGED_ATTENTION
+        try:
+            out = model(
+                input_ids=step.ids,
+                position_ids=step.positions,
+                attention_mask=mask,
+                use_cache=True,
+                logits_to_keep=step.keep,
+                ragged_layout=step.layout,
+                **{cache_kw: RaggedCache()},
+            )
+        finally:
+            for cfg, impl in zip(configs, saved, strict=True):
+                cfg._attn_implementation = impl
+    return out.logits[0]
 
 
 def pack_step(batch: list[tuple[Any, int]], base: str) -> PackedStep:
