@@ -5,7 +5,8 @@ Modules: ``masks`` (belt masks, positions, the mask backend), ``cache`` (split-a
 ``sampling`` (``SamplingParams``, ``SuppressFirst``, next-token choice), ``stops`` (stop strings,
 end rules), ``sequential`` (ordinary decoding with constraints), ``decoder`` (the Stage-2 loop),
 ``merge`` (Stage 3 over the branches' own KV, laid out in a row), ``packing`` (bfloat16 Linear
-weights packed once for a CPU's oneDNN).
+weights packed once for a CPU's oneDNN, sibling projections fused), ``lean`` (a stock Llama's
+forward as a plain loop over its own modules).
 """
 
 from .decoder import (
