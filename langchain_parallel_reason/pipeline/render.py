@@ -351,11 +351,19 @@ class DistinctTitles:
     """
 
     def __init__(
-        self, inner: Any, tokenizer: Any, rest: Callable[[int], str | None] | None = None
+        self,
+        inner: Any,
+        tokenizer: Any,
+        rest: Callable[[int], str | None] | None = None,
+        *,
+        preamble: bool = False,
     ) -> None:
         self.inner = inner
         self.tok = tokenizer
         self.rest = rest
+        # The grammar opens with the plan's preamble line (`plan_grammar_ebnf(preamble=True)`):
+        # until its newline, the grammar's state is a function of its length alone.
+        self.preamble = preamble and hasattr(inner, "name_state")
         self.tokens: list[int] = []
         self.firsts: list[int] = []
         self.at_title = False
@@ -368,6 +376,13 @@ class DistinctTitles:
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The grammar's mask, then the rule above at a title start. ``logits``: ``[V]``."""
+        if self.preamble:
+            text = self.inner.accepted_text()
+            if "\n" in text:
+                self.preamble = False
+            elif "\ufffd" not in text:
+                # Its masks near the length bound cost xgrammar 5-30 ms each: share them.
+                self.inner.name_state(("plan preamble", len(text)))
         if self.inner is not None:
             logits = self.inner.mask_logits(logits)
         if not (self.at_title and self.firsts):

@@ -166,6 +166,7 @@ class Run:
                 self.backend.grammar(ebnf=grammar) if grammar else None,
                 self.tok,
                 rest=rest_grammar if grounded is None else None,
+                preamble=preamble,
             )
             gen = self.backend.iter_decode(
                 prompt[-1:],

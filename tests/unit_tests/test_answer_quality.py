@@ -260,3 +260,18 @@ def test_a_conclusion_stops_where_it_rewrites_a_step_header(tiny_tokenizer) -> N
     # A four-'#' header is the step marker (a later block opens with it), found first.
     assert end("Books teach.\n####Videos: they show.") == ("stop", STEP_MARKER)
     assert end("Books teach, ### and Videos: show.") is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_preamble_masks_leave_the_answer_as_it_was(
+    tiny_llama: Any, tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    # The plan's preamble states are named and their masks shared across answers: the same
+    # answers as with every mask computed afresh, sampled plans included.
+    from langchain_parallel_reason.decoding.constraints import GrammarConstraint
+
+    config = PipelineConfig(mode="parallel", max_tokens=120, temperature=1.0, seed=seed)
+    shared = [answer(tiny_llama, tiny_tokenizer, MESSAGES, config).content for _ in range(2)]
+    monkeypatch.setattr(GrammarConstraint, "name_state", lambda self, name: None)
+    fresh = answer(tiny_llama, tiny_tokenizer, MESSAGES, config).content
+    assert shared == [fresh, fresh]

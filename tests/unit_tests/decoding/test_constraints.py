@@ -343,3 +343,54 @@ def test_plan_grammar_length_limits_are_exact(tok, title_chars: int, preamble_ch
         assert _accepts(constraint, tok, plan("A%"))
         assert not _accepts(constraint, tok, plan("A:B"))
         assert not _accepts(constraint, tok, plan("A\u00a0"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_preamble_state_is_a_function_of_its_length(tok, padded_vocab: int, seed: int) -> None:
+    """The premise of naming the plan's preamble states: two different preambles of the same
+    length leave the plan grammar in states with the same mask, near the length bounds too
+    (where xgrammar's masks are slow), and `accepted_text` is the text the grammar matched."""
+    ebnf = plan_grammar_ebnf(4, max_preamble_chars=60)
+    rng = torch.Generator().manual_seed(seed)
+    alphabet = "abcdefghij klmnop,.;!?()"
+
+    def walk(text: str) -> GrammarConstraint:
+        g = GrammarConstraint.from_ebnf(tok, ebnf, vocab_size=padded_vocab)
+        for t in tok.encode(text, add_special_tokens=False):
+            g.advance(t)
+        assert g.accepted_text() == text
+        return g
+
+    for length in (1, 20, 38, 39, 40, 41, 55, 59, 60):
+        texts = [
+            "".join(
+                alphabet[int(i)] for i in torch.randint(len(alphabet), (length,), generator=rng)
+            )
+            for _ in range(2)
+        ]
+        a, b = (walk(t) for t in texts)
+        assert torch.equal(a._allowed_mask(), b._allowed_mask()), (length, texts)
+
+
+def test_a_named_state_computes_its_mask_once_and_still_checks_tokens(tok, monkeypatch) -> None:
+    ebnf = plan_grammar_ebnf(3, max_preamble_chars=50)
+    first = GrammarConstraint.from_ebnf(tok, ebnf)
+    for t in tok.encode("One two", add_special_tokens=False):
+        first.advance(t)
+    first.name_state(("plan preamble", 7))
+    shared = first._allowed_mask()
+
+    second = GrammarConstraint.from_ebnf(tok, ebnf)
+    for t in tok.encode("Six ten", add_special_tokens=False):
+        second.advance(t)
+    second.name_state(("plan preamble", 7))
+    fills = []
+    monkeypatch.setattr(second._matcher, "fill_next_token_bitmask", fills.append, raising=False)
+    assert second._allowed_mask() is shared and not fills  # taken, not recomputed
+    # A wrong name cannot let a forbidden token in: the grammar itself accepts each token.
+    third = GrammarConstraint.from_ebnf(tok, ebnf)
+    third.name_state(("plan preamble", 7))  # really at length 0: no newline yet
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    assert third._allowed_mask()[newline]  # the shared mask (length 7) lets it through
+    with pytest.raises(ValueError, match="not allowed"):
+        third.advance(newline)
