@@ -367,6 +367,13 @@ def _add_bench_serve(subparsers: _SubParsers) -> None:
         metavar="MIB",
         help="prompt-prefix KV kept across requests, in MiB (0 = off; default 256)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        metavar="K",
+        help="runs of each phase, on each side; the median run is reported (default 1)",
+    )
     add_threads_option(parser)
     add_server_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -387,6 +394,7 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         args.step_max_tokens,
         args.request_rate,
         args.seed,
+        args.repeats,
     )
     llm = ChatParallelReason(
         model=args.model,

@@ -12,6 +12,8 @@ streamed text), ``tpot_ms`` (per output token after the first), ``itl_ms`` (betw
 chunks) and ``e2el_ms`` (end to end); ``one_at_a_time`` holds the same for the serial run. Also:
 `serial_s`, `concurrent_s`, `throughput_ratio` (serial / concurrent wall time for the same work),
 `identical` (every concurrent output equals its serial run: text and tool calls), `dtype`,
+`repeats` with every run's wall time (`serial_runs_s`, `concurrent_runs_s`; the metrics are
+those of each phase's median run),
 `batch_invariant`, `threads`, and on a local engine its rows per forward and a cost model.
 Everything goes through `ChatParallelReason` (local or `base_url`): the engine under test is
 the product's. `sweep_concurrency` reruns the concurrent phase at several levels for a plot.
@@ -67,6 +69,8 @@ class ServeBenchConfig:
         request_rate: arrivals per second of the all-at-once run (a Poisson process seeded
             with `seed`); ``math.inf`` (default) sends every request at the start.
         seed: seed of the arrival times.
+        repeats: runs of each phase; the reported run of a phase is its median by wall time
+            (runs on a shared machine vary by 10-30%).
     """
 
     requests: int = 16
@@ -75,9 +79,10 @@ class ServeBenchConfig:
     step_max_tokens: int = 24
     request_rate: float = math.inf
     seed: int = 0
+    repeats: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("requests", "max_concurrency", "max_tokens", "step_max_tokens"):
+        for name in ("requests", "max_concurrency", "max_tokens", "step_max_tokens", "repeats"):
             if getattr(self, name) < 1:
                 msg = f"{name} must be at least 1, got {getattr(self, name)}"
                 raise ValueError(msg)
@@ -262,19 +267,19 @@ def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
     llm.invoke("Warm up.", mode="sequential", max_tokens=2)  # load the model, untimed
     engine = llm.get_engine()
     local = llm.base_url is None
-    if local:
-        # Both phases start from an empty prefix cache: each reuses only what it prefilled
-        # itself (the shared planning instructions), not the other phase's prompts.
-        engine.clear_prefix_cache()
+    # Every run of both phases starts from an empty prefix cache (`_runs`): each reuses only
+    # what it prefilled itself (the shared planning instructions), not another run's prompts.
     first = engine.stats()
-    serial_s, serial = asyncio.run(_serve(calls, math.inf, 1))  # one at a time
-    if local:
-        engine.clear_prefix_cache()
+    serial_runs = _runs(engine, local, config.repeats, lambda: _serve(calls, math.inf, 1))
     before = engine.stats()
-    concurrent_s, done = asyncio.run(
-        _serve(calls, config.request_rate, config.max_concurrency, config.seed)
+    concurrent_runs = _runs(
+        engine,
+        local,
+        config.repeats,
+        lambda: _serve(calls, config.request_rate, config.max_concurrency, config.seed),
     )
     after = engine.stats()
+    (serial_s, serial), (concurrent_s, done) = _median(serial_runs), _median(concurrent_runs)
     latency = [r.e2el for r in done]
     tokens = sum(r.output_tokens for r in serial)
     identical = [a.summary == b.summary for a, b in zip(serial, done, strict=True)]
@@ -295,18 +300,23 @@ def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
         "identical_count": sum(identical),
         "output_tokens": tokens,
         "modes": [r.mode for r in serial],
+        "repeats": config.repeats,
+        "serial_runs_s": [round(t, 3) for t, _ in serial_runs],
+        "concurrent_runs_s": [round(t, 3) for t, _ in concurrent_runs],
     }
     if not local:
         return result | {"engine": "remote", "base_url": llm.base_url}
-    steps = after["steps"] - before["steps"]
+    steps = (after["steps"] - before["steps"]) // config.repeats  # per run
     model = engine.model
     # What batching could give at best on this machine: each phase's forwards priced as plain
     # forwards of as many tokens (no attention or engine overhead), serial over concurrent.
     cost = forward_cost(model)
     fixed, per_row = cost["fixed_s"], cost["per_row_s"]
-    serial_steps, serial_rows = before["steps"] - first["steps"], before["rows"] - first["rows"]
+    serial_steps = (before["steps"] - first["steps"]) // config.repeats
+    serial_rows = (before["rows"] - first["rows"]) / config.repeats
+    rows = (after["rows"] - before["rows"]) / config.repeats
     ideal_serial = fixed * serial_steps + per_row * serial_rows
-    ideal_concurrent = fixed * steps + per_row * (after["rows"] - before["rows"])
+    ideal_concurrent = fixed * steps + per_row * rows
     ideal = ideal_serial / ideal_concurrent if ideal_concurrent > 0 else None
     from langchain_parallel_reason.loading import batch_invariant
 
@@ -318,15 +328,33 @@ def run_serve_bench(llm: Any, config: ServeBenchConfig) -> dict[str, Any]:
         "forward_cost": cost,
         "serial_forwards": serial_steps,
         "forwards": steps,
-        "mean_rows_per_forward": round((after["rows"] - before["rows"]) / steps, 1) if steps else 0,
-        "prefix_hit_tokens": {
-            "serial": before["prefix_cache_hit_tokens"] - first["prefix_cache_hit_tokens"],
-            "concurrent": after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"],
+        "mean_rows_per_forward": round(rows / steps, 1) if steps else 0,
+        "prefix_hit_tokens": {  # per run
+            "serial": (before["prefix_cache_hit_tokens"] - first["prefix_cache_hit_tokens"])
+            // config.repeats,
+            "concurrent": (after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"])
+            // config.repeats,
         },
         "dtype": str(dtype).removeprefix("torch."),
         "batch_invariant": batch_invariant(dtype),
         "threads": llm.num_threads or default_threads(),
     }
+
+
+def _runs(engine: Any, local: bool, repeats: int, serve: Any) -> list[tuple[float, list]]:
+    """``repeats`` runs of one phase, each from an empty prefix cache on a local engine (a run
+    reuses only what it prefilled itself, not an earlier run's prompts)."""
+    runs = []
+    for _ in range(repeats):
+        if local:
+            engine.clear_prefix_cache()
+        runs.append(asyncio.run(serve()))
+    return runs
+
+
+def _median(runs: list[tuple[float, list]]) -> tuple[float, list]:
+    """The run of median wall time (the lower one of the middle two for an even count)."""
+    return sorted(runs, key=lambda run: run[0])[(len(runs) - 1) // 2]
 
 
 def sweep_concurrency(

@@ -17,6 +17,23 @@ from langchain_parallel_reason.bench.serve import (
 from langchain_parallel_reason.cli import main
 
 
+def test_repeats_report_the_median_run_of_each_phase(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    llm = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, plan_max_tokens=24)
+    config = ServeBenchConfig(requests=4, max_concurrency=4, max_tokens=24, repeats=3)
+    result = run_serve_bench(llm, config)
+    assert result["repeats"] == 3
+    for runs, chosen in (("serial_runs_s", "serial_s"), ("concurrent_runs_s", "concurrent_s")):
+        assert len(result[runs]) == 3
+        assert result[chosen] == sorted(result[runs])[1]
+    assert result["identical"] is True  # float32: every run writes the same answers
+    # Per-run figures, not the sum of three runs.
+    once = run_serve_bench(llm, ServeBenchConfig(requests=4, max_concurrency=4, max_tokens=24))
+    assert result["serial_forwards"] == once["serial_forwards"]
+    assert result["forwards"] == once["forwards"]
+    with pytest.raises(ValueError, match="repeats"):
+        ServeBenchConfig(repeats=0)
+
+
 def test_serve_bench_reports_throughput_latency_and_identity(
     tiny_llama: Any, tiny_tokenizer: Any
 ) -> None:
