@@ -93,10 +93,11 @@ def forward_step(
 ) -> torch.Tensor:
     """The kept logits ``[K, V]`` of one packed step.
 
-    ``lean``: the model's ``LeanForward`` (decoding/lean.py; its own modules without
-    transformers' per-layer plumbing; not while the model has forward hooks), or None to run ``model``'s forward with this module's
-    attention switched on for the call in ``configs`` (`attention_configs`), ``mask`` a dummy
-    4D mask (transformers then builds none) and a ``RaggedCache`` under ``cache_kw``.
+    ``lean``: the model's ``LeanForward`` (decoding/lean.py: its own modules without
+    transformers' per-layer plumbing; not used while the model has forward hooks), or None:
+    then ``model``'s own forward runs, with this module's attention switched on for the call
+    in ``configs`` (`attention_configs`), ``mask`` a dummy 4D mask (transformers then builds
+    none) and a ``RaggedCache`` under ``cache_kw``.
     """
     with torch.inference_mode():
         # A hook put on the model later (a test's spy, a profiler) needs the model's own call.

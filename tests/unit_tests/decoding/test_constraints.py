@@ -386,7 +386,8 @@ def test_a_named_state_computes_its_mask_once_and_still_checks_tokens(tok, monke
     second.name_state(("plan preamble", 7))
     fills = []
     monkeypatch.setattr(second._matcher, "fill_next_token_bitmask", fills.append, raising=False)
-    assert second._allowed_mask() is shared and not fills  # taken, not recomputed
+    assert second._allowed_mask() is shared  # taken, not recomputed
+    assert not fills
     # A wrong name cannot let a forbidden token in: the grammar itself accepts each token.
     third = GrammarConstraint.from_ebnf(tok, ebnf)
     third.name_state(("plan preamble", 7))  # really at length 0: no newline yet
