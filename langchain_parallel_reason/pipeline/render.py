@@ -34,7 +34,6 @@ __all__ = [
     "marker_token_ids",
     "merged_steps_text",
     "newline_token_ids",
-    "record_goes_on",
     "record_quote",
     "record_rest",
     "record_titles",
@@ -320,12 +319,6 @@ def record_rest(message: str, title: str) -> str:
     3.81; Major: Biology"); "" where no line holds it."""
     split = _record_split(message, title)
     return "" if split is None else split[1]
-
-
-def record_goes_on(message: str, title: str) -> bool:
-    """Whether the first line of ``message`` that holds ``title`` goes on after it ("; GPA:
-    3.81"): a check of that record has something to copy, so it may not end at once."""
-    return bool(record_rest(message, title).strip())
 
 
 def steps_content(preamble: str, titles: Sequence[str], bodies: Sequence[str]) -> str:

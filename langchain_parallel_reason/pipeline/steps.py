@@ -40,7 +40,6 @@ from .render import (
     marker_token_ids,
     merged_steps_text,
     newline_token_ids,
-    record_goes_on,
     record_quote,
     record_rest,
     record_titles,
@@ -123,21 +122,21 @@ def step_form(run: Run, titles: Sequence[str]) -> StepForm:
     guesses badly), and it ends at the line's end: one line per item. ``run.step_kind``
     records which.
     """
-    check = record_titles(run.question(), titles)
+    question = run.question()
+    check = record_titles(question, titles)
     run.step_kind = run.step_kind or ("check" if check else "paragraph")
     headers = [step_header(title) for title in titles]
     if check:
-        quotes = [f" {record_quote(run.question(), title)}" for title in titles]
+        quotes = [f" {record_quote(question, title)}" for title in titles]
+        rests = [record_rest(question, title) for title in titles]  # "; GPA: 3.81; ..."
         # A record that goes on after its title is copied on: the step's first token may not
         # end it (the 135M model ended 7 of 72 retrieval checks at once, checking nothing).
         ends = [*newline_token_ids(run.tok), *run.stop_ids]
-        openings = [ends if record_goes_on(run.question(), t) else [] for t in titles]
+        openings = [ends if rest.strip() else [] for rest in rests]
         # A check copies the rest of its record's line; one that runs far past it is no
         # longer checking ("Nikhil Costa, GPA: 3.97, Major: Art, GPA: 3.96, Major: ..."),
         # and in parallel the longest step holds Stage 2 up.
-        caps = tuple(
-            len(run.encode(record_rest(run.question(), t))) + CHECK_SLACK_TOKENS for t in titles
-        )
+        caps = tuple(len(run.encode(rest)) + CHECK_SLACK_TOKENS for rest in rests)
         stops = (STEP_MARKER, *run.cfg.stop, "\n")
         return StepForm(headers, quotes, stops, [], openings, caps)
     return StepForm(
