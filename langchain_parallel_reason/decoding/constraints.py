@@ -346,9 +346,8 @@ class GrammarConstraint:
             # xgrammar raises a bare RuntimeError here; say what the caller did wrong.
             msg = "the grammar has terminated; stop decoding instead of asking for a mask"
             raise RuntimeError(msg)
-        if self._allowed is None:
-            name = self._state_name
-            self._allowed = None if name is None else self._named.get(name)
+        if self._allowed is None and self._state_name is not None:
+            self._allowed = self._named.get(self._state_name)  # computed by another constraint
         if self._allowed is None:
             self._matcher.fill_next_token_bitmask(self._bitmask)
             # Unpack 32 token bits per int32 word, low bit first: [W] -> [W, 32] -> [W*32].
