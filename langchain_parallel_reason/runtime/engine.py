@@ -63,7 +63,7 @@ from .calls import (
     timeout_error,
     with_engine_report,
 )
-from .kv import SlabLayer
+from .kv import KVPool, PoolLayer, SlabLayer
 from .local_driver import LocalDriver
 from .prefix_cache import PrefixCache, common_prefix
 from .ragged import forward_step, pack_step
@@ -103,6 +103,10 @@ class _Core:
         self.kv_per_token = kv_bytes_per_token(model)
         # float32 answers equal their solo runs whatever the batch; half precision's do not.
         self.invariant = next(model.parameters()).dtype == torch.float32
+        # Half precision with sdpa: caches share one buffer per layer, so a step's one-token
+        # segments attend in one call per layer (runtime/kv.py, ragged.attend_pooled).
+        half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        self.kv_pool = KVPool() if half and self.base_impl == "sdpa" else None
         self.prefix = PrefixCache(limits.prefix_cache_bytes)
         self.kv_reuse_problem = LocalBackend(model, tokenizer).kv_reuse_problem()
         # Fresh prefills running now: id -> (prompt ids, set once its KV is stored).
@@ -191,6 +195,7 @@ class _Core:
                 "max_concurrent_requests": self.limits.max_concurrent_requests,
                 "max_batch_rows": self.limits.max_batch_rows,
                 **self.prefix.stats(),
+                **(self.kv_pool.stats() if self.kv_pool is not None else {}),
             }
 
     def close(self, join_s: float = 0.0) -> None:
@@ -286,7 +291,7 @@ class _Core:
         n = ids.shape[0]
         layers = cache.layers
         if not layers or any(
-            type(layer) not in (DynamicLayer, SlabLayer)
+            type(layer) not in (DynamicLayer, SlabLayer, PoolLayer)
             or layer.keys is None
             or layer.keys.shape[-2] < n
             for layer in layers

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..decoding.attention import SplitLayout, split_attention
 from ..decoding.masks import to_additive
+from .kv import PoolLayer
 
 __all__ = [
     "RAGGED_ATTENTION",
@@ -32,6 +33,7 @@ __all__ = [
     "RaggedCache",
     "RaggedLayout",
     "Segment",
+    "attend_pooled",
     "forward_step",
     "pack_step",
     "ragged_attention",
@@ -63,10 +65,14 @@ class Segment:
 
 @dataclass
 class RaggedLayout:
-    """Every segment of the step, and the attention function the model was loaded with."""
+    """Every segment of the step, and the attention function the model was loaded with.
+
+    ``plans``: what ``attend_pooled`` works out once per step and reuses at every layer.
+    """
 
     segments: list[Segment]
     base: str
+    plans: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -234,6 +240,126 @@ def _packed_gqa(
     return out.reshape(1, heads, rows, dim).transpose(1, 2).contiguous()
 
 
+def _pooled(seg: Segment, layer: int) -> PoolLayer | None:
+    """The segment's layer ``layer`` when it lives in a ``KVPool`` slot with room for one more
+    token, else None."""
+    layers = getattr(seg.cache, "layers", None)
+    if not layers or len(layers) <= layer:
+        return None
+    got = layers[layer]
+    if type(got) is not PoolLayer or not got.pooled or not got.is_initialized:
+        return None
+    return got if got.length < got._lease.pool.max_capacity else None
+
+
+# What one attention call costs on this 2-core CPU in bfloat16 (sdpa, one query token folded
+# to 3 rows per KV head; runtime/kv.KVPool's docstring): about 20 us a call, 10 us a slot and
+# 0.13 us a key per slot; one segment alone costs about 65 us (its Python included) plus
+# 0.13 us a key. Padding a short cache to a long one's keys, or an idle slot, is not free.
+_CALL_US, _SLOT_US, _KEY_US, _ALONE_US = 20.0, 10.0, 0.13, 65.0
+
+
+def _run_cost(slots: int, span: int) -> float:
+    return _CALL_US + slots * (_SLOT_US + _KEY_US * span)
+
+
+def _runs(slots: list[int], lengths: list[int], device: torch.device) -> tuple[Any, ...]:
+    """Group one-token rows by pool slot into runs of nearby slots, each one attention call.
+
+    Rows are taken in slot order; a row joins the current run when that costs less than a call
+    of its own (``_run_cost``: idle slots between and padding to the run's longest cache count).
+    Returns ``(order, back, runs)``: ``order`` ``[n]`` the rows in slot order, ``back`` ``[n]``
+    its inverse, and per run ``(i, j, a, b, L, at, mask)``: sorted rows ``[i, j)`` in slots
+    ``[a, b)`` (at places ``at`` ``[j - i]`` of the run, or None when they fill it), keys
+    ``[:L]``, and the ``[b - a, 1, 1, L]`` bool mask (each slot its own length; an idle slot in
+    between sees its first key only), or None when every slot sees all L keys.
+    """
+    order = sorted(range(len(slots)), key=slots.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            run = groups[-1]
+            a, span = slots[run[0]], max(lengths[k] for k in run)
+            joined = _run_cost(slots[i] - a + 1, max(span, lengths[i]))
+            if joined - _run_cost(slots[run[-1]] - a + 1, span) < _ALONE_US + _KEY_US * lengths[i]:
+                run.append(i)
+                continue
+        groups.append([i])
+    runs, at_row = [], 0
+    for members in groups:
+        a, b = slots[members[0]], slots[members[-1]] + 1
+        seen = [1] * (b - a)
+        for i in members:
+            seen[slots[i] - a] = lengths[i]
+        span = max(seen)
+        mask = None
+        if min(seen) < span:
+            mask = torch.arange(span, device=device) < torch.tensor(seen, device=device)[:, None]
+            mask = mask[:, None, None, :]
+        at = None
+        if b - a != len(members):
+            at = torch.tensor([slots[i] - a for i in members], device=device)
+        runs.append((at_row, at_row + len(members), a, b, span, at, mask))
+        at_row += len(members)
+    back = sorted(range(len(order)), key=order.__getitem__)
+    as_tensor = (lambda x: torch.tensor(x, device=device)) if order != back else (lambda x: None)
+    return as_tensor(order), as_tensor(back), runs
+
+
+def attend_pooled(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cols: torch.Tensor,
+    layers: list[PoolLayer],
+    scaling: float | None,
+    plans: dict[Any, Any],
+) -> torch.Tensor:
+    """One-token queries of several caches in one ``KVPool``, one attention call per run of
+    slots: returns ``[n, H, d]``.
+
+    ``query`` ``[1, H, T, d]`` and ``key``/``value`` ``[1, kvh, T, d]`` are the step's; ``cols``
+    ``[n]`` the columns of the n one-token segments, ``layers`` their caches' ``PoolLayer`` at
+    this layer (same pool, same layer index). Each new key/value is written to its slot (one
+    indexed write for all), then each run attends over the view ``[a:b, :, :L]`` of the pool,
+    query heads folded into rows of their KV head as in ``_packed_gqa``. A row sees exactly its
+    own cache's keys (the mask hides the rest of the padded view); the result equals one call
+    per segment up to the kernel's rounding.
+    """
+    pool = layers[0]._lease.pool
+    slots = [pl.slot for pl in layers]
+    have = [pl.length for pl in layers]
+    lengths = [n + 1 for n in have]
+    device = query.device
+    k_buf, v_buf = pool.room(layers[0].index, max(slots), max(lengths), key, value)
+    slot_t = torch.tensor(slots, device=device)
+    pos_t = torch.tensor(have, device=device)
+    k_buf[slot_t, :, pos_t] = key[0, :, cols].transpose(0, 1)  # [n, kvh, d] into (slot, :, pos)
+    v_buf[slot_t, :, pos_t] = value[0, :, cols].transpose(0, 1)
+    for pl, n in zip(layers, lengths, strict=True):
+        pl.length = n
+    plan_key = (tuple(slots), tuple(lengths))
+    plan = plans.get(plan_key)
+    if plan is None:
+        plan = plans[plan_key] = _runs(slots, lengths, device)
+    order, back, runs = plan
+    kvh, heads, dim = key.shape[1], query.shape[1], query.shape[-1]
+    q = query[0, :, cols if order is None else cols[order]].transpose(0, 1)  # [n, H, d], by slot
+    q = q.reshape(len(slots), kvh, heads // kvh, dim)
+    outs = []
+    for i, j, a, b, span, at, mask in runs:
+        packed = q[i:j]
+        if at is not None:  # idle slots in the run: their rows are zeros
+            packed = q.new_zeros((b - a, *q.shape[1:])).index_copy_(0, at, packed)
+        got = F.scaled_dot_product_attention(
+            packed, k_buf[a:b, :, :span], v_buf[a:b, :, :span], attn_mask=mask, scale=scaling
+        )  # [b - a, kvh, g, d]
+        outs.append(got if at is None else got[at])
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    out = out.reshape(len(slots), heads, dim)
+    return out if back is None else out[back]
+
+
 def ragged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -263,11 +389,24 @@ def ragged_attention(
         and softcap is None
         and not (dropout and module.training)
     )
-    outs: list[torch.Tensor] = []
-    # One small attention per segment, on the function the model was loaded with (so each
-    # segment computes exactly what its call computes alone). A padded batch of the one-token
-    # segments was tried: padding copies every call's KV at every layer, 3x slower per step.
-    for seg in segments:
+    # One-token segments whose caches share a KVPool: one attention call per run of slots.
+    pooled: dict[int, PoolLayer] = {}
+    if fold_heads and sliding_window is None and len(segments) > 1:
+        for i, seg in enumerate(segments):
+            if seg.split is None and seg.mask is None and seg.stop - seg.start == 1:
+                got = _pooled(seg, layer)
+                if got is not None:
+                    pooled[i] = got
+        pools = {id(pl._lease.pool) for pl in pooled.values()}
+        if len(pooled) < 2 or len(pools) > 1:
+            pooled = {}
+    outs: list[torch.Tensor | None] = []
+    # Every other segment: one small attention each, on the function the model was loaded with
+    # (so each segment computes exactly what its call computes alone).
+    for i, seg in enumerate(segments):
+        if i in pooled:
+            outs.append(None)
+            continue
         a, b = seg.start, seg.stop
         q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
         if seg.split is not None:
@@ -289,6 +428,21 @@ def ragged_attention(
                 continue
             out, _ = base(module, q, keys, values, mask, scaling=scaling, dropout=dropout, **extra)
         outs.append(out)  # [1, S, H, d]
+    if pooled:
+        cols = [segments[i].start for i in pooled]
+        got = attend_pooled(
+            query,
+            key,
+            value,
+            torch.tensor(cols, device=query.device),
+            list(pooled.values()),
+            scaling,
+            ragged_layout.plans,
+        )  # [n, H, d]
+        if len(pooled) == len(segments):
+            return got[None], None  # segments are in column order, one token each
+        rows = iter(got.split(1))
+        outs = [next(rows)[None] if out is None else out for out in outs]
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], None
 
 

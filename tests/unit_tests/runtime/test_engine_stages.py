@@ -8,17 +8,21 @@ attends like the stock sdpa function.
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from tiny_models import build_tiny_model, build_tiny_tokenizer
+from transformers.cache_utils import DynamicCache
 
 from langchain_parallel_reason import pipeline as pl
 from langchain_parallel_reason.runtime.base import Request
 from langchain_parallel_reason.runtime.engine import Engine
-from langchain_parallel_reason.runtime.ragged import _packed_gqa
+from langchain_parallel_reason.runtime.kv import KVPool, adopt_slabs
+from langchain_parallel_reason.runtime.ragged import _packed_gqa, attend_pooled
 from langchain_parallel_reason.runtime.stage_tags import STAGES
 
 CONFIGS = [
@@ -35,6 +39,20 @@ def _done(engine: Engine, request: Request) -> Any:
     return value
 
 
+def _at_once(engine: Engine, requests: list[Request]) -> list[Any]:
+    """Every request's result, all submitted at once (one thread each)."""
+    out: list[Any] = [None] * len(requests)
+    threads = [
+        threading.Thread(target=lambda i=i: out.__setitem__(i, _done(engine, requests[i])))
+        for i in range(len(requests))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
 def test_requests_at_once_sample_in_one_pass_and_are_counted_by_stage() -> None:
     model = build_tiny_model("llama", seed=0)
     tokenizer = build_tiny_tokenizer()
@@ -44,15 +62,7 @@ def test_requests_at_once_sample_in_one_pass_and_are_counted_by_stage() -> None:
     try:
         alone = [_done(engine, r).content for r in requests]
         before = engine.stats()
-        out: list[Any] = [None] * len(requests)
-        threads = [
-            threading.Thread(target=lambda i=i: out.__setitem__(i, _done(engine, requests[i])))
-            for i in range(len(requests))
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        out = _at_once(engine, requests)
         after = engine.stats()
     finally:
         engine.close()
@@ -97,3 +107,77 @@ def test_folded_masked_attention_matches_stock_sdpa_in_half_precision() -> None:
         folded = _packed_gqa(q, k, v, mask, 0.125)
         assert folded.shape == stock.shape
         torch.testing.assert_close(folded, stock, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooled_one_token_rows_attend_to_their_own_cache_only(dtype: torch.dtype) -> None:
+    # Caches in scattered slots of one pool (idle and foreign slots between them), of very
+    # different lengths: one call per run must give each row its own cache's attention.
+    gen = torch.Generator().manual_seed(0)
+    pool = KVPool(max_slots=16, max_capacity=1024)
+    caches = []
+    for length in (40, 3, 700, 41, 1, 260, 5, 90):
+        cache = DynamicCache()
+        adopt_slabs(cache, pool)
+        k = torch.randn(1, 3, length, 64, generator=gen).to(dtype)
+        cache.update(k, torch.randn(1, 3, length, 64, generator=gen).to(dtype), 0)
+        caches.append(cache)
+    members = caches[::2] + caches[1::4]  # not in slot order; slots 1, 3, 7 idle in between
+    n = len(members)
+    query = torch.randn(1, 9, n + 2, 64, generator=gen).to(dtype)  # 2 columns of others
+    key = torch.randn(1, 3, n + 2, 64, generator=gen).to(dtype)
+    value = torch.randn(1, 3, n + 2, 64, generator=gen).to(dtype)
+    cols = torch.arange(n) + 1
+    want = []
+    for i, cache in enumerate(members):
+        layer = cache.layers[0]
+        k = torch.cat([layer.keys, key[:, :, i + 1 : i + 2]], dim=2)
+        v = torch.cat([layer.values, value[:, :, i + 1 : i + 2]], dim=2)
+        q = query[:, :, i + 1 : i + 2]
+        out = F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
+        want.append(out[0, :, 0])  # [H, d]
+    layers = [cache.layers[0] for cache in members]
+    got = attend_pooled(query, key, value, cols, layers, 0.125, {})
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, torch.stack(want), atol=tol, rtol=tol)
+    for i, cache in enumerate(members):  # each row's key/value went to its own cache
+        assert torch.equal(cache.layers[0].keys[:, :, -1], key[:, :, i + 1])
+        assert torch.equal(cache.layers[0].values[:, :, -1], value[:, :, i + 1])
+
+
+def test_half_precision_requests_at_once_share_the_pool_and_give_it_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import langchain_parallel_reason.runtime.ragged as ragged
+
+    rows = []
+    real = ragged.attend_pooled
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        rows.append(len(args[4]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ragged, "attend_pooled", counted)
+    model = build_tiny_model("llama", seed=0, attn_implementation="sdpa").to(torch.bfloat16)
+    messages = [{"role": "user", "content": "Compare tea and coffee."}]
+    requests = [Request(messages, c) for c in CONFIGS]
+    engine = Engine(model, build_tiny_tokenizer())
+    try:
+        out = _at_once(engine, requests)
+        gc.collect()
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert all(r is not None and r.content for r in out)
+    assert max(rows, default=0) >= 2  # one-token rows of several requests in one call
+    assert stats["kv_pool_leases"] == 0  # every request's caches gave their slots back
+    assert stats["kv_pool_bytes"] == 0  # an idle engine holds no KV
+
+
+def test_float32_engines_keep_their_caches_apart() -> None:
+    # float32 answers equal their solo runs bit for bit: no pool, one attention per segment.
+    engine = Engine(build_tiny_model("llama", seed=0), build_tiny_tokenizer())
+    try:
+        assert "kv_pool_bytes" not in engine.stats()
+    finally:
+        engine.close()
