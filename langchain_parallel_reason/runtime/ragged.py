@@ -263,17 +263,20 @@ def _run_cost(slots: int, span: int) -> float:
     return _CALL_US + slots * (_SLOT_US + _KEY_US * span)
 
 
-def _runs(slots: list[int], lengths: list[int], device: torch.device) -> tuple[Any, ...]:
-    """Group one-token rows by pool slot into runs of nearby slots, each one attention call.
+def _plan(slots: list[int], have: list[int], cols: list[int], device: torch.device) -> Any:
+    """One step's plan for ``attend_pooled`` (the same at every layer): rows grouped by pool
+    slot into runs of nearby slots, each one attention call.
 
     Rows are taken in slot order; a row joins the current run when that costs less than a call
     of its own (``_run_cost``: idle slots between and padding to the run's longest cache count).
-    Returns ``(order, back, runs)``: ``order`` ``[n]`` the rows in slot order, ``back`` ``[n]``
-    its inverse, and per run ``(i, j, a, b, L, at, mask)``: sorted rows ``[i, j)`` in slots
-    ``[a, b)`` (at places ``at`` ``[j - i]`` of the run, or None when they fill it), keys
-    ``[:L]``, and the ``[b - a, 1, 1, L]`` bool mask (each slot its own length; an idle slot in
-    between sees its first key only), or None when every slot sees all L keys.
+    An idle slot inside a run gets a copy of a member's query and sees its own first key only:
+    its output is dropped. Returns ``(slot_t, pos_t, col_t, q_cols, runs, pick)``: where the new
+    keys go (``[n]`` slots and positions) and come from (``[n]`` columns), ``q_cols`` ``[R]`` the
+    query column of every run row, per run ``(i, j, a, b, L, mask)`` (run rows ``[i, j)``, slots
+    ``[a, b)``, keys ``[:L]``, a ``[b - a, 1, 1, L]`` bool mask or None when every row sees all
+    L keys), and ``pick`` ``[n]`` the run rows of the members in their order (None: the same).
     """
+    lengths = [n + 1 for n in have]
     order = sorted(range(len(slots)), key=slots.__getitem__)
     groups: list[list[int]] = []
     for i in order:
@@ -285,32 +288,42 @@ def _runs(slots: list[int], lengths: list[int], device: torch.device) -> tuple[A
                 run.append(i)
                 continue
         groups.append([i])
-    runs, at_row = [], 0
+    q_cols: list[int] = []
+    pick = [0] * len(slots)
+    runs = []
     for members in groups:
         a, b = slots[members[0]], slots[members[-1]] + 1
-        seen = [1] * (b - a)
+        seen, col = [1] * (b - a), [cols[members[0]]] * (b - a)
         for i in members:
-            seen[slots[i] - a] = lengths[i]
+            seen[slots[i] - a], col[slots[i] - a] = lengths[i], cols[i]
+            pick[i] = len(q_cols) + slots[i] - a
         span = max(seen)
         mask = None
         if min(seen) < span:
             mask = torch.arange(span, device=device) < torch.tensor(seen, device=device)[:, None]
             mask = mask[:, None, None, :]
-        at = None
-        if b - a != len(members):
-            at = torch.tensor([slots[i] - a for i in members], device=device)
-        runs.append((at_row, at_row + len(members), a, b, span, at, mask))
-        at_row += len(members)
-    back = sorted(range(len(order)), key=order.__getitem__)
-    as_tensor = (lambda x: torch.tensor(x, device=device)) if order != back else (lambda x: None)
-    return as_tensor(order), as_tensor(back), runs
+        runs.append((len(q_cols), len(q_cols) + b - a, a, b, span, mask))
+        q_cols += col
+
+    def as_tensor(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, device=device)
+
+    same = pick == list(range(len(q_cols)))
+    return (
+        as_tensor(slots),
+        as_tensor(have),
+        as_tensor(cols),
+        as_tensor(q_cols),
+        runs,
+        None if same else as_tensor(pick),
+    )
 
 
 def attend_pooled(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cols: torch.Tensor,
+    cols: list[int],
     layers: list[PoolLayer],
     scaling: float | None,
     plans: dict[Any, Any],
@@ -319,45 +332,37 @@ def attend_pooled(
     slots: returns ``[n, H, d]``.
 
     ``query`` ``[1, H, T, d]`` and ``key``/``value`` ``[1, kvh, T, d]`` are the step's; ``cols``
-    ``[n]`` the columns of the n one-token segments, ``layers`` their caches' ``PoolLayer`` at
-    this layer (same pool, same layer index). Each new key/value is written to its slot (one
-    indexed write for all), then each run attends over the view ``[a:b, :, :L]`` of the pool,
-    query heads folded into rows of their KV head as in ``_packed_gqa``. A row sees exactly its
-    own cache's keys (the mask hides the rest of the padded view); the result equals one call
-    per segment up to the kernel's rounding.
+    the columns of the n one-token segments, ``layers`` their caches' ``PoolLayer`` at this layer
+    (same pool, same layer index). Each new key/value is written to its slot (one indexed write
+    for all), then each run attends over the view ``[a:b, :, :L]`` of the pool, query heads
+    folded into rows of their KV head as in ``_packed_gqa``. A row sees exactly its own cache's
+    keys (the mask hides the rest of the padded view); the result equals one call per segment
+    up to the kernel's rounding. ``plans`` keeps the step's plan (``_plan``) across layers.
     """
     pool = layers[0]._lease.pool
-    slots = [pl.slot for pl in layers]
+    slots = [pl._lease.slot for pl in layers]
     have = [pl.length for pl in layers]
-    lengths = [n + 1 for n in have]
-    device = query.device
-    k_buf, v_buf = pool.room(layers[0].index, max(slots), max(lengths), key, value)
-    slot_t = torch.tensor(slots, device=device)
-    pos_t = torch.tensor(have, device=device)
-    k_buf[slot_t, :, pos_t] = key[0, :, cols].transpose(0, 1)  # [n, kvh, d] into (slot, :, pos)
-    v_buf[slot_t, :, pos_t] = value[0, :, cols].transpose(0, 1)
-    for pl, n in zip(layers, lengths, strict=True):
-        pl.length = n
-    plan_key = (tuple(slots), tuple(lengths))
+    plan_key = (tuple(slots), tuple(have), tuple(cols))
     plan = plans.get(plan_key)
     if plan is None:
-        plan = plans[plan_key] = _runs(slots, lengths, device)
-    order, back, runs = plan
+        plan = plans[plan_key] = _plan(slots, have, cols, query.device)
+    slot_t, pos_t, col_t, q_cols, runs, pick = plan
+    k_buf, v_buf = pool.room(layers[0].index, max(slots), max(have) + 1, key, value)
+    k_buf[slot_t, :, pos_t] = key[0].index_select(1, col_t).transpose(0, 1)  # [n, kvh, d]
+    v_buf[slot_t, :, pos_t] = value[0].index_select(1, col_t).transpose(0, 1)
+    for pl in layers:
+        pl.length += 1
     kvh, heads, dim = key.shape[1], query.shape[1], query.shape[-1]
-    q = query[0, :, cols if order is None else cols[order]].transpose(0, 1)  # [n, H, d], by slot
-    q = q.reshape(len(slots), kvh, heads // kvh, dim)
-    outs = []
-    for i, j, a, b, span, at, mask in runs:
-        packed = q[i:j]
-        if at is not None:  # idle slots in the run: their rows are zeros
-            packed = q.new_zeros((b - a, *q.shape[1:])).index_copy_(0, at, packed)
-        got = F.scaled_dot_product_attention(
-            packed, k_buf[a:b, :, :span], v_buf[a:b, :, :span], attn_mask=mask, scale=scaling
+    # [H, R, d] -> [R, kvh, g, d]: each run row's query heads as rows of their KV head.
+    q = query[0].index_select(1, q_cols).transpose(0, 1).reshape(-1, kvh, heads // kvh, dim)
+    outs = [
+        F.scaled_dot_product_attention(
+            q[i:j], k_buf[a:b, :, :span], v_buf[a:b, :, :span], attn_mask=mask, scale=scaling
         )  # [b - a, kvh, g, d]
-        outs.append(got if at is None else got[at])
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    out = out.reshape(len(slots), heads, dim)
-    return out if back is None else out[back]
+        for i, j, a, b, span, mask in runs
+    ]
+    out = (torch.cat(outs) if len(outs) > 1 else outs[0]).reshape(-1, heads, dim)
+    return out if pick is None else out.index_select(0, pick)
 
 
 def ragged_attention(
@@ -430,15 +435,8 @@ def ragged_attention(
         outs.append(out)  # [1, S, H, d]
     if pooled:
         cols = [segments[i].start for i in pooled]
-        got = attend_pooled(
-            query,
-            key,
-            value,
-            torch.tensor(cols, device=query.device),
-            list(pooled.values()),
-            scaling,
-            ragged_layout.plans,
-        )  # [n, H, d]
+        layers = list(pooled.values())
+        got = attend_pooled(query, key, value, cols, layers, scaling, ragged_layout.plans)
         if len(pooled) == len(segments):
             return got[None], None  # segments are in column order, one token each
         rows = iter(got.split(1))
