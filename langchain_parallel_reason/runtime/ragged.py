@@ -211,16 +211,38 @@ def _segment_mask(seg: Segment, sliding_window: int | None) -> torch.Tensor | No
     return mask
 
 
+def _mask(
+    seg: Segment, kv_len: int, sliding_window: int | None, dtype: torch.dtype, fold: tuple
+) -> tuple[torch.Tensor | None, bool]:
+    """A segment's attention mask over ``kv_len`` keys, and whether ``_packed_gqa`` runs it
+    (``fold``: half precision on sdpa, and the model's query heads per KV head): then the mask
+    comes tiled for it."""
+    if seg.mask is not None:
+        mask = _segment_mask(seg, sliding_window)
+        mask = None if mask is None else mask[..., :kv_len]
+    else:
+        mask = _causal_mask(seg.positions, kv_len, sliding_window, dtype)
+    # No mask: one query token (several without a mask are causal in the base call).
+    rows = seg.stop - seg.start
+    shared = rows == 1 if mask is None else mask.dim() == 4 and mask.shape[1] == 1
+    folded, groups = fold
+    if not (folded and shared):
+        return mask, False
+    return (mask.repeat(1, 1, groups, 1) if mask is not None and groups > 1 else mask), True
+
+
 def _packed_gqa(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float | None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """Queries ``[1, H, S, d]`` over their own cache ``[1, kvh, K, d]``, with no mask or an
     additive mask shared by all heads ``[1, 1, S, K]``, the query heads folded into rows of
-    their KV head (``[1, kvh, g*S, d]``, the mask tiled g times): returns ``[1, S, H, d]``.
+    their KV head (``[1, kvh, g*S, d]``, the mask tiled g times, or given so with ``tiled``):
+    returns ``[1, S, H, d]``.
 
     Why: the stock sdpa function runs GQA the slow way in half precision on this CPU.
     - One query token, no mask: it passes ``enable_gqa=True``, a kernel 5-7x slower than the
@@ -235,8 +257,9 @@ def _packed_gqa(
     _, heads, rows, dim = query.shape
     groups = heads // keys.shape[1]
     packed = query.reshape(1, keys.shape[1], groups * rows, dim)  # a view: heads in kvh groups
-    tiled = mask.repeat(1, 1, groups, 1) if mask is not None and groups > 1 else mask
-    out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=tiled, scale=scaling)
+    if not tiled and mask is not None and groups > 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(1, heads, rows, dim).transpose(1, 2).contiguous()
 
 
@@ -421,15 +444,17 @@ def ragged_attention(
             )
         else:
             keys, values = seg.cache.update(k, v, layer)  # [1, kvh, K, d], this call's only
-            if seg.mask is not None:
-                mask = _segment_mask(seg, sliding_window)
-                mask = None if mask is None else mask[..., : keys.shape[-2]]
-            else:
-                mask = _causal_mask(seg.positions, keys.shape[-2], sliding_window, query.dtype)
-            # No mask: one query token (several without a mask are causal in the base call).
-            shared = b - a == 1 if mask is None else mask.dim() == 4 and mask.shape[1] == 1
-            if fold_heads and shared:
-                outs.append(_packed_gqa(q, keys, values, mask, scaling))
+            # The same at every layer of the step (of one kind): made once.
+            groups = query.shape[1] // key.shape[1]
+            memo = (i, keys.shape[-2], sliding_window, fold_heads, groups)
+            got = ragged_layout.plans.get(memo)
+            if got is None:
+                got = ragged_layout.plans[memo] = _mask(
+                    seg, keys.shape[-2], sliding_window, query.dtype, memo[-2:]
+                )
+            mask, folded = got
+            if folded:
+                outs.append(_packed_gqa(q, keys, values, mask, scaling, tiled=True))
                 continue
             out, _ = base(module, q, keys, values, mask, scaling=scaling, dropout=dropout, **extra)
         outs.append(out)  # [1, S, H, d]
