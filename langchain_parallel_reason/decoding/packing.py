@@ -133,7 +133,11 @@ class FusedLinear(PackedLinear):
         """Sibling ``index``'s output for ``x`` (``[..., out_i]``, a view of the fused one)."""
         memo = self._memo
         if getattr(memo, "x", None) is not x:
-            memo.x, memo.parts, memo.left = x, self(x).split(self.sizes, dim=-1), len(self.sizes)
+            memo.x, memo.parts, memo.left = (
+                x,
+                self(x).split_with_sizes(self.sizes, -1),
+                len(self.sizes),
+            )
         out = memo.parts[index]
         memo.left -= 1
         if memo.left <= 0:  # every sibling has its slice: hold no tensors between forwards

@@ -433,7 +433,9 @@ class _Core:
                 return self._compose()
             if self.ready:
                 return []  # paused requests (waiting for another's prefill) run again
-            wait = _POLL_S if (self.running or self.queue) else None
+            # Idle: the KV pool's buffers go after a while (KVPool.trim); wake up for that.
+            pool = self.kv_pool
+            wait = _POLL_S if (self.running or self.queue) else pool and pool.trim()
             if self.sleeping:
                 wait = max(0.0, min(wait or _POLL_S, min(s[0] for s in self.sleeping) - now))
                 if wait == 0.0:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -31,6 +32,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 __all__ = ["KVPool", "PoolLayer", "SlabLayer", "adopt_slabs"]
 
 _MIN_CAPACITY = 64
+# A KVPool's first buffers: 8 caches of 512 tokens (47 MB for the embedded model in bfloat16).
+_POOL_SLOTS, _POOL_TOKENS = 8, 512
 
 
 class SlabLayer(DynamicLayer):
@@ -93,19 +96,23 @@ class KVPool:
     565 us in one call (padding to the longest segment included).
 
     Slots are leased per cache (``lease``) and come back when the lease is collected (the cache
-    and all its layers gone); the buffers grow by doubling (slots and capacity) and are dropped
-    when no lease is live, so an idle engine holds no KV. A cache longer than ``max_capacity``
-    leaves the pool (its layers copy out to private slabs); more than ``max_slots`` live caches
-    get private slabs too. Leasing is thread-safe (a lease may be collected on any thread);
-    buffers are only touched by the thread that runs forwards.
+    and all its layers gone). The buffers grow by doubling (slots and capacity); ``trim`` drops
+    them once no lease has been live for ``keep_s`` seconds, so an idle engine holds no KV while
+    bursts of calls close together reuse them (fresh memory costs: allocating the buffers of a
+    16-call burst took 0.29 s on this machine, 3% of the burst). A cache longer than
+    ``max_capacity`` leaves the pool (its layers copy out to private slabs); more than
+    ``max_slots`` live caches get private slabs too. Leasing is thread-safe (a lease may be
+    collected on any thread); buffers are only touched, and trimmed, by the thread that runs
+    forwards.
     """
 
-    def __init__(self, max_slots: int = 64, max_capacity: int = 2048) -> None:
-        self.max_slots, self.max_capacity = max_slots, max_capacity
+    def __init__(self, max_slots: int = 64, max_capacity: int = 2048, keep_s: float = 30.0) -> None:
+        self.max_slots, self.max_capacity, self.keep_s = max_slots, max_capacity, keep_s
         self._lock = threading.Lock()
         self._free: list[int] = []  # a heap: the lowest free slot first, so live slots pack
         self._next = 0  # slots handed out so far (free or not)
         self._live = 0
+        self._idle_since = time.monotonic()
         self.k: dict[int, torch.Tensor] = {}  # layer -> [slots, kvh, capacity, d]
         self.v: dict[int, torch.Tensor] = {}
 
@@ -127,8 +134,21 @@ class KVPool:
         with self._lock:
             self._live -= 1
             heapq.heappush(self._free, slot)
-            if self._live == 0:  # idle: give the memory back (views handed out keep theirs)
-                self.k, self.v, self._free, self._next = {}, {}, [], 0
+            if self._live == 0:
+                self._idle_since = time.monotonic()
+
+    def trim(self) -> float | None:
+        """Drop the buffers when no lease has been live for ``keep_s`` (views handed out keep
+        their memory). Returns the seconds left until then, or None when there is nothing to
+        drop or a lease is live."""
+        with self._lock:
+            if self._live or not self.k:
+                return None
+            left = self._idle_since + self.keep_s - time.monotonic()
+            if left > 0:
+                return left
+            self.k, self.v, self._free, self._next = {}, {}, [], 0
+            return None
 
     def room(
         self, layer: int, slot: int, need: int, like_k: torch.Tensor, like_v: torch.Tensor
@@ -140,8 +160,9 @@ class KVPool:
         k, v = self.k.get(layer), self.v.get(layer)
         if k is not None and slot < k.shape[0] and need <= k.shape[2]:
             return k, v
-        slots = max(4, _pow2(max(self._next, slot + 1)), 0 if k is None else k.shape[0])
-        cap = max(_MIN_CAPACITY, _pow2(need), 0 if k is None else k.shape[2])
+        # Each growth copies the whole buffer: start where a burst of chat calls usually ends.
+        slots = max(_POOL_SLOTS, _pow2(max(self._next, slot + 1)), 0 if k is None else k.shape[0])
+        cap = max(_POOL_TOKENS, _pow2(need), 0 if k is None else k.shape[2])
         new_k = like_k.new_zeros((slots, like_k.shape[1], cap, like_k.shape[-1]))
         new_v = like_v.new_zeros((slots, like_v.shape[1], cap, like_v.shape[-1]))
         if k is not None:

@@ -83,7 +83,12 @@ def test_pool_slots_come_back_when_caches_go_and_idle_pools_hold_nothing() -> No
     assert torch.equal(again.layers[0].keys, torch.zeros(1, 2, 1, 4))  # nothing of a's shows
     del b, again
     gc.collect()
-    assert pool.stats() == {"kv_pool_leases": 0, "kv_pool_bytes": 0}
+    assert pool.stats()["kv_pool_leases"] == 0
+    assert pool.stats()["kv_pool_bytes"] > 0  # kept for the next burst ...
+    assert 0 < pool.trim() <= pool.keep_s
+    pool.keep_s = 0.0
+    assert pool.trim() is None
+    assert pool.stats() == {"kv_pool_leases": 0, "kv_pool_bytes": 0}  # ... until idle for long
 
 
 def test_a_cache_too_long_for_the_pool_or_copied_leaves_it_with_its_tokens() -> None:
