@@ -164,7 +164,8 @@ class ModelView:
         store = cache if cache is not None else past_key_values
         if store is None:
             raise ValueError("the engine needs the caller's cache (past_key_values)")
-        adopt_slabs(store, self._core.kv_pool)  # grows in place, not by a copy per step
+        pools = self._core.kv_pool  # a new cache grows in place, not by a copy per step
+        adopt_slabs(store, None if pools is None else pools.for_prompt(input_ids.shape[-1]))
         if isinstance(logits_to_keep, int):
             n = input_ids.shape[-1]
             logits_to_keep = None if logits_to_keep == 0 else torch.arange(n - logits_to_keep, n)

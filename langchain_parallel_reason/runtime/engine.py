@@ -63,7 +63,7 @@ from .calls import (
     timeout_error,
     with_engine_report,
 )
-from .kv import KVPool, PoolLayer, SlabLayer
+from .kv import KVPools, PoolLayer, SlabLayer
 from .local_driver import LocalDriver
 from .prefix_cache import PrefixCache, common_prefix
 from .ragged import forward_step, pack_step
@@ -106,7 +106,7 @@ class _Core:
         # Half precision with sdpa: caches share one buffer per layer, so a step's one-token
         # segments attend in one call per layer (runtime/kv.py, ragged.attend_pooled).
         half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-        self.kv_pool = KVPool() if half and self.base_impl == "sdpa" else None
+        self.kv_pool = KVPools() if half and self.base_impl == "sdpa" else None
         self.prefix = PrefixCache(limits.prefix_cache_bytes)
         self.kv_reuse_problem = LocalBackend(model, tokenizer).kv_reuse_problem()
         # Fresh prefills running now: id -> (prompt ids, set once its KV is stored).

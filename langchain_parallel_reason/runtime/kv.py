@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-__all__ = ["KVPool", "PoolLayer", "SlabLayer", "adopt_slabs"]
+__all__ = ["KVPool", "KVPools", "PoolLayer", "SlabLayer", "adopt_slabs"]
 
 _MIN_CAPACITY = 64
 # A KVPool's first buffers: 8 caches of 512 tokens (47 MB for the embedded model in bfloat16).
@@ -175,6 +175,43 @@ class KVPool:
         """Live leases, and the bytes the buffers hold."""
         held = sum(t.numel() * t.element_size() for t in [*self.k.values(), *self.v.values()])
         return {"kv_pool_leases": self._live, "kv_pool_bytes": held}
+
+
+class KVPools:
+    """One ``KVPool`` per class of prompt length, so caches side by side in a pool hold about as
+    many tokens: an attention call over a run of slots reads every slot up to the run's longest
+    cache, and a chat call's 34-token cache next to a planning call's 300-token one wasted half
+    the keys read in a 16-call burst. Classes: a first forward of < 128, < 512, or more tokens.
+    """
+
+    BOUNDS = (128, 512)
+
+    def __init__(self, **limits: Any) -> None:
+        self.pools = [KVPool(**limits) for _ in range(len(self.BOUNDS) + 1)]
+
+    def for_prompt(self, tokens: int) -> KVPool:
+        """The pool for a cache whose first forward has ``tokens`` tokens."""
+        return self.pools[sum(tokens >= bound for bound in self.BOUNDS)]
+
+    @property
+    def keep_s(self) -> float:
+        """Seconds the buffers stay after their pool's last lease (``KVPool.trim``)."""
+        return self.pools[0].keep_s
+
+    @keep_s.setter
+    def keep_s(self, seconds: float) -> None:
+        for pool in self.pools:
+            pool.keep_s = seconds
+
+    def trim(self) -> float | None:
+        """``KVPool.trim`` on each pool: the soonest seconds left, or None."""
+        left = [t for t in (pool.trim() for pool in self.pools) if t is not None]
+        return min(left, default=None)
+
+    def stats(self) -> dict[str, int]:
+        """Live leases and the bytes held, over all pools."""
+        each = [pool.stats() for pool in self.pools]
+        return {key: sum(s[key] for s in each) for key in each[0]}
 
 
 class _Lease:

@@ -418,16 +418,15 @@ def ragged_attention(
         and not (dropout and module.training)
     )
     # One-token segments whose caches share a KVPool: one attention call per run of slots.
-    pooled: dict[int, PoolLayer] = {}
+    by_pool: dict[int, dict[int, PoolLayer]] = {}
     if fold_heads and sliding_window is None and len(segments) > 1:
         for i, seg in enumerate(segments):
             if seg.split is None and seg.mask is None and seg.stop - seg.start == 1:
                 got = _pooled(seg, layer)
                 if got is not None:
-                    pooled[i] = got
-        pools = {id(pl._lease.pool) for pl in pooled.values()}
-        if len(pooled) < 2 or len(pools) > 1:
-            pooled = {}
+                    by_pool.setdefault(id(got._lease.pool), {})[i] = got
+    groups = [group for group in by_pool.values() if len(group) > 1]
+    pooled = {i for group in groups for i in group}
     outs: list[torch.Tensor | None] = []
     # Every other segment: one small attention each, on the function the model was loaded with
     # (so each segment computes exactly what its call computes alone).
@@ -445,8 +444,8 @@ def ragged_attention(
         else:
             keys, values = seg.cache.update(k, v, layer)  # [1, kvh, K, d], this call's only
             # The same at every layer of the step (of one kind): made once.
-            groups = query.shape[1] // key.shape[1]
-            memo = (i, keys.shape[-2], sliding_window, fold_heads, groups)
+            per_kv = query.shape[1] // key.shape[1]  # query heads per KV head
+            memo = (i, keys.shape[-2], sliding_window, fold_heads, per_kv)
             got = ragged_layout.plans.get(memo)
             if got is None:
                 got = ragged_layout.plans[memo] = _mask(
@@ -458,14 +457,14 @@ def ragged_attention(
                 continue
             out, _ = base(module, q, keys, values, mask, scaling=scaling, dropout=dropout, **extra)
         outs.append(out)  # [1, S, H, d]
-    if pooled:
-        cols = [segments[i].start for i in pooled]
-        layers = list(pooled.values())
+    for group in groups:
+        cols = [segments[i].start for i in group]
+        layers = list(group.values())
         got = attend_pooled(query, key, value, cols, layers, scaling, ragged_layout.plans)
-        if len(pooled) == len(segments):
+        if len(group) == len(segments):
             return got[None], None  # segments are in column order, one token each
-        rows = iter(got.split(1))
-        outs = [next(rows)[None] if out is None else out for out in outs]
+        for i, row in zip(group, got.split(1), strict=True):
+            outs[i] = row[None]  # [1, 1, H, d]
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], None
 
 
