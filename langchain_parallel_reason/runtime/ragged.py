@@ -276,10 +276,13 @@ def _pooled(seg: Segment, layer: int) -> PoolLayer | None:
 
 
 # What one attention call costs on this 2-core CPU in bfloat16 (sdpa, one query token folded
-# to 3 rows per KV head; runtime/kv.KVPool's docstring): about 20 us a call, 10 us a slot and
-# 0.13 us a key per slot; one segment alone costs about 65 us (its Python included) plus
-# 0.13 us a key. Padding a short cache to a long one's keys, or an idle slot, is not free.
-_CALL_US, _SLOT_US, _KEY_US, _ALONE_US = 20.0, 10.0, 0.13, 65.0
+# to 3 rows per KV head), in us: alone, a call costs about 20 plus 10 a slot and 0.13 a key per
+# slot, and one segment by itself about 65 plus 0.13 a key. Inside a step the caches are cold
+# (the linears just streamed 270 MB of weights) and every call wakes the thread pool: with the
+# alone figures, a 12-segment step split into 5 runs and its attention took 34 ms (33.8 one
+# call per segment); priced at 150 a call and 200 a lone segment, runs merge (idle slots and
+# padding included) and it took 26 ms. Padding or an idle slot is still not free.
+_CALL_US, _SLOT_US, _KEY_US, _ALONE_US = 150.0, 10.0, 0.13, 200.0
 
 
 def _run_cost(slots: int, span: int) -> float:
