@@ -163,6 +163,7 @@ class KVPool:
         # Each growth copies the whole buffer: start where a burst of chat calls usually ends.
         slots = max(_POOL_SLOTS, _pow2(max(self._next, slot + 1)), 0 if k is None else k.shape[0])
         cap = max(_POOL_TOKENS, _pow2(need), 0 if k is None else k.shape[2])
+        like_k, like_v = (like_k, like_v) if k is None else (k, v)  # keys and values may differ
         new_k = like_k.new_zeros((slots, like_k.shape[1], cap, like_k.shape[-1]))
         new_v = like_v.new_zeros((slots, like_v.shape[1], cap, like_v.shape[-1]))
         if k is not None:
@@ -305,7 +306,8 @@ class PoolLayer(SlabLayer):
             return
         n = value.shape[-2]
         room = None
-        if value.shape[0] == 1:
+        # Only into buffers an update made (keys and values may differ in shape): else leave.
+        if value.shape[0] == 1 and buf is not None and buf.shape[1::2] == value.shape[1::2]:
             pool = self._lease.pool
             room = pool.room(self.index, self.slot, max(n, *self._lengths), value, value)
         if room is None:
