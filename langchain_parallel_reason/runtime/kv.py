@@ -90,10 +90,11 @@ class KVPool:
     values, for the caches of one engine (``adopt_slabs(cache, pool)``).
 
     Why: a decode step's one-token segments then sit in one tensor, and ``attend_pooled`` runs
-    one attention call per layer over the view ``[a:b, :, :L]`` (no copy) instead of one call per
-    segment. On this 2-core CPU a one-token SDPA call over 600 bfloat16 keys costs about 40 us of
-    per-call work besides its ~44 us of reading keys: 12 segments cost 995 us a layer one by one,
-    565 us in one call (padding to the longest segment included).
+    one attention call per run of slots over the view ``[a:b, :, :L]`` (no copy) instead of one
+    call per segment. On this 2-core CPU a one-token SDPA call over 600 bfloat16 keys costs about
+    40 us of per-call work besides its ~44 us of reading keys: alone, 12 segments cost 995 us a
+    layer one by one and 565 us in one call. Inside a step the keys are cold and the gain is
+    smaller: a 12-segment step's attention 34 -> 26 ms (docs/profile.md).
 
     Slots are leased per cache (``lease``) and come back when the lease is collected (the cache
     and all its layers gone). The buffers grow by doubling (slots and capacity); ``trim`` drops
