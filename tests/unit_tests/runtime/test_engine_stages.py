@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,10 +21,16 @@ from tiny_models import build_tiny_model, build_tiny_tokenizer
 from transformers.cache_utils import DynamicCache
 
 from langchain_parallel_reason import pipeline as pl
+from langchain_parallel_reason.decoding.lean import lean_forward
 from langchain_parallel_reason.runtime.base import Request
 from langchain_parallel_reason.runtime.engine import Engine
 from langchain_parallel_reason.runtime.kv import KVPool, adopt_slabs
-from langchain_parallel_reason.runtime.ragged import _packed_gqa, attend_pooled
+from langchain_parallel_reason.runtime.ragged import (
+    _packed_gqa,
+    attend_pooled,
+    forward_step,
+    pack_step,
+)
 from langchain_parallel_reason.runtime.stage_tags import STAGES
 
 CONFIGS = [
@@ -189,3 +196,33 @@ def test_float32_engines_keep_their_caches_apart() -> None:
         assert "kv_pool_bytes" not in engine.stats()
     finally:
         engine.close()
+
+
+def test_a_pooled_decode_step_gives_the_logits_of_one_call_per_segment() -> None:
+    # A real bfloat16 Llama: three calls prefilled alone (5, 40 and 90 tokens), then one packed
+    # decode step of all three, with caches in a KV pool (one attention call per run) and with
+    # private caches (one call per segment): the same logits up to bfloat16 rounding.
+    model = build_tiny_model("llama", seed=0, attn_implementation="sdpa").to(torch.bfloat16)
+    lean = lean_forward(model)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 90, (n,), generator=gen) for n in (5, 40, 90)]
+    nxt = torch.randint(3, 90, (3,), generator=gen)
+    logits = {}
+    for name, pool in (("pooled", KVPool()), ("private", None)):
+        calls = []
+        for ids in prompts:
+            cache = DynamicCache()
+            adopt_slabs(cache, pool)
+            call = SimpleNamespace(ids=ids, positions=torch.arange(len(ids)), cache=cache, ran=0)
+            call.mask = call.split = call.keep = None
+            forward_step(model, pack_step([(call, len(ids))], "sdpa"), lean, [], "", None)
+            calls.append(call)
+        for call, token in zip(calls, nxt, strict=True):  # one more token each
+            n = call.ids.shape[0]
+            call.ids, call.positions, call.ran = token[None], torch.tensor([n]), 0
+        step = pack_step([(call, 1) for call in calls], "sdpa")
+        logits[name] = forward_step(model, step, lean, [], "", None).float()
+        if pool is not None:
+            # the rows went through attend_pooled (its plan is keyed by the slots)
+            assert any(isinstance(key[0], tuple) for key in step.layout.plans)
+    torch.testing.assert_close(logits["pooled"], logits["private"], atol=3e-2, rtol=3e-2)
