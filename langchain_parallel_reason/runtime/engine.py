@@ -101,11 +101,12 @@ class _Core:
             {"full_attention": dummy, "sliding_attention": dummy} if kind == "dict" else dummy
         )
         self.kv_per_token = kv_bytes_per_token(model)
+        dtype = next(model.parameters()).dtype
         # float32 answers equal their solo runs whatever the batch; half precision's do not.
-        self.invariant = next(model.parameters()).dtype == torch.float32
+        self.invariant = dtype == torch.float32
         # Half precision with sdpa: caches share one buffer per layer, so a step's one-token
-        # segments attend in one call per layer (runtime/kv.py, ragged.attend_pooled).
-        half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+        # segments attend in one call per run of slots (runtime/kv.py, ragged.attend_pooled).
+        half = dtype in (torch.bfloat16, torch.float16)
         self.kv_pool = KVPools() if half and self.base_impl == "sdpa" else None
         self.prefix = PrefixCache(limits.prefix_cache_bytes)
         self.kv_reuse_problem = LocalBackend(model, tokenizer).kv_reuse_problem()

@@ -212,11 +212,11 @@ def _segment_mask(seg: Segment, sliding_window: int | None) -> torch.Tensor | No
 
 
 def _mask(
-    seg: Segment, kv_len: int, sliding_window: int | None, dtype: torch.dtype, fold: tuple
+    seg: Segment, kv_len: int, sliding_window: int | None, dtype: torch.dtype, fold: int | None
 ) -> tuple[torch.Tensor | None, bool]:
     """A segment's attention mask over ``kv_len`` keys, and whether ``_packed_gqa`` runs it
-    (``fold``: half precision on sdpa, and the model's query heads per KV head): then the mask
-    comes tiled for it."""
+    (``fold``: the query heads per KV head when the heads may be folded, half precision on
+    sdpa, else None): then the mask comes folded for it (``_fold_mask``)."""
     if seg.mask is not None:
         mask = _segment_mask(seg, sliding_window)
         mask = None if mask is None else mask[..., :kv_len]
@@ -225,10 +225,15 @@ def _mask(
     # No mask: one query token (several without a mask are causal in the base call).
     rows = seg.stop - seg.start
     shared = rows == 1 if mask is None else mask.dim() == 4 and mask.shape[1] == 1
-    folded, groups = fold
-    if not (folded and shared):
+    if fold is None or not shared:
         return mask, False
-    return (mask.repeat(1, 1, groups, 1) if mask is not None and groups > 1 else mask), True
+    return _fold_mask(mask, fold), True
+
+
+def _fold_mask(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    """A mask shared by all heads ``[1, 1, S, K]`` tiled for ``groups`` query heads folded into
+    rows of their KV head (``[1, 1, groups*S, K]``, as ``_packed_gqa`` lays the rows out)."""
+    return mask.repeat(1, 1, groups, 1) if mask is not None and groups > 1 else mask
 
 
 def _packed_gqa(
@@ -237,12 +242,11 @@ def _packed_gqa(
     values: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float | None,
-    tiled: bool = False,
 ) -> torch.Tensor:
     """Queries ``[1, H, S, d]`` over their own cache ``[1, kvh, K, d]``, with no mask or an
-    additive mask shared by all heads ``[1, 1, S, K]``, the query heads folded into rows of
-    their KV head (``[1, kvh, g*S, d]``, the mask tiled g times, or given so with ``tiled``):
-    returns ``[1, S, H, d]``.
+    additive mask shared by all heads and tiled for the fold (``_fold_mask``: ``[1, 1, g*S,
+    K]``), the query heads folded into rows of their KV head (``[1, kvh, g*S, d]``): returns
+    ``[1, S, H, d]``.
 
     Why: the stock sdpa function runs GQA the slow way in half precision on this CPU.
     - One query token, no mask: it passes ``enable_gqa=True``, a kernel 5-7x slower than the
@@ -255,10 +259,9 @@ def _packed_gqa(
     3e-7), and float32 answers keep their exact logits.
     """
     _, heads, rows, dim = query.shape
-    groups = heads // keys.shape[1]
-    packed = query.reshape(1, keys.shape[1], groups * rows, dim)  # a view: heads in kvh groups
-    if not tiled and mask is not None and groups > 1:
-        mask = mask.repeat(1, 1, groups, 1)
+    packed = query.reshape(
+        1, keys.shape[1], heads // keys.shape[1] * rows, dim
+    )  # a view: heads in kvh groups
     out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(1, heads, rows, dim).transpose(1, 2).contiguous()
 
@@ -447,16 +450,16 @@ def ragged_attention(
         else:
             keys, values = seg.cache.update(k, v, layer)  # [1, kvh, K, d], this call's only
             # The same at every layer of the step (of one kind): made once.
-            per_kv = query.shape[1] // key.shape[1]  # query heads per KV head
-            memo = (i, keys.shape[-2], sliding_window, fold_heads, per_kv)
+            fold = query.shape[1] // key.shape[1] if fold_heads else None  # heads per KV head
+            memo = (i, keys.shape[-2], sliding_window, fold)
             got = ragged_layout.plans.get(memo)
             if got is None:
                 got = ragged_layout.plans[memo] = _mask(
-                    seg, keys.shape[-2], sliding_window, query.dtype, memo[-2:]
+                    seg, keys.shape[-2], sliding_window, query.dtype, fold
                 )
             mask, folded = got
             if folded:
-                outs.append(_packed_gqa(q, keys, values, mask, scaling, tiled=True))
+                outs.append(_packed_gqa(q, keys, values, mask, scaling))
                 continue
             out, _ = base(module, q, keys, values, mask, scaling=scaling, dropout=dropout, **extra)
         outs.append(out)  # [1, S, H, d]

@@ -26,6 +26,7 @@ from langchain_parallel_reason.runtime.base import Request
 from langchain_parallel_reason.runtime.engine import Engine
 from langchain_parallel_reason.runtime.kv import KVPool, adopt_slabs
 from langchain_parallel_reason.runtime.ragged import (
+    _fold_mask,
     _packed_gqa,
     attend_pooled,
     forward_step,
@@ -112,7 +113,7 @@ def test_folded_masked_attention_matches_stock_sdpa_in_half_precision() -> None:
         allowed[:, 0] = True  # every row sees a key
         mask = torch.zeros(1, 1, rows, length).masked_fill(~allowed, float("-inf")).bfloat16()
         stock, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.125)  # [1, S, H, d]
-        folded = _packed_gqa(q, k, v, mask, 0.125)
+        folded = _packed_gqa(q, k, v, _fold_mask(mask, 3), 0.125)
         assert folded.shape == stock.shape
         torch.testing.assert_close(folded, stock, atol=1e-2, rtol=1e-2)
 
