@@ -12,8 +12,9 @@ written after a crop overwrite the cropped ones in place (the pipeline never rea
 cropped tokens; the prefix cache copies what it stores).
 
 ``KVPool`` goes one step further for half precision with sdpa: every cache the engine serves
-leases a slot of one buffer per layer (``PoolLayer``), so ragged attention can run the one-token
-segments of a step as one attention call per layer over a view of the pool (``runtime/ragged.py``).
+leases a slot of one buffer per layer (``PoolLayer``), so ragged attention can run the short
+segments of a step (one-token decode rows, Stage-2 belt rows, short feeds) as one attention call
+per run of slots over a view of the pool (``runtime/ragged.py``).
 A pooled cache's views stay valid the same way, as long as the cache is alive (a collected cache's
 slot goes to the next one).
 """

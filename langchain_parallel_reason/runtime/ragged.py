@@ -266,16 +266,27 @@ def _packed_gqa(
     return out.reshape(1, heads, rows, dim).transpose(1, 2).contiguous()
 
 
+def _poolable(seg: Segment) -> bool:
+    """Whether ``attend_pooled`` can take the segment: at most ``POOL_ROWS`` rows, no split
+    attention, and no mask or one shared by all heads with a row per query row."""
+    rows = seg.stop - seg.start
+    if seg.split is not None or rows > POOL_ROWS:
+        return False
+    mask = _segment_mask(seg, None)
+    return mask is None or (mask.dim() == 4 and mask.shape[:3] == (1, 1, rows))
+
+
 def _pooled(seg: Segment, layer: int) -> PoolLayer | None:
-    """The segment's layer ``layer`` when it lives in a ``KVPool`` slot with room for one more
-    token, else None."""
+    """The segment's layer ``layer`` when it lives in a ``KVPool`` slot with room for its
+    rows, else None."""
     layers = getattr(seg.cache, "layers", None)
     if not layers or len(layers) <= layer:
         return None
     got = layers[layer]
     if type(got) is not PoolLayer or not got.pooled or not got.is_initialized:
         return None
-    return got if got.length < got._lease.pool.max_capacity else None
+    fits = got.length + seg.stop - seg.start <= got._lease.pool.max_capacity
+    return got if fits else None
 
 
 # What one attention call costs on this 2-core CPU in bfloat16 (sdpa, one query token folded
@@ -284,67 +295,113 @@ def _pooled(seg: Segment, layer: int) -> PoolLayer | None:
 # (the linears just streamed 270 MB of weights) and every call wakes the thread pool: with the
 # alone figures, a 12-segment step split into 5 runs and its attention took 34 ms (33.8 one
 # call per segment); priced at 150 a call and 200 a lone segment, runs merge (idle slots and
-# padding included) and it took 26 ms. Padding or an idle slot is still not free.
-_CALL_US, _SLOT_US, _KEY_US, _ALONE_US = 150.0, 10.0, 0.13, 200.0
+# padding included) and it took 26 ms. Padding or an idle slot is still not free. More query
+# rows a slot cost a fifth more per row (12 slots of 400 keys: 437, 443, 598, 758 us at 1, 2,
+# 3 and 6 rows).
+_CALL_US, _SLOT_US, _KEY_US, _ALONE_US, _ROW_SHARE = 150.0, 10.0, 0.13, 200.0, 0.2
+# Segments of at most this many rows join a pooled call (one-token decode rows, Stage-2 belt
+# rows, forced feeds); a longer prefill chunk keeps a call of its own.
+POOL_ROWS = 8
 
 
-def _run_cost(slots: int, span: int) -> float:
-    return _CALL_US + slots * (_SLOT_US + _KEY_US * span)
+def _keys_us(keys: int, rows: int) -> float:
+    return _KEY_US * keys * (1.0 + _ROW_SHARE * (rows - 1))
 
 
-def _plan(slots: list[int], have: list[int], cols: list[int], device: torch.device) -> Any:
-    """One step's plan for ``attend_pooled`` (the same at every layer): rows grouped by pool
-    slot into runs of nearby slots, each one attention call.
+def _run_cost(slots: int, span: int, rows: int = 1) -> float:
+    return _CALL_US + slots * (_SLOT_US + _keys_us(span, rows))
 
-    Rows are taken in slot order; a row joins the current run when that costs less than a call
-    of its own (``_run_cost``: idle slots between and padding to the run's longest cache count).
-    An idle slot inside a run gets a copy of a member's query and sees its own first key only:
-    its output is dropped. Returns ``(slot_t, pos_t, col_t, q_cols, runs, pick)``: where the new
-    keys go (``[n]`` slots and positions) and come from (``[n]`` columns), ``q_cols`` ``[R]`` the
-    query column of every run row, per run ``(i, j, a, b, L, mask)`` (run rows ``[i, j)``, slots
-    ``[a, b)``, keys ``[:L]``, a ``[b - a, 1, 1, L]`` bool mask or None when every row sees all
-    L keys), and ``pick`` ``[n]`` the run rows of the members in their order (None: the same).
+
+def _allowed(seg: Segment, have: int) -> torch.Tensor | None:
+    """Which of the ``have + S`` keys each of the segment's S rows sees (``[S, have + S]``
+    bool), or None when every row sees all of them (one row, no mask)."""
+    rows, need = seg.stop - seg.start, have + seg.stop - seg.start
+    mask = _segment_mask(seg, None)
+    if mask is not None:
+        mask = mask[0, 0, :, :need]
+        return mask if mask.dtype == torch.bool else mask == 0
+    if rows == 1:
+        return None
+    # As _causal_mask: key j sits at position j of the call's own sequence.
+    return torch.arange(need, device=seg.positions.device) <= seg.positions[:, None]
+
+
+def _plan(
+    slots: list[int], have: list[int], segs: list[Segment], groups: int, like: torch.Tensor
+) -> Any:
+    """One step's plan for ``attend_pooled`` (the same at every layer): segments grouped by
+    pool slot into runs of nearby slots, each one attention call.
+
+    Segments are taken in slot order; one joins the current run when that costs less than a
+    call of its own (``_run_cost``: idle slots between, padding to the run's longest cache and
+    to its most rows per slot). A run lays ``r`` query rows out per slot (its most); an idle
+    slot, or a row past a segment's own, gets a copy of a member's first query and sees its
+    slot's first key only: its output is dropped. Returns ``(slot_t, pos_t, col_t, q_cols,
+    runs, pick)``: where the new keys go (``[n]`` slots and positions, a row per new token) and
+    come from (``[n]`` columns), ``q_cols`` ``[R]`` the query column of every run row, per run
+    ``(i, j, a, b, r, L, mask)`` (run rows ``[i, j)``, slots ``[a, b)``, ``r`` rows a slot, keys
+    ``[:L]``, a ``[b - a, 1, groups * r or 1, L]`` additive mask of the queries' dtype, or None
+    when every row sees all L keys), and ``pick`` ``[n]`` the run rows of the segments' rows in their order (None: the
+    same).
     """
-    lengths = [n + 1 for n in have]
+    device, dtype = like.device, like.dtype
+    rows = [seg.stop - seg.start for seg in segs]
+    need = [h + r for h, r in zip(have, rows, strict=True)]
     order = sorted(range(len(slots)), key=slots.__getitem__)
-    groups: list[list[int]] = []
+    members_of: list[list[int]] = []
     for i in order:
-        if groups:
-            run = groups[-1]
-            a, span = slots[run[0]], max(lengths[k] for k in run)
-            joined = _run_cost(slots[i] - a + 1, max(span, lengths[i]))
-            if joined - _run_cost(slots[run[-1]] - a + 1, span) < _ALONE_US + _KEY_US * lengths[i]:
+        if members_of:
+            run = members_of[-1]
+            a, span, most = slots[run[0]], max(need[k] for k in run), max(rows[k] for k in run)
+            joined = _run_cost(slots[i] - a + 1, max(span, need[i]), max(most, rows[i]))
+            alone = _ALONE_US + _keys_us(need[i], rows[i])
+            if joined - _run_cost(slots[run[-1]] - a + 1, span, most) < alone:
                 run.append(i)
                 continue
-        groups.append([i])
-    q_cols: list[int] = []
-    pick = [0] * len(slots)
+        members_of.append([i])
+    slot_l, pos_l, col_l, q_cols = [], [], [], []
+    pick = [[] for _ in segs]
     runs = []
-    for members in groups:
+    for members in members_of:
         a, b = slots[members[0]], slots[members[-1]] + 1
-        seen, col = [1] * (b - a), [cols[members[0]]] * (b - a)
+        r = max(rows[i] for i in members)
+        span = max(need[i] for i in members)
+        first = segs[members[0]].start
+        col = [first] * ((b - a) * r)
+        seen = torch.zeros(b - a, r, span, dtype=torch.bool, device=device)
+        seen[:, :, 0] = True  # idle slots and padding rows: their slot's first key
         for i in members:
-            seen[slots[i] - a], col[slots[i] - a] = lengths[i], cols[i]
-            pick[i] = len(q_cols) + slots[i] - a
-        span = max(seen)
+            k, seg = slots[i] - a, segs[i]
+            for s in range(rows[i]):
+                col[k * r + s] = seg.start + s
+                pick[i].append(len(q_cols) + k * r + s)
+                slot_l.append(slots[i])
+                pos_l.append(have[i] + s)
+                col_l.append(seg.start + s)
+            allowed = _allowed(seg, have[i])
+            seen[k, : rows[i]] = False
+            seen[k, : rows[i], : need[i]] = True if allowed is None else allowed
         mask = None
-        if min(seen) < span:
-            mask = torch.arange(span, device=device) < torch.tensor(seen, device=device)[:, None]
-            mask = mask[:, None, None, :]
-        runs.append((len(q_cols), len(q_cols) + b - a, a, b, span, mask))
+        if not bool(seen.all()):
+            # Additive, made once: sdpa would turn a bool mask into one at every layer.
+            mask = to_additive(seen, dtype)[0].transpose(0, 1)  # [b - a, 1, r, L]
+            if r > 1:  # rows of each folded query head: head-major, as _fold_mask lays them
+                mask = mask.repeat(1, groups, 1, 1).reshape(b - a, 1, groups * r, span)
+        runs.append((len(q_cols), len(q_cols) + len(col), a, b, r, span, mask))
         q_cols += col
+    picked = [row for rows_of in pick for row in rows_of]
 
     def as_tensor(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, device=device)
 
-    same = pick == list(range(len(q_cols)))
+    same = picked == list(range(len(q_cols)))
     return (
-        as_tensor(slots),
-        as_tensor(have),
-        as_tensor(cols),
+        as_tensor(slot_l),
+        as_tensor(pos_l),
+        as_tensor(col_l),
         as_tensor(q_cols),
         runs,
-        None if same else as_tensor(pick),
+        None if same else as_tensor(picked),
     )
 
 
@@ -352,45 +409,55 @@ def attend_pooled(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cols: list[int],
+    segs: list[Segment],
     layers: list[PoolLayer],
     scaling: float | None,
     plans: dict[Any, Any],
 ) -> torch.Tensor:
-    """One-token queries of several caches in one ``KVPool``, one attention call per run of
-    slots: returns ``[n, H, d]``.
+    """Short segments (at most ``POOL_ROWS`` rows) of several caches in one ``KVPool``, one
+    attention call per run of slots: returns ``[n, H, d]``, the segments' rows in order.
 
-    ``query`` ``[1, H, T, d]`` and ``key``/``value`` ``[1, kvh, T, d]`` are the step's; ``cols``
-    the columns of the n one-token segments, ``layers`` their caches' ``PoolLayer`` at this layer
-    (same pool, same layer index). Each new key/value is written to its slot (one indexed write
-    for all), then each run attends over the view ``[a:b, :, :L]`` of the pool, query heads
-    folded into rows of their KV head as in ``_packed_gqa``. A row sees exactly its own cache's
-    keys (the mask hides the rest of the padded view); the result equals one call per segment
-    up to the kernel's rounding. ``plans`` keeps the step's plan (``_plan``) across layers.
+    ``query`` ``[1, H, T, d]`` and ``key``/``value`` ``[1, kvh, T, d]`` are the step's; ``segs``
+    the segments (their columns, rows and masks: none, causal or a Stage-2 belt), ``layers``
+    their caches' ``PoolLayer`` at this layer (same pool, same layer index). Each new key/value
+    is written to its slot after the cached ones (one indexed write for all), then each run
+    attends over the view ``[a:b, :, :L]`` of the pool, query heads folded into rows of their
+    KV head as in ``_packed_gqa``. A row sees exactly the keys it sees in its own call (the
+    mask hides the rest of the padded view); the result equals one call per segment up to the
+    kernel's rounding. ``plans`` keeps the step's plan (``_plan``) across layers.
     """
     pool = layers[0]._lease.pool
     slots = [pl._lease.slot for pl in layers]
     have = [pl.length for pl in layers]
-    plan_key = (tuple(slots), tuple(have), tuple(cols))
+    kvh, heads, dim = key.shape[1], query.shape[1], query.shape[-1]
+    groups = heads // kvh
+    plan_key = (tuple(slots), tuple(have), tuple((seg.start, seg.stop) for seg in segs))
     plan = plans.get(plan_key)
     if plan is None:
-        plan = plans[plan_key] = _plan(slots, have, cols, query.device)
+        plan = plans[plan_key] = _plan(slots, have, segs, groups, query)
     slot_t, pos_t, col_t, q_cols, runs, pick = plan
-    k_buf, v_buf = pool.room(layers[0].index, max(slots), max(have) + 1, key, value)
+    most = max(n + seg.stop - seg.start for n, seg in zip(have, segs, strict=True))
+    k_buf, v_buf = pool.room(layers[0].index, max(slots), most, key, value)
     k_buf[slot_t, :, pos_t] = key[0].index_select(1, col_t).transpose(0, 1)  # [n, kvh, d]
     v_buf[slot_t, :, pos_t] = value[0].index_select(1, col_t).transpose(0, 1)
-    for pl in layers:
-        pl.length += 1
-    kvh, heads, dim = key.shape[1], query.shape[1], query.shape[-1]
-    # [H, R, d] -> [R, kvh, g, d]: each run row's query heads as rows of their KV head.
-    q = query[0].index_select(1, q_cols).transpose(0, 1).reshape(-1, kvh, heads // kvh, dim)
-    outs = [
-        F.scaled_dot_product_attention(
-            q[i:j], k_buf[a:b, :, :span], v_buf[a:b, :, :span], attn_mask=mask, scale=scaling
-        )  # [b - a, kvh, g, d]
-        for i, j, a, b, span, mask in runs
-    ]
-    out = (torch.cat(outs) if len(outs) > 1 else outs[0]).reshape(-1, heads, dim)
+    for pl, seg in zip(layers, segs, strict=True):
+        pl.length += seg.stop - seg.start
+    q = query[0].index_select(1, q_cols).transpose(0, 1)  # [R, H, d]
+    outs = []
+    for i, j, a, b, r, span, mask in runs:
+        # [(b - a) * r, H, d] -> [b - a, kvh, g * r, d]: a slot's rows of each KV head's
+        # query heads, head-major.
+        qr = q[i:j].reshape(b - a, r, kvh, groups, dim).permute(0, 2, 3, 1, 4)
+        out = F.scaled_dot_product_attention(
+            qr.reshape(b - a, kvh, groups * r, dim),
+            k_buf[a:b, :, :span],
+            v_buf[a:b, :, :span],
+            attn_mask=mask,
+            scale=scaling,
+        )  # [b - a, kvh, g * r, d]
+        out = out.reshape(b - a, kvh, groups, r, dim).permute(0, 3, 1, 2, 4)
+        outs.append(out.reshape((b - a) * r, heads, dim))
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
     return out if pick is None else out.index_select(0, pick)
 
 
@@ -423,14 +490,12 @@ def ragged_attention(
         and softcap is None
         and not (dropout and module.training)
     )
-    # One-token segments whose caches share a KVPool: one attention call per run of slots.
+    # Short segments whose caches share a KVPool: one attention call per run of slots.
     by_pool: dict[int, dict[int, PoolLayer]] = {}
     if fold_heads and sliding_window is None and len(segments) > 1:
         for i, seg in enumerate(segments):
-            if seg.split is None and seg.mask is None and seg.stop - seg.start == 1:
-                got = _pooled(seg, layer)
-                if got is not None:
-                    by_pool.setdefault(id(got._lease.pool), {})[i] = got
+            if _poolable(seg) and (got := _pooled(seg, layer)) is not None:
+                by_pool.setdefault(id(got._lease.pool), {})[i] = got
     groups = [group for group in by_pool.values() if len(group) > 1]
     pooled = {i for group in groups for i in group}
     outs: list[torch.Tensor | None] = []
@@ -464,13 +529,14 @@ def ragged_attention(
             out, _ = base(module, q, keys, values, mask, scaling=scaling, dropout=dropout, **extra)
         outs.append(out)  # [1, S, H, d]
     for group in groups:
-        cols = [segments[i].start for i in group]
+        segs = [segments[i] for i in group]
         layers = list(group.values())
-        got = attend_pooled(query, key, value, cols, layers, scaling, ragged_layout.plans)
+        got = attend_pooled(query, key, value, segs, layers, scaling, ragged_layout.plans)
         if len(group) == len(segments):
-            return got[None], None  # segments are in column order, one token each
-        for i, row in zip(group, got.split(1), strict=True):
-            outs[i] = row[None]  # [1, 1, H, d]
+            return got[None], None  # the segments' rows in column order: every row
+        sizes = [seg.stop - seg.start for seg in segs]
+        for i, rows in zip(group, got.split(sizes), strict=True):
+            outs[i] = rows[None]  # [1, S, H, d]
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], None
 
 

@@ -22,10 +22,12 @@ from transformers.cache_utils import DynamicCache
 
 from langchain_parallel_reason import pipeline as pl
 from langchain_parallel_reason.decoding.lean import lean_forward
+from langchain_parallel_reason.decoding.masks import to_additive
 from langchain_parallel_reason.runtime.base import Request
 from langchain_parallel_reason.runtime.engine import Engine
 from langchain_parallel_reason.runtime.kv import KVPool, adopt_slabs
 from langchain_parallel_reason.runtime.ragged import (
+    Segment,
     _fold_mask,
     _packed_gqa,
     attend_pooled,
@@ -119,9 +121,10 @@ def test_folded_masked_attention_matches_stock_sdpa_in_half_precision() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pooled_one_token_rows_attend_to_their_own_cache_only(dtype: torch.dtype) -> None:
+def test_pooled_rows_attend_to_their_own_cache_only(dtype: torch.dtype) -> None:
     # Caches in scattered slots of one pool (idle and foreign slots between them), of very
-    # different lengths: one call per run must give each row its own cache's attention.
+    # different lengths, with one-token rows, Stage-2 belt rows (a mask of their own) and short
+    # causal feeds: one call per run must give each row its own call's attention.
     gen = torch.Generator().manual_seed(0)
     pool = KVPool(max_slots=16, max_capacity=1024)
     caches = []
@@ -132,26 +135,43 @@ def test_pooled_one_token_rows_attend_to_their_own_cache_only(dtype: torch.dtype
         cache.update(k, torch.randn(1, 3, length, 64, generator=gen).to(dtype), 0)
         caches.append(cache)
     members = caches[::2] + caches[1::4]  # not in slot order; slots 1, 3, 7 idle in between
-    n = len(members)
-    query = torch.randn(1, 9, n + 2, 64, generator=gen).to(dtype)  # 2 columns of others
-    key = torch.randn(1, 3, n + 2, 64, generator=gen).to(dtype)
-    value = torch.randn(1, 3, n + 2, 64, generator=gen).to(dtype)
-    cols = list(range(1, n + 1))
-    want = []
-    for i, cache in enumerate(members):
+    sizes = [1, 3, 1, 2, 6, 1]  # rows of each member's segment
+    total = sum(sizes) + 2  # and 2 columns of others, first and last
+    query = torch.randn(1, 9, total, 64, generator=gen).to(dtype)
+    key = torch.randn(1, 3, total, 64, generator=gen).to(dtype)
+    value = torch.randn(1, 3, total, 64, generator=gen).to(dtype)
+    segs, want, at = [], [], 1
+    for i, (cache, rows) in enumerate(zip(members, sizes, strict=True)):
         layer = cache.layers[0]
-        k = torch.cat([layer.keys, key[:, :, i + 1 : i + 2]], dim=2)
-        v = torch.cat([layer.values, value[:, :, i + 1 : i + 2]], dim=2)
-        q = query[:, :, i + 1 : i + 2]
-        out = F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
-        want.append(out[0, :, 0])  # [H, d]
+        have = layer.keys.shape[-2]
+        k = torch.cat([layer.keys, key[:, :, at : at + rows]], dim=2)
+        v = torch.cat([layer.values, value[:, :, at : at + rows]], dim=2)
+        positions = torch.arange(have, have + rows)
+        mask = None
+        allowed = torch.ones(rows, have + rows, dtype=torch.bool)
+        if i % 2:  # a belt: every row sees the prefix and a random part of the new keys
+            allowed[:, have:] = torch.rand(rows, rows, generator=gen) > 0.5
+            allowed[:, have:].fill_diagonal_(True)
+            mask = torch.zeros(1, 1, rows, have + rows).masked_fill(~allowed, float("-inf"))
+            mask = mask.to(dtype)
+        elif rows > 1:  # causal rows of a plain call
+            allowed = torch.arange(have + rows) <= positions[:, None]
+        q = query[:, :, at : at + rows]
+        blocked = torch.zeros(rows, have + rows).masked_fill(~allowed, float("-inf")).to(dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=blocked, scale=0.125, enable_gqa=True
+        )  # [1, H, rows, d]
+        want.append(out[0].transpose(0, 1))  # [rows, H, d]
+        segs.append(Segment(at, at + rows, cache, positions, mask))
+        at += rows
     layers = [cache.layers[0] for cache in members]
-    got = attend_pooled(query, key, value, cols, layers, 0.125, {})
+    got = attend_pooled(query, key, value, segs, layers, 0.125, {})
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got, torch.stack(want), atol=tol, rtol=tol)
-    for i, cache in enumerate(members):  # each row's key/value went to its own cache
-        assert torch.equal(cache.layers[0].keys[:, :, -1], key[:, :, i + 1])
-        assert torch.equal(cache.layers[0].values[:, :, -1], value[:, :, i + 1])
+    torch.testing.assert_close(got, torch.cat(want), atol=tol, rtol=tol)
+    for seg, cache in zip(segs, members, strict=True):  # each row's key/value went to its cache
+        rows = seg.stop - seg.start
+        assert torch.equal(cache.layers[0].keys[:, :, -rows:], key[:, :, seg.start : seg.stop])
+        assert torch.equal(cache.layers[0].values[:, :, -rows:], value[:, :, seg.start : seg.stop])
 
 
 def test_half_precision_requests_at_once_share_the_pool_and_give_it_back(
@@ -199,15 +219,17 @@ def test_float32_engines_keep_their_caches_apart() -> None:
         engine.close()
 
 
-def test_a_pooled_decode_step_gives_the_logits_of_one_call_per_segment() -> None:
+def test_a_pooled_step_gives_the_logits_of_one_call_per_segment() -> None:
     # A real bfloat16 Llama: three calls prefilled alone (5, 40 and 90 tokens), then one packed
-    # decode step of all three, with caches in a KV pool (one attention call per run) and with
-    # private caches (one call per segment): the same logits up to bfloat16 rounding.
+    # step of all three (a Stage-2 belt of 3 branches at one position, 2 causal tokens, 1
+    # token), with caches in a KV pool (one attention call per run) and with private caches
+    # (one call per segment): the same logits up to bfloat16 rounding.
     model = build_tiny_model("llama", seed=0, attn_implementation="sdpa").to(torch.bfloat16)
     lean = lean_forward(model)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 90, (n,), generator=gen) for n in (5, 40, 90)]
-    nxt = torch.randint(3, 90, (3,), generator=gen)
+    sizes = (3, 2, 1)
+    nxt = [torch.randint(3, 90, (r,), generator=gen) for r in sizes]
     logits = {}
     for name, pool in (("pooled", KVPool()), ("private", None)):
         calls = []
@@ -218,12 +240,19 @@ def test_a_pooled_decode_step_gives_the_logits_of_one_call_per_segment() -> None
             call.mask = call.split = call.keep = None
             forward_step(model, pack_step([(call, len(ids))], "sdpa"), lean, [], "", None)
             calls.append(call)
-        for call, token in zip(calls, nxt, strict=True):  # one more token each
-            n = call.ids.shape[0]
-            call.ids, call.positions, call.ran = token[None], torch.tensor([n]), 0
-        step = pack_step([(call, 1) for call in calls], "sdpa")
+        for call, tokens in zip(calls, nxt, strict=True):
+            n, r = call.ids.shape[0], tokens.shape[0]
+            call.ids, call.ran = tokens, 0
+            call.positions = torch.arange(n, n + r)
+            if r == 3:  # branches share the position and see the prefix and themselves
+                call.positions = torch.full((r,), n)
+                allowed = torch.ones(r, n + r, dtype=torch.bool)
+                allowed[:, n:] = torch.eye(r, dtype=torch.bool)
+                call.mask = to_additive(allowed, torch.bfloat16)
+        step = pack_step([(call, call.ids.shape[0]) for call in calls], "sdpa")
         logits[name] = forward_step(model, step, lean, [], "", None).float()
         if pool is not None:
             # the rows went through attend_pooled (its plan is keyed by the slots)
             assert any(isinstance(key[0], tuple) for key in step.layout.plans)
+    assert logits["pooled"].shape[0] == sum(sizes)
     torch.testing.assert_close(logits["pooled"], logits["private"], atol=3e-2, rtol=3e-2)
