@@ -327,7 +327,7 @@ def _allowed(seg: Segment, have: int) -> torch.Tensor | None:
 
 
 def _plan(
-    slots: list[int], have: list[int], segs: list[Segment], groups: int, like: torch.Tensor
+    slots: list[int], have: list[int], segs: list[Segment], groups: int, device: torch.device
 ) -> Any:
     """One step's plan for ``attend_pooled`` (the same at every layer): segments grouped by
     pool slot into runs of nearby slots, each one attention call.
@@ -340,11 +340,10 @@ def _plan(
     runs, pick)``: where the new keys go (``[n]`` slots and positions, a row per new token) and
     come from (``[n]`` columns), ``q_cols`` ``[R]`` the query column of every run row, per run
     ``(i, j, a, b, r, L, mask)`` (run rows ``[i, j)``, slots ``[a, b)``, ``r`` rows a slot, keys
-    ``[:L]``, a ``[b - a, 1, groups * r or 1, L]`` additive mask of the queries' dtype, or None
-    when every row sees all L keys), and ``pick`` ``[n]`` the run rows of the segments' rows in their order (None: the
+    ``[:L]``, a ``[b - a, 1, groups * r or 1, L]`` bool mask or None when every row sees all L
+    keys), and ``pick`` ``[n]`` the run rows of the segments' rows in their order (None: the
     same).
     """
-    device, dtype = like.device, like.dtype
     rows = [seg.stop - seg.start for seg in segs]
     need = [h + r for h, r in zip(have, rows, strict=True)]
     order = sorted(range(len(slots)), key=slots.__getitem__)
@@ -383,8 +382,7 @@ def _plan(
             seen[k, : rows[i], : need[i]] = True if allowed is None else allowed
         mask = None
         if not bool(seen.all()):
-            # Additive, made once: sdpa would turn a bool mask into one at every layer.
-            mask = to_additive(seen, dtype)[0].transpose(0, 1)  # [b - a, 1, r, L]
+            mask = seen[:, None]  # [b - a, 1, r, L]
             if r > 1:  # rows of each folded query head: head-major, as _fold_mask lays them
                 mask = mask.repeat(1, groups, 1, 1).reshape(b - a, 1, groups * r, span)
         runs.append((len(q_cols), len(q_cols) + len(col), a, b, r, span, mask))
@@ -434,7 +432,7 @@ def attend_pooled(
     plan_key = (tuple(slots), tuple(have), tuple((seg.start, seg.stop) for seg in segs))
     plan = plans.get(plan_key)
     if plan is None:
-        plan = plans[plan_key] = _plan(slots, have, segs, groups, query)
+        plan = plans[plan_key] = _plan(slots, have, segs, groups, query.device)
     slot_t, pos_t, col_t, q_cols, runs, pick = plan
     most = max(n + seg.stop - seg.start for n, seg in zip(have, segs, strict=True))
     k_buf, v_buf = pool.room(layers[0].index, max(slots), most, key, value)
