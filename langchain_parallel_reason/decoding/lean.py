@@ -9,12 +9,19 @@ attention function of transformers' interface (queries ``[1, H, T, d]``, keys/va
 ``[1, kvh, T, d]`` of this step only: the function owns the cache) returning ``[1, T, H, d]``.
 The caller applies the head to the rows it keeps.
 
-It calls the very modules transformers' forward calls, in the same order, on the same tensors,
+It runs the very modules transformers' forward runs, in the same order, on the same tensors,
 so its hidden states equal the stock forward's bit for bit (tested in float32 and bfloat16).
 What it leaves out is the per-layer Python around them: keyword plumbing, deprecation and
 output-capture decorators, mask building (the attention function brings its own masks), cache
-objects. On the 2-core CPU that is 6-10 ms of a 36-58 ms forward of the embedded model at 1-24
-rows in bfloat16 (docs/profile.md).
+objects, and each module's ``__call__`` (their ``forward`` runs directly: a module with a forward
+hook makes ``hooked()`` true, and then the caller runs the model's own forward). On the 2-core
+CPU that is 6-10 ms of a 36-58 ms forward of the embedded model at 1-24 rows in bfloat16
+(docs/profile.md), and the ``__call__``s another 0.9 ms of a 47 ms 12-row step.
+
+RoPE: ``rotate_half(x) * sin`` is ``roll(x, d/2) * sin'`` where ``sin'`` is ``sin`` with its first
+half negated (a sign flip is exact), so each layer rotates with a roll instead of two slices, a
+negation and a concatenation, bit for bit; where q/k/v come from one fused GEMM
+(``decoding/packing.FusedLinear``) q and k are rotated together.
 """
 
 from __future__ import annotations
@@ -72,14 +79,36 @@ class LeanForward:
     """
 
     def __init__(self, model: Any) -> None:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from .packing import LinearPart
 
         inner = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
         self.layers = list(inner.layers[: model.config.num_hidden_layers])
-        self.rope = apply_rotary_pos_emb
+        self.modules = list(model.modules())
+        # Per layer, the fused q/k/v GEMM when the loader packed one (one call, q and k rotated
+        # together), else None.
+        self.fused_qkv = [
+            layer.self_attn.q_proj.fused
+            if isinstance(layer.self_attn.q_proj, LinearPart)
+            and all(
+                isinstance(p, LinearPart) and p.fused is layer.self_attn.q_proj.fused
+                for p in (layer.self_attn.k_proj, layer.self_attn.v_proj)
+            )
+            and [p.index for p in (layer.self_attn.q_proj, layer.self_attn.k_proj)] == [0, 1]
+            else None
+            for layer in self.layers
+        ]
+
+    def hooked(self) -> bool:
+        """Whether a forward hook now sits on the model or any of its modules (or globally):
+        ``hidden`` would skip it, so the caller runs the model's own forward instead."""
+        from torch.nn.modules import module as nn_module
+
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
     def hidden(
         self,
@@ -89,19 +118,33 @@ class LeanForward:
         **kwargs: Any,
     ) -> torch.Tensor:
         """Final-norm hidden states ``[1, T, D]`` of ``ids`` ``[1, T]`` at ``positions``."""
-        h = self.embed(ids)  # [1, T, D]
-        cos, sin = self.rotary(h, position_ids=positions)  # [1, T, d] each
+        h = self.embed.forward(ids)  # [1, T, D]
+        cos, sin = self.rotary.forward(h, position_ids=positions)  # [1, T, d] each
+        half = cos.shape[-1] // 2
+        # [1, T, 1, d]: broadcast over the heads of a [1, T, heads, d] view.
+        cos, sin = cos[:, :, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, :, None]
         shape = (*ids.shape, -1)
-        for layer in self.layers:
+        for layer, fused in zip(self.layers, self.fused_qkv, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
-            x = layer.input_layernorm(h)
+            x = layer.input_layernorm.forward(h)
             heads = (*ids.shape, -1, attn.head_dim)
-            q = attn.q_proj(x).view(heads).transpose(1, 2)  # [1, H, T, d]
-            k = attn.k_proj(x).view(heads).transpose(1, 2)  # [1, kvh, T, d]
-            v = attn.v_proj(x).view(heads).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
+            if fused is not None:
+                q_size, k_size, _ = fused.sizes
+                qkv = fused.forward(x)  # [1, T, (H + 2 kvh) d]
+                qk = qkv[..., : q_size + k_size].view(heads)  # [1, T, H + kvh, d]
+                qk = qk * cos + qk.roll(half, -1) * sin
+                q = qk[:, :, : q_size // attn.head_dim].transpose(1, 2)  # [1, H, T, d]
+                k = qk[:, :, q_size // attn.head_dim :].transpose(1, 2)  # [1, kvh, T, d]
+                v = qkv[..., q_size + k_size :].view(heads).transpose(1, 2)
+            else:
+                q = attn.q_proj.forward(x).view(heads)  # [1, T, H, d]
+                k = attn.k_proj.forward(x).view(heads)  # [1, T, kvh, d]
+                q = (q * cos + q.roll(half, -1) * sin).transpose(1, 2)  # [1, H, T, d]
+                k = (k * cos + k.roll(half, -1) * sin).transpose(1, 2)
+                v = attn.v_proj.forward(x).view(heads).transpose(1, 2)
             out, _ = attention(attn, q, k, v, None, dropout=0.0, scaling=attn.scaling, **kwargs)
-            h = h + attn.o_proj(out.reshape(shape).contiguous())  # out: [1, T, H, d]
-            x = layer.post_attention_layernorm(h)
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        return self.norm(h)
+            h = h + attn.o_proj.forward(out.reshape(shape).contiguous())  # out: [1, T, H, d]
+            x = layer.post_attention_layernorm.forward(h)
+            gate, up = mlp.gate_proj.forward(x), mlp.up_proj.forward(x)
+            h = h + mlp.down_proj.forward(mlp.act_fn.forward(gate) * up)
+        return self.norm.forward(h)

@@ -106,8 +106,9 @@ def forward_step(
     none) and a ``RaggedCache`` under ``cache_kw``.
     """
     with torch.inference_mode():
-        # A hook put on the model later (a test's spy, a profiler) needs the model's own call.
-        if lean is not None and not (model._forward_pre_hooks or model._forward_hooks):
+        # A hook put on the model or a module later (a test's spy, a profiler) needs the
+        # model's own call.
+        if lean is not None and not lean.hooked():
             hidden = lean.hidden(
                 step.ids, step.positions, ragged_attention, ragged_layout=step.layout
             )

@@ -86,3 +86,36 @@ def test_the_engine_says_which_forward_it_runs() -> None:
             assert engine.stats()["forward"] == expected
         finally:
             engine.close()
+
+
+def test_a_hook_put_on_a_module_later_runs_and_the_logits_stay() -> None:
+    # The lean loop runs modules' forward directly: a hook put on a module after the engine
+    # made its LeanForward must still run, and the step then takes the model's own forward.
+    from types import SimpleNamespace
+
+    from langchain_parallel_reason.runtime.ragged import forward_step, pack_step
+
+    model = build_tiny_model("llama", attn_implementation="sdpa")
+    engine = Engine(model, build_tiny_tokenizer())
+    core = engine._core
+    seen: list[int] = []
+
+    def step() -> torch.Tensor:
+        ids = torch.tensor([5, 9, 33, 7, 100, 3, 64])
+        call = SimpleNamespace(ids=ids, positions=torch.arange(7), cache=DynamicCache(), ran=0)
+        call.mask = call.split = call.keep = None
+        packed = pack_step([(call, 7)], core.base_impl)
+        return forward_step(model, packed, core.lean, core.configs, core.cache_kw, core.dummy_mask)
+
+    try:
+        assert core.lean is not None
+        assert not core.lean.hooked()
+        plain = step()
+        handle = model.model.layers[1].mlp.register_forward_hook(lambda *_: seen.append(1))
+        assert core.lean.hooked()
+        hooked = step()
+        handle.remove()
+    finally:
+        engine.close()
+    assert seen == [1]  # the hook ran once, in the model's own forward
+    assert torch.equal(plain, hooked)
