@@ -104,7 +104,7 @@ class _Core:
         dtype = next(model.parameters()).dtype
         # float32 answers equal their solo runs whatever the batch; half precision's do not.
         self.invariant = dtype == torch.float32
-        # Half precision with sdpa: caches share one buffer per layer, so a step's one-token
+        # Half precision with sdpa: caches share one buffer per layer, so a step's short
         # segments attend in one call per run of slots (runtime/kv.py, ragged.attend_pooled).
         half = dtype in (torch.bfloat16, torch.float16)
         self.kv_pool = KVPools() if half and self.base_impl == "sdpa" else None

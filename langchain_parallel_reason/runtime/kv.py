@@ -90,7 +90,7 @@ class KVPool:
     """Slots of one zero-initialised buffer per layer, ``[slots, kvh, capacity, d]`` keys and
     values, for the caches of one engine (``adopt_slabs(cache, pool)``).
 
-    Why: a decode step's one-token segments then sit in one tensor, and ``attend_pooled`` runs
+    Why: a decode step's short segments then sit in one tensor, and ``attend_pooled`` runs
     one attention call per run of slots over the view ``[a:b, :, :L]`` (no copy) instead of one
     call per segment. On this 2-core CPU a one-token SDPA call over 600 bfloat16 keys costs about
     40 us of per-call work besides its ~44 us of reading keys: alone, 12 segments cost 995 us a
