@@ -190,18 +190,24 @@ def _base_function(module: torch.nn.Module, base: str) -> Callable[..., Any]:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
-def _causal_mask(
-    q_pos: torch.Tensor, kv_len: int, window: int | None, dtype: torch.dtype
-) -> torch.Tensor | None:
-    """``[1, 1, S, K]`` additive mask for a plain sequence (key j at position j), or None when
-    every key is visible (one query token, no window in reach)."""
+def _causal_allowed(q_pos: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor | None:
+    """``[S, K]`` bool: which keys each query sees in a plain sequence (key j at position j), or
+    None when every key is visible (one query token, no window in reach)."""
     if q_pos.shape[0] == 1 and (window is None or kv_len <= window):
         return None
     k_pos = torch.arange(kv_len, device=q_pos.device)
     allowed = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         allowed &= (q_pos[:, None] - k_pos[None, :]) < window
-    return to_additive(allowed, dtype)
+    return allowed
+
+
+def _causal_mask(
+    q_pos: torch.Tensor, kv_len: int, window: int | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """``_causal_allowed`` as a ``[1, 1, S, K]`` additive mask (None: every key visible)."""
+    allowed = _causal_allowed(q_pos, kv_len, window)
+    return None if allowed is None else to_additive(allowed, dtype)
 
 
 def _segment_mask(seg: Segment, sliding_window: int | None) -> torch.Tensor | None:
@@ -316,15 +322,12 @@ def _run_cost(slots: int, span: int, rows: int = 1) -> float:
 def _allowed(seg: Segment, have: int) -> torch.Tensor | None:
     """Which of the ``have + S`` keys each of the segment's S rows sees (``[S, have + S]``
     bool), or None when every row sees all of them (one row, no mask)."""
-    rows, need = seg.stop - seg.start, have + seg.stop - seg.start
+    need = have + seg.stop - seg.start
     mask = _segment_mask(seg, None)
-    if mask is not None:
-        mask = mask[0, 0, :, :need]
-        return mask if mask.dtype == torch.bool else mask == 0
-    if rows == 1:
-        return None
-    # As _causal_mask: key j sits at position j of the call's own sequence.
-    return torch.arange(need, device=seg.positions.device) <= seg.positions[:, None]
+    if mask is None:  # a plain call: as the per-segment path's causal mask
+        return _causal_allowed(seg.positions, need, None)
+    mask = mask[0, 0, :, :need]
+    return mask if mask.dtype == torch.bool else mask == 0
 
 
 def _plan(
@@ -338,12 +341,13 @@ def _plan(
     to its most rows per slot). A run lays ``r`` query rows out per slot (its most); an idle
     slot, or a row past a segment's own, gets a copy of a member's first query and sees its
     slot's first key only: its output is dropped. Returns ``(slot_t, pos_t, col_t, q_cols,
-    runs, pick)``: where the new keys go (``[n]`` slots and positions, a row per new token) and
-    come from (``[n]`` columns), ``q_cols`` ``[R]`` the query column of every run row, per run
-    ``(i, j, a, b, r, L, mask)`` (run rows ``[i, j)``, slots ``[a, b)``, ``r`` rows a slot, keys
-    ``[:L]``, a ``[b - a, 1, groups * r or 1, L]`` bool mask or None when every row sees all L
-    keys), and ``pick`` ``[n]`` the run rows of the segments' rows in their order (None: the
-    same).
+    runs, pick, reach)``: where the new keys go (``[n]`` slots and positions, a row per new
+    token) and come from (``[n]`` columns), ``q_cols`` ``[R]`` the query column of every run row,
+    per run ``(i, j, a, b, r, L, mask)`` (run rows ``[i, j)``, slots ``[a, b)``, ``r`` rows a
+    slot, keys ``[:L]``, a ``[b - a, 1, groups * r or 1, L]`` bool mask or None when every row
+    sees all L keys), ``pick`` ``[n]`` the run rows of the segments' rows in their order (None:
+    the same), and ``reach``, the highest slot and longest cache after the step (how far the
+    buffers must reach).
     """
     rows = [seg.stop - seg.start for seg in segs]
     need = [h + r for h, r in zip(have, rows, strict=True)]
@@ -401,6 +405,7 @@ def _plan(
         as_tensor(q_cols),
         runs,
         None if same else as_tensor(picked),
+        (max(slots), max(need)),
     )
 
 
@@ -434,9 +439,8 @@ def attend_pooled(
     plan = plans.get(plan_key)
     if plan is None:
         plan = plans[plan_key] = _plan(slots, have, segs, groups, query.device)
-    slot_t, pos_t, col_t, q_cols, runs, pick = plan
-    most = max(n + seg.stop - seg.start for n, seg in zip(have, segs, strict=True))
-    k_buf, v_buf = pool.room(layers[0].index, max(slots), most, key, value)
+    slot_t, pos_t, col_t, q_cols, runs, pick, (top, most) = plan
+    k_buf, v_buf = pool.room(layers[0].index, top, most, key, value)
     k_buf[slot_t, :, pos_t] = key[0].index_select(1, col_t).transpose(0, 1)  # [n, kvh, d]
     v_buf[slot_t, :, pos_t] = value[0].index_select(1, col_t).transpose(0, 1)
     for pl, seg in zip(layers, segs, strict=True):
