@@ -79,27 +79,14 @@ class LeanForward:
     """
 
     def __init__(self, model: Any) -> None:
-        from .packing import LinearPart
-
         inner = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm
         self.layers = list(inner.layers[: model.config.num_hidden_layers])
         self.modules = list(model.modules())
-        # Per layer, the fused q/k/v GEMM when the loader packed one (one call, q and k rotated
-        # together), else None.
-        self.fused_qkv = [
-            layer.self_attn.q_proj.fused
-            if isinstance(layer.self_attn.q_proj, LinearPart)
-            and all(
-                isinstance(p, LinearPart) and p.fused is layer.self_attn.q_proj.fused
-                for p in (layer.self_attn.k_proj, layer.self_attn.v_proj)
-            )
-            and [p.index for p in (layer.self_attn.q_proj, layer.self_attn.k_proj)] == [0, 1]
-            else None
-            for layer in self.layers
-        ]
+        # Per layer, the fused q/k/v GEMM when the loader packed one, else None.
+        self.fused_qkv = [_fused_qkv(layer.self_attn) for layer in self.layers]
 
     def hooked(self) -> bool:
         """Whether a forward hook now sits on the model or any of its modules (or globally):
@@ -132,15 +119,13 @@ class LeanForward:
                 q_size, k_size, _ = fused.sizes
                 qkv = fused.forward(x)  # [1, T, (H + 2 kvh) d]
                 qk = qkv[..., : q_size + k_size].view(heads)  # [1, T, H + kvh, d]
-                qk = qk * cos + qk.roll(half, -1) * sin
+                qk = _rotate(qk, cos, sin)  # q and k together
                 q = qk[:, :, : q_size // attn.head_dim].transpose(1, 2)  # [1, H, T, d]
                 k = qk[:, :, q_size // attn.head_dim :].transpose(1, 2)  # [1, kvh, T, d]
                 v = qkv[..., q_size + k_size :].view(heads).transpose(1, 2)
             else:
-                q = attn.q_proj.forward(x).view(heads)  # [1, T, H, d]
-                k = attn.k_proj.forward(x).view(heads)  # [1, T, kvh, d]
-                q = (q * cos + q.roll(half, -1) * sin).transpose(1, 2)  # [1, H, T, d]
-                k = (k * cos + k.roll(half, -1) * sin).transpose(1, 2)
+                q = _rotate(attn.q_proj.forward(x).view(heads), cos, sin).transpose(1, 2)
+                k = _rotate(attn.k_proj.forward(x).view(heads), cos, sin).transpose(1, 2)
                 v = attn.v_proj.forward(x).view(heads).transpose(1, 2)
             out, _ = attention(attn, q, k, v, None, dropout=0.0, scaling=attn.scaling, **kwargs)
             h = h + attn.o_proj.forward(out.reshape(shape).contiguous())  # out: [1, T, H, d]
@@ -148,3 +133,21 @@ class LeanForward:
             gate, up = mlp.gate_proj.forward(x), mlp.up_proj.forward(x)
             h = h + mlp.down_proj.forward(mlp.act_fn.forward(gate) * up)
         return self.norm.forward(h)
+
+
+def _fused_qkv(attn: Any) -> Any:
+    """The ``FusedLinear`` whose parts are ``attn``'s q, k and v in that order, or None."""
+    from .packing import LinearPart
+
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if not all(isinstance(p, LinearPart) for p in parts):
+        return None
+    fused = parts[0].fused
+    same = all(p.fused is fused for p in parts) and [p.index for p in parts] == [0, 1, 2]
+    return fused if same else None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x`` ``[1, T, heads, d]`` with ``cos`` and the sign-flipped ``sin`` ``[1, T, 1,
+    d]`` (see the module docstring): ``rotate_half(x) * sin`` as ``roll(x, d/2) * sin'``."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
