@@ -272,8 +272,9 @@ class ChatParallelReason(BaseChatModel):
 
     num_threads: int | None = Field(default=None, ge=1, le=4096)
     """CPU threads for the model's forwards; None = the cores this process may use
-    (`os.sched_getaffinity`). Larger values are capped at that count: more threads than cores
-    only wait on each other."""
+    (`os.sched_getaffinity`). Larger values are capped at that count, and the engine uses no
+    more than the cores other processes leave free (sampled every quarter second): more
+    threads than cores only wait on each other."""
 
     progress: bool = True
     """Show progress while the model loads or is converted the first time."""

@@ -18,6 +18,7 @@ import weakref
 from typing import Any
 
 from .base import EngineLimits
+from .threads import off_main
 
 __all__ = ["DEFAULT_MODEL_NAME", "check_chat_template", "model_name_of", "open_engine"]
 
@@ -50,7 +51,10 @@ def open_engine(
     ``(model, tokenizer)``, or a server's ``base_url`` (``model`` is then the served name).
 
     The first caller's ``limits`` win for a shared engine. Loading settings are those of
-    ``loading.load_model_and_tokenizer``; ``trust_remote_code`` stays off unless asked for.
+    ``loading.load_model_and_tokenizer``; ``trust_remote_code`` stays off unless asked for. A
+    model is loaded on a short-lived thread (``threads.off_main``: the engine's forwards run
+    faster when no other long-lived thread has run parallel torch work); a ``loaded`` model is
+    best loaded the same way.
 
     Raises:
         ValueError: both ``base_url`` and ``loaded``, a tokenizer without a chat template, or
@@ -78,7 +82,10 @@ def open_engine(
         if engine is None:
             from ..loading import load_model_and_tokenizer
 
-            lm, tok = load_model_and_tokenizer(
+            # Loaded on a thread that then ends: the caller's thread keeps no OpenMP team,
+            # which would throttle the engine thread's (runtime/threads.py).
+            lm, tok = off_main(
+                load_model_and_tokenizer,
                 model,
                 gguf_file=gguf_file,
                 device=device,

@@ -70,7 +70,7 @@ from .ragged import forward_step, pack_step
 from .retry import is_transient, run_with_retries
 from .row_sampling import RowSampler
 from .stage_tags import STAGES, after_event, initial_stage
-from .threads import apply_threads
+from .threads import CoreWatch, apply_threads
 
 __all__ = ["Engine", "EngineLimits"]
 
@@ -129,6 +129,7 @@ class _Core:
         self.closed = False
         self.seq = itertools.count()
         self.counters = collections.Counter()
+        self.cores = CoreWatch()
         # Thread names carry the engine's number, so stats() can count this engine's threads.
         self.tag = f"parallel-reason-{next(_ENGINE_NUMBERS)}-"
         self.thread = threading.Thread(target=self._loop, name=self.tag + "engine", daemon=True)
@@ -551,7 +552,9 @@ class _Core:
     def _forward(self, batch: list[tuple[Call, int]]) -> list[torch.Tensor | None]:
         """The step's single forward: returns each call's kept logits (None for a chunk that
         does not end its prefill)."""
-        apply_threads(batch[0][0].req.request.num_threads)
+        # The request's threads (None: all usable), capped at the cores others leave free.
+        wanted, free = batch[0][0].req.request.num_threads, self.cores.free_cores()
+        apply_threads(free if wanted is None else min(wanted, free))
         step = pack_step(batch, self.base_impl)
         logits = forward_step(
             self.model, step, self.lean, self.configs, self.cache_kw, self.dummy_mask

@@ -6,11 +6,18 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
 
-from langchain_parallel_reason.runtime.threads import apply_threads, default_threads
+from langchain_parallel_reason.runtime.threads import (
+    SPIN_COUNT,
+    CoreWatch,
+    apply_threads,
+    default_threads,
+    off_main,
+)
 
 
 def _run(code: str, env: dict[str, str]) -> str:
@@ -21,19 +28,27 @@ def _run(code: str, env: dict[str, str]) -> str:
 
 
 @pytest.mark.parametrize(
-    ("preset", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")], ids=["unset", "user-set"]
+    ("preset", "expected"),
+    [
+        ({}, f"PASSIVE {SPIN_COUNT}"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE -"),
+        ({"GOMP_SPINCOUNT": "7"}, "- 7"),
+    ],
+    ids=["unset", "user-set-policy", "user-set-spin"],
 )
-def test_import_sets_passive_waiting_unless_user_chose(preset: str | None, expected: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if preset is not None:
-        env["OMP_WAIT_POLICY"] = preset
-    code = "import os, langchain_parallel_reason; print(os.environ['OMP_WAIT_POLICY'])"
+def test_import_sets_a_short_spin_unless_user_chose(preset: dict[str, str], expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(preset)
+    code = (
+        "import os, langchain_parallel_reason\n"
+        "print(os.environ.get('OMP_WAIT_POLICY', '-'), os.environ.get('GOMP_SPINCOUNT', '-'))"
+    )
     assert _run(code, env) == expected
 
 
 def test_policy_is_set_before_torch_loads() -> None:
     # The package must not import torch itself before it has set the policy.
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = (
         "import sys, langchain_parallel_reason as p\n"
         "from langchain_parallel_reason.runtime.threads import openmp_calmed\n"
@@ -74,3 +89,58 @@ def test_busy_bench_reports_the_slowdown(chat) -> None:
     assert result["threads"] <= result["usable_cores"]
     with pytest.raises(ValueError, match="repeats must be at least 1"):
         BusyBenchConfig(repeats=0)
+
+
+def test_off_main_runs_on_a_thread_that_ends_and_hands_back_result_and_error() -> None:
+    ran: list[threading.Thread] = []
+
+    def work(x: int, *, y: int) -> int:
+        ran.append(threading.current_thread())
+        return x + y
+
+    assert off_main(work, 1, y=2) == 3
+    assert ran[0] is not threading.current_thread()
+    assert not ran[0].is_alive()  # its OpenMP team went with it
+
+    def fail() -> None:
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        off_main(fail)
+
+
+def test_the_door_loads_a_model_off_the_calling_thread(monkeypatch) -> None:
+    import langchain_parallel_reason.loading as loading
+    from langchain_parallel_reason.runtime.door import open_engine
+
+    seen: list[threading.Thread] = []
+
+    def load(*args, **kwargs):
+        seen.append(threading.current_thread())
+        raise RuntimeError("stop after the thread is known")
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", load)
+    with pytest.raises(RuntimeError, match="stop after the thread is known"):
+        open_engine("a-folder-that-is-never-read", progress=False)
+    assert seen
+    assert seen[0] is not threading.current_thread()
+    assert not seen[0].is_alive()
+
+
+@pytest.mark.skipif(default_threads() < 2, reason="needs 2 usable cores: one to keep busy")
+def test_core_watch_sees_a_neighbour_hold_a_core() -> None:
+    watch = CoreWatch(interval_s=0.3)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        watch.free_cores()  # first sample
+        time.sleep(0.5)
+        assert watch.free_cores() <= default_threads() - 1
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_core_watch_counts_every_core_free_where_proc_cannot_be_read(monkeypatch) -> None:
+    watch = CoreWatch(interval_s=0.0)
+    monkeypatch.setattr(watch, "_sample", lambda: None)
+    assert watch.free_cores() == watch.free_cores() == default_threads()
