@@ -304,7 +304,9 @@ def _pooled(seg: Segment, layer: int) -> PoolLayer | None:
 # call per segment); priced at 150 a call and 200 a lone segment, runs merge (idle slots and
 # padding included) and it took 26 ms. Padding or an idle slot is still not free. More query
 # rows a slot cost a fifth more per row (12 slots of 400 keys: 437, 443, 598, 758 us at 1, 2,
-# 3 and 6 rows).
+# 3 and 6 rows). Since the engine thread's workers spin instead of sleeping (threads.py), call
+# and lone-segment prices of 20/65, 60/100, 150/200 and 300/400 give the same all-at-once
+# phase within noise (medians 6.86-7.05 s, interleaved): kept.
 _CALL_US, _SLOT_US, _KEY_US, _ALONE_US, _ROW_SHARE = 150.0, 10.0, 0.13, 200.0, 0.2
 # Segments of at most this many rows join a pooled call (one-token decode rows, Stage-2 belt
 # rows, forced feeds); a longer prefill chunk keeps a call of its own.
