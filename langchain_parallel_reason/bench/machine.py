@@ -10,7 +10,9 @@ import contextlib
 import importlib.metadata
 import os
 import platform
-import time
+
+from langchain_parallel_reason.runtime import threads
+from langchain_parallel_reason.runtime.threads import cpu_snapshot
 
 __all__ = [
     "cpu_snapshot",
@@ -45,26 +47,11 @@ def load_average() -> float | None:
         return None
 
 
-def cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall s, CPU s busy on the whole machine, CPU s of this process), from /proc/stat."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    own = os.times()
-    return time.monotonic(), busy, own.user + own.system
-
-
 def other_cores(start: tuple[float, float, float] | None) -> float | None:
-    """Mean cores other processes kept busy since `start` (a `cpu_snapshot`): the contention
-    behind the timings."""
-    end = cpu_snapshot()
-    if start is None or end is None or end[0] <= start[0]:
-        return None
-    others = (end[1] - start[1]) - (end[2] - start[2])
-    return round(max(others, 0.0) / (end[0] - start[0]), 2)
+    """Mean cores other processes kept busy since `start` (a `cpu_snapshot`), to 0.01: the
+    contention behind the timings."""
+    load = threads.other_cores(start, cpu_snapshot())
+    return None if load is None else round(load, 2)
 
 
 def package_version(package: str) -> str | None:

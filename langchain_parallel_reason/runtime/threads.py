@@ -32,7 +32,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 __all__ = [
@@ -40,9 +40,11 @@ __all__ = [
     "CoreWatch",
     "apply_threads",
     "calm_openmp",
+    "cpu_snapshot",
     "default_threads",
     "off_main",
     "openmp_calmed",
+    "other_cores",
 ]
 
 SPIN_COUNT = 30000
@@ -119,58 +121,60 @@ def off_main(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     return box["value"]
 
 
+def cpu_snapshot(cpus: Iterable[int] | None = None) -> tuple[float, float, float] | None:
+    """(monotonic s, CPU s busy on ``cpus`` (None: the whole machine), CPU s of this process),
+    from ``/proc/stat`` (busy: every state but idle and iowait); None where it cannot be read."""
+    names = {"cpu"} if cpus is None else {f"cpu{c}" for c in cpus}
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            rows = [line.split() for line in f if line.startswith("cpu")]
+        ticks = [sum(int(v) for v in r[1:9]) - int(r[4]) - int(r[5]) for r in rows if r[0] in names]
+    except (OSError, ValueError, IndexError):
+        return None
+    own = os.times()
+    return time.monotonic(), sum(ticks) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def other_cores(
+    start: tuple[float, float, float] | None, end: tuple[float, float, float] | None
+) -> float | None:
+    """Mean cores other processes kept busy between two ``cpu_snapshot``s (None: unknown)."""
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return max(others, 0.0) / (end[0] - start[0])
+
+
 class CoreWatch:
     """How many of this process's cores other processes leave free, from ``/proc/stat``.
 
-    ``free_cores()`` re-samples at most every ``interval_s``: the busy time of the usable cores
-    over the last interval, less this process's own CPU time, is the others' load in cores; a
-    core counts as taken from half a core of load. Where ``/proc`` cannot be read (not Linux)
-    every usable core counts as free.
+    ``free_cores()`` re-samples at most every ``interval_s``: ``other_cores`` over the last
+    interval, on the usable cores, is the others' load; a core counts as taken from half a core
+    of load. Where ``/proc`` cannot be read (not Linux) every usable core counts as free.
     """
 
     def __init__(self, interval_s: float = 0.25) -> None:
         self.interval_s = interval_s
         try:
-            self.cpus = sorted(os.sched_getaffinity(0))
+            self.cpus: list[int] | None = list(os.sched_getaffinity(0))
         except (AttributeError, OSError):
-            self.cpus = []
+            self.cpus = None
         self.usable = default_threads()
         self.free = self.usable
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._last: tuple[float, int, int] | None = None  # (time, cores' busy, own) in ticks
+        self._last: tuple[float, float, float] | None = None  # the last cpu_snapshot
 
     def free_cores(self) -> int:
         """Usable cores not held by other processes (at least 1)."""
-        now = time.monotonic()
-        if self._last is not None and now - self._last[0] < self.interval_s:
+        if self._last is not None and time.monotonic() - self._last[0] < self.interval_s:
             return self.free
         sample = self._sample()
         if sample is None:
             return self.free
-        if self._last is not None:
-            seconds = now - self._last[0]
-            others = (sample[0] - self._last[1]) - (sample[1] - self._last[2])
-            load = others / (self._tick * seconds)  # cores' worth of other processes' work
+        load = other_cores(self._last, sample)
+        if load is not None:
             self.free = max(1, self.usable - int(load + 0.5))
-        self._last = (now, *sample)
+        self._last = sample
         return self.free
 
-    def _sample(self) -> tuple[int, int] | None:
-        """(busy ticks of the usable cores, this process's ticks), or None."""
-        try:
-            with open("/proc/stat") as f:
-                lines = f.read().splitlines()
-            with open("/proc/self/stat") as f:
-                own = f.read()
-        except OSError:
-            return None
-        wanted = {f"cpu{c}" for c in self.cpus}
-        busy = 0
-        for line in lines:
-            name, _, rest = line.partition(" ")
-            if name in wanted:
-                # user nice system idle iowait irq softirq: all but idle and iowait
-                t = [int(x) for x in rest.split()[:7]]
-                busy += t[0] + t[1] + t[2] + t[5] + t[6]
-        fields = own[own.rindex(")") + 2 :].split()
-        return busy, int(fields[11]) + int(fields[12])  # utime + stime
+    def _sample(self) -> tuple[float, float, float] | None:
+        return cpu_snapshot(self.cpus)
