@@ -112,6 +112,14 @@ def engine_for(model: Any, tokenizer: Any, name: str, limits: EngineLimits | Non
     with _LOCK:
         engine = _BY_MODEL.get(id(model))
         if engine is None or engine.model is not model or engine.closed:
+            import torch
+
+            from .decode_kernel import decode_kernel
+
+            param = next(model.parameters(), None)
+            if param is not None and param.dtype == torch.bfloat16 and param.device.type == "cpu":
+                # Built (about a second, once per machine) or loaded now, not in a forward.
+                decode_kernel()
             engine = Engine(model, tokenizer, name, limits)
             _BY_MODEL[id(model)] = engine
         return engine

@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..decoding.attention import SplitLayout, split_attention
 from ..decoding.masks import to_additive
+from .decode_kernel import DecodeKernel, decode_kernel
 from .kv import PoolLayer
 
 __all__ = [
@@ -411,6 +412,67 @@ def _plan(
     )
 
 
+def _kernel_plan(
+    slots: list[int], have: list[int], segs: list[Segment], device: torch.device
+) -> Any:
+    """One step's plan for the decode kernel (the same at every layer): a kernel row per
+    segment row, in the segments' order. Returns ``(slot_t, pos_t, col_t, lens, mask, reach)``:
+    where the new keys go and come from as in ``_plan`` (``[n]`` each; here also each row's
+    slot and query column), ``lens`` ``[n]`` the keys each row reads (``have`` plus its rows
+    for a one-row or masked segment, its causal reach for a plain one), ``mask`` ``[n, L]``
+    bool or None when every row sees all of its ``lens`` keys, and ``reach`` as in ``_plan``.
+    """
+    slot_l, pos_l, col_l, lens_l, seen = [], [], [], [], []
+    masked = False
+    for slot, h, seg in zip(slots, have, segs, strict=True):
+        rows = seg.stop - seg.start
+        allowed = _allowed(seg, h)  # [rows, h + rows] bool, or None: every key
+        for s in range(rows):
+            slot_l.append(slot)
+            pos_l.append(h + s)
+            col_l.append(seg.start + s)
+            row = None if allowed is None else allowed[s]
+            reach = h + rows if row is None else int(row.nonzero().max()) + 1
+            if row is not None and not bool(row[:reach].all()):
+                masked = True  # not a prefix of the keys: the row needs its mask
+            lens_l.append(reach)
+            seen.append(row)
+    mask = None
+    if masked:
+        mask = torch.zeros(len(lens_l), max(lens_l), dtype=torch.bool, device=device)
+        for r, (row, reach) in enumerate(zip(seen, lens_l, strict=True)):
+            mask[r, :reach] = True if row is None else row[:reach]
+
+    def as_tensor(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, device=device)
+
+    need = max(h + seg.stop - seg.start for h, seg in zip(have, segs, strict=True))
+    slot_t = as_tensor(slot_l)
+    return slot_t, as_tensor(pos_l), as_tensor(col_l), as_tensor(lens_l), mask, (max(slots), need)
+
+
+def _attend_kernel(
+    kernel: DecodeKernel,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: Any,
+    layers: list[PoolLayer],
+    segs: list[Segment],
+    scaling: float | None,
+) -> torch.Tensor:
+    """``attend_pooled`` on the decode kernel (runtime/decode_kernel.py), with the step's
+    ``_kernel_plan``: every row of every segment in one call, each over exactly its own slot's
+    keys (no runs, no padding); the kernel writes the step's keys and values first."""
+    slot_t, pos_t, col_t, lens, mask, (top, most) = plan
+    k_buf, v_buf = layers[0]._lease.pool.room(layers[0].index, top, most, key, value)
+    for pl, seg in zip(layers, segs, strict=True):
+        pl.length += seg.stop - seg.start
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    new = (key[0], value[0], pos_t)
+    return kernel.attend(query[0], k_buf, v_buf, col_t, slot_t, lens, mask, scale, new)
+
+
 def attend_pooled(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -420,8 +482,10 @@ def attend_pooled(
     scaling: float | None,
     plans: dict[Any, Any],
 ) -> torch.Tensor:
-    """Short segments (at most ``POOL_ROWS`` rows) of several caches in one ``KVPool``, one
-    attention call per run of slots: returns ``[n, H, d]``, the segments' rows in order.
+    """Short segments (at most ``POOL_ROWS`` rows) of several caches in one ``KVPool``:
+    returns ``[n, H, d]``, the segments' rows in order. In bfloat16, where the decode kernel
+    is had (runtime/decode_kernel.py), one kernel call takes every row over its own slot's keys
+    (``_attend_kernel``); otherwise, as described below, one sdpa call per run of slots.
 
     ``query`` ``[1, H, T, d]`` and ``key``/``value`` ``[1, kvh, T, d]`` are the step's; ``segs``
     the segments (their columns, rows and masks: none, causal or a Stage-2 belt), ``layers``
@@ -432,6 +496,7 @@ def attend_pooled(
     mask hides the rest of the padded view); the result equals one call per segment up to the
     kernel's rounding. ``plans`` keeps the step's plan (``_plan``) across layers.
     """
+    kernel = decode_kernel() if query.dtype == torch.bfloat16 else None
     pool = layers[0]._lease.pool
     slots = [pl._lease.slot for pl in layers]
     have = [pl.length for pl in layers]
@@ -440,7 +505,13 @@ def attend_pooled(
     plan_key = (tuple(slots), tuple(have), tuple((seg.start, seg.stop) for seg in segs))
     plan = plans.get(plan_key)
     if plan is None:
-        plan = plans[plan_key] = _plan(slots, have, segs, groups, query.device)
+        plan = plans[plan_key] = (
+            _plan(slots, have, segs, groups, query.device)
+            if kernel is None
+            else _kernel_plan(slots, have, segs, query.device)
+        )
+    if kernel is not None:
+        return _attend_kernel(kernel, query, key, value, plan, layers, segs, scaling)
     slot_t, pos_t, col_t, q_cols, runs, pick, (top, most) = plan
     k_buf, v_buf = pool.room(layers[0].index, top, most, key, value)
     k_buf[slot_t, :, pos_t] = key[0].index_select(1, col_t).transpose(0, 1)  # [n, kvh, d]

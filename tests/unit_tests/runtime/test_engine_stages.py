@@ -223,22 +223,26 @@ def test_a_pooled_step_gives_the_logits_of_one_call_per_segment() -> None:
     # A real bfloat16 Llama: three calls prefilled alone (5, 40 and 90 tokens), then one packed
     # step of all three (a Stage-2 belt of 3 branches at one position, 2 causal tokens, 1
     # token), with caches in a KV pool (one attention call per run) and with private caches
-    # (one call per segment): the same logits up to bfloat16 rounding.
+    # (one call per segment): the same logits up to bfloat16 rounding, measured against the
+    # float32 model's (the pooled rows may take the decode kernel, which rounds less than
+    # sdpa: it is held to sdpa's own error, not to sdpa's values).
+    exact = build_tiny_model("llama", seed=0, attn_implementation="sdpa")
     model = build_tiny_model("llama", seed=0, attn_implementation="sdpa").to(torch.bfloat16)
-    lean = lean_forward(model)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 90, (n,), generator=gen) for n in (5, 40, 90)]
     sizes = (3, 2, 1)
     nxt = [torch.randint(3, 90, (r,), generator=gen) for r in sizes]
     logits = {}
-    for name, pool in (("pooled", KVPool()), ("private", None)):
+    for name, pool in (("pooled", KVPool()), ("private", None), ("exact", None)):
+        net = exact if name == "exact" else model
+        lean = lean_forward(net)
         calls = []
         for ids in prompts:
             cache = DynamicCache()
             adopt_slabs(cache, pool)
             call = SimpleNamespace(ids=ids, positions=torch.arange(len(ids)), cache=cache, ran=0)
             call.mask = call.split = call.keep = None
-            forward_step(model, pack_step([(call, len(ids))], "sdpa"), lean, [], "", None)
+            forward_step(net, pack_step([(call, len(ids))], "sdpa"), lean, [], "", None)
             calls.append(call)
         for call, tokens in zip(calls, nxt, strict=True):
             n, r = call.ids.shape[0], tokens.shape[0]
@@ -248,11 +252,15 @@ def test_a_pooled_step_gives_the_logits_of_one_call_per_segment() -> None:
                 call.positions = torch.full((r,), n)
                 allowed = torch.ones(r, n + r, dtype=torch.bool)
                 allowed[:, n:] = torch.eye(r, dtype=torch.bool)
-                call.mask = to_additive(allowed, torch.bfloat16)
+                call.mask = to_additive(allowed, net.dtype)
         step = pack_step([(call, call.ids.shape[0]) for call in calls], "sdpa")
-        logits[name] = forward_step(model, step, lean, [], "", None).float()
+        logits[name] = forward_step(net, step, lean, [], "", None).float()
         if pool is not None:
             # the rows went through attend_pooled (its plan is keyed by the slots)
             assert any(isinstance(key[0], tuple) for key in step.layout.plans)
     assert logits["pooled"].shape[0] == sum(sizes)
-    torch.testing.assert_close(logits["pooled"], logits["private"], atol=3e-2, rtol=3e-2)
+    pooled = (logits["pooled"] - logits["exact"]).abs()
+    private = (logits["private"] - logits["exact"]).abs()
+    # bfloat16 rounding through the whole model dominates both (mean 0.075, max 0.58 here)
+    assert pooled.mean() <= 1.25 * private.mean()
+    assert pooled.max() <= 1.5 * private.max()
