@@ -310,7 +310,11 @@ def _pooled(seg: Segment, layer: int) -> PoolLayer | None:
 # phase within noise (medians 6.86-7.05 s, interleaved): kept.
 _CALL_US, _SLOT_US, _KEY_US, _ALONE_US, _ROW_SHARE = 150.0, 10.0, 0.13, 200.0, 0.2
 # Segments of at most this many rows join a pooled call (one-token decode rows, Stage-2 belt
-# rows, forced feeds); a longer prefill chunk keeps a call of its own.
+# rows, forced feeds); a longer prefill chunk keeps a call of its own. (The decode kernel is
+# faster than the folded sdpa call alone at any size: us, 9 heads over 3, causal rows after 300
+# cached keys, 8 rows 60 vs 94, 64 rows 425 vs 611, 512 rows 5611 vs 7596; but taking every
+# pooled segment, and a lone request's rows, left bench serve's phases where they were: 4.8-5.3
+# vs 5.0-5.3 s all at once, 23.4-23.8 vs 22.9-23.0 s one at a time.)
 POOL_ROWS = 8
 
 
@@ -418,37 +422,49 @@ def _kernel_plan(
     """One step's plan for the decode kernel (the same at every layer): a kernel row per
     segment row, in the segments' order. Returns ``(slot_t, pos_t, col_t, lens, mask, reach)``:
     where the new keys go and come from as in ``_plan`` (``[n]`` each; here also each row's
-    slot and query column), ``lens`` ``[n]`` the keys each row reads (``have`` plus its rows
-    for a one-row or masked segment, its causal reach for a plain one), ``mask`` ``[n, L]``
-    bool or None when every row sees all of its ``lens`` keys, and ``reach`` as in ``_plan``.
+    slot and query column), ``lens`` ``[n]`` the keys each row reads (up to the last key it
+    sees), ``mask`` ``[n, L]`` bool or None when every row sees all of its ``lens`` keys (a
+    plain or causal row; a Stage-2 belt row does not), and ``reach`` as in ``_plan``.
     """
     slot_l, pos_l, col_l, lens_l, seen = [], [], [], [], []
     masked = False
     for slot, h, seg in zip(slots, have, segs, strict=True):
         rows = seg.stop - seg.start
+        slot_l.append(torch.full((rows,), slot))
+        pos_l.append(torch.arange(h, h + rows))
+        col_l.append(torch.arange(seg.start, seg.stop))
         allowed = _allowed(seg, h)  # [rows, h + rows] bool, or None: every key
-        for s in range(rows):
-            slot_l.append(slot)
-            pos_l.append(h + s)
-            col_l.append(seg.start + s)
-            row = None if allowed is None else allowed[s]
-            reach = h + rows if row is None else int(row.nonzero().max()) + 1
-            if row is not None and not bool(row[:reach].all()):
-                masked = True  # not a prefix of the keys: the row needs its mask
-            lens_l.append(reach)
-            seen.append(row)
+        if allowed is None:
+            lens_l.append(torch.full((rows,), h + rows))
+            seen.append(None)
+            continue
+        reach = (allowed * torch.arange(1, allowed.shape[1] + 1)).amax(1)  # last key seen + 1
+        lens_l.append(reach)
+        seen.append(allowed)
+        # A row is a prefix of the keys when it sees as many keys as its reach.
+        masked = masked or not bool((allowed.sum(1) == reach).all())
+    lens = torch.cat(lens_l)
     mask = None
     if masked:
-        mask = torch.zeros(len(lens_l), max(lens_l), dtype=torch.bool, device=device)
-        for r, (row, reach) in enumerate(zip(seen, lens_l, strict=True)):
-            mask[r, :reach] = True if row is None else row[:reach]
-
-    def as_tensor(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, device=device)
-
+        mask = torch.zeros(lens.shape[0], int(lens.max()), dtype=torch.bool)
+        at = 0
+        for allowed, rows in zip(seen, (seg.stop - seg.start for seg in segs), strict=True):
+            if allowed is None:
+                mask[at : at + rows] = torch.arange(mask.shape[1]) < lens[at : at + rows, None]
+            else:
+                width = min(allowed.shape[1], mask.shape[1])
+                mask[at : at + rows, :width] = allowed[:, :width]
+            at += rows
+        mask = mask.to(device)
     need = max(h + seg.stop - seg.start for h, seg in zip(have, segs, strict=True))
-    slot_t = as_tensor(slot_l)
-    return slot_t, as_tensor(pos_l), as_tensor(col_l), as_tensor(lens_l), mask, (max(slots), need)
+    return (
+        torch.cat(slot_l).to(device),
+        torch.cat(pos_l).to(device),
+        torch.cat(col_l).to(device),
+        lens.to(device),
+        mask,
+        (max(slots), need),
+    )
 
 
 def _attend_kernel(
