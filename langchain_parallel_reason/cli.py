@@ -355,6 +355,15 @@ def _add_bench_serve(subparsers: _SubParsers) -> None:
     parser.add_argument("--max-tokens", type=positive_int, default=96, metavar="T")
     parser.add_argument("--step-max-tokens", type=positive_int, default=24, metavar="T")
     parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=("steps", "planned", "sequential", "tool"),
+        default=["steps", "planned", "sequential", "tool"],
+        metavar="KIND",
+        help="the kinds of call the set cycles through: steps (3 given steps), planned, "
+        "sequential, tool (default: all four; --kinds steps is the given-steps set)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=_DTYPE_CHOICES,
         default="auto",
@@ -395,6 +404,7 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
         args.request_rate,
         args.seed,
         args.repeats,
+        tuple(args.kinds),
     )
     llm = ChatParallelReason(
         model=args.model,

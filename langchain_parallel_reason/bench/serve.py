@@ -71,6 +71,8 @@ class ServeBenchConfig:
         seed: seed of the arrival times.
         repeats: runs of each phase; the reported run of a phase is its median by wall time
             (runs on a shared machine vary by 10-30%).
+        kinds: the kinds of call the set cycles through (a subset of KINDS, in that order;
+            ``("steps",)`` is the given-steps set).
     """
 
     requests: int = 16
@@ -80,8 +82,13 @@ class ServeBenchConfig:
     request_rate: float = math.inf
     seed: int = 0
     repeats: int = 1
+    kinds: tuple[str, ...] = KINDS
 
     def __post_init__(self) -> None:
+        unknown = [kind for kind in self.kinds if kind not in KINDS]
+        if unknown or not self.kinds:
+            msg = f"kinds must be some of {', '.join(KINDS)}; got {list(self.kinds)}"
+            raise ValueError(msg)
         for name in ("requests", "max_concurrency", "max_tokens", "step_max_tokens", "repeats"):
             if getattr(self, name) < 1:
                 msg = f"{name} must be at least 1, got {getattr(self, name)}"
@@ -100,8 +107,9 @@ def _calls(llm: Any, config: ServeBenchConfig, count: int) -> list[tuple[str, An
         "sequential": base.bind(mode="sequential"),
         "tool": llm.bind_tools([_multiply], tool_choice="any").bind(max_tokens=48),
     }
+    kinds = config.kinds
     return [
-        (KINDS[i % len(KINDS)], runnables[KINDS[i % len(KINDS)]], _QUESTIONS[i % len(_QUESTIONS)])
+        (kinds[i % len(kinds)], runnables[kinds[i % len(kinds)]], _QUESTIONS[i % len(_QUESTIONS)])
         for i in range(count)
     ]
 

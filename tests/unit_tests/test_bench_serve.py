@@ -109,6 +109,24 @@ def test_poisson_arrivals_at_a_finite_rate(tiny_llama: Any, tiny_tokenizer: Any)
     assert result["identical"] is True
 
 
+def test_kinds_pick_the_set(tiny_llama: Any, tiny_tokenizer: Any) -> None:
+    # --kinds steps: the given-steps set (every call has the same 3 given steps).
+    llm = ChatParallelReason.from_model(tiny_llama, tiny_tokenizer, plan_max_tokens=24)
+    config = ServeBenchConfig(requests=3, max_concurrency=3, max_tokens=20, kinds=("steps",))
+    result = run_serve_bench(llm, config)
+    assert result["kinds"] == {"steps": 3, "planned": 0, "sequential": 0, "tool": 0}
+    with pytest.raises(ValueError, match="kinds must be some of"):
+        ServeBenchConfig(kinds=("stepz",))
+    with pytest.raises(ValueError, match="kinds must be some of"):
+        ServeBenchConfig(kinds=())
+    # The command line offers exactly the bench's kinds.
+    from langchain_parallel_reason.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "serve", "--kinds", "steps", "tool"])
+    assert args.kinds == ["steps", "tool"]
+    assert tuple(build_parser().parse_args(["bench", "serve"]).kinds) == KINDS
+
+
 def test_cli_serve_needs_positive_counts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "serve", "--requests", "0"]) == 2
     assert "positive integer" in capsys.readouterr().err
