@@ -499,8 +499,8 @@ def attend_pooled(
     plans: dict[Any, Any],
 ) -> torch.Tensor:
     """Short segments (at most ``POOL_ROWS`` rows) of several caches in one ``KVPool``:
-    returns ``[n, H, d]``, the segments' rows in order. In bfloat16, where the decode kernel
-    is had (runtime/decode_kernel.py), one kernel call takes every row over its own slot's keys
+    returns ``[n, H, d]``, the segments' rows in order. In bfloat16 on a CPU, where the decode
+    kernel is had (runtime/decode_kernel.py), one kernel call takes every row over its own keys
     (``_attend_kernel``); otherwise, as described below, one sdpa call per run of slots.
 
     ``query`` ``[1, H, T, d]`` and ``key``/``value`` ``[1, kvh, T, d]`` are the step's; ``segs``
@@ -512,7 +512,9 @@ def attend_pooled(
     mask hides the rest of the padded view); the result equals one call per segment up to the
     kernel's rounding. ``plans`` keeps the step's plan (``_plan``) across layers.
     """
-    kernel = decode_kernel() if query.dtype == torch.bfloat16 else None
+    # The kernel reads host memory: bfloat16 on the CPU only (a GPU's pool stays on sdpa).
+    on_cpu = query.device.type == "cpu"
+    kernel = decode_kernel() if query.dtype == torch.bfloat16 and on_cpu else None
     pool = layers[0]._lease.pool
     slots = [pl._lease.slot for pl in layers]
     have = [pl.length for pl in layers]

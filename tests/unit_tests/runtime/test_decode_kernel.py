@@ -67,6 +67,10 @@ def test_other_dtypes_are_refused_with_the_reason() -> None:
     one = torch.zeros(1, dtype=torch.long)
     with pytest.raises(TypeError, match="bfloat16"):
         KERNEL.attend(x, pool, pool, one, one, one + 1, None, 1.0)
+    # Device memory is never handed to C (a GPU's pooled rows stay on sdpa).
+    away = torch.zeros(3, 1, 8, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match="host memory"):
+        KERNEL.attend(away, pool.bfloat16(), pool.bfloat16(), one, one, one + 1, None, 1.0)
 
 
 def test_turned_off_or_without_a_compiler_it_is_none_and_says_why(monkeypatch, tmp_path) -> None:
