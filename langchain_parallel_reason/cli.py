@@ -319,6 +319,8 @@ def _rate(text: str) -> float:
 
 
 def _add_bench_serve(subparsers: _SubParsers) -> None:
+    from langchain_parallel_reason.bench.serve import KINDS  # no torch there
+
     parser = subparsers.add_parser(
         "serve",
         parents=[_common_options()],
@@ -357,8 +359,8 @@ def _add_bench_serve(subparsers: _SubParsers) -> None:
     parser.add_argument(
         "--kinds",
         nargs="+",
-        choices=("steps", "planned", "sequential", "tool"),
-        default=["steps", "planned", "sequential", "tool"],
+        choices=KINDS,
+        default=list(KINDS),
         metavar="KIND",
         help="the kinds of call the set cycles through: steps (3 given steps), planned, "
         "sequential, tool (default: all four; --kinds steps is the given-steps set)",
