@@ -69,18 +69,20 @@ static void softmax_rows(float *score, int64_t g, int64_t len) {
 }
 
 /* One (row, KV head), any head dim: q's g heads start at q (head stride qs_head), keys and
- * values at kb / vb (key stride s2); scratch holds g * dim + g * len floats. */
+ * values at kb / vb (key stride s2); scratch holds 2 * g * dim + g * len floats. */
 static void attend_any(const uint16_t *q, int64_t qs_head, const uint16_t *kb,
                        const uint16_t *vb, int64_t s2, int64_t len, const uint8_t *seen,
                        int64_t g, int64_t dim, float scale, float *scratch, uint16_t *o) {
-  float *acc = scratch, *score = scratch + g * dim;
+  float *qf = scratch, *acc = scratch + g * dim, *score = scratch + 2 * g * dim;
+  for (int64_t j = 0; j < g; ++j)  /* the query in float32 once, not once per key */
+    for (int64_t e = 0; e < dim; ++e) qf[j * dim + e] = bf16_to_f32(q[j * qs_head + e]);
   for (int64_t t = 0; t < len; ++t) {
     const uint16_t *kt = kb + t * s2;
     for (int64_t j = 0; j < g; ++j) {
-      const uint16_t *qj = q + j * qs_head;
+      const float *qj = qf + j * dim;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t e = 0; e < dim; ++e) s += bf16_to_f32(qj[e]) * bf16_to_f32(kt[e]);
+      for (int64_t e = 0; e < dim; ++e) s += qj[e] * bf16_to_f32(kt[e]);
       score[j * len + t] = (seen && !seen[t]) ? PR_HIDDEN : s * scale;
     }
   }
@@ -181,7 +183,7 @@ int pr_decode_attention(const uint16_t *q, int64_t qs_head, int64_t qs_tok, uint
   int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
-    float *scratch = malloc(sizeof(float) * (size_t)(g * dim + g * longest));
+    float *scratch = malloc(sizeof(float) * (size_t)(2 * g * dim + g * longest));
     if (scratch == NULL) {
 #pragma omp atomic write
       failed = 2;
