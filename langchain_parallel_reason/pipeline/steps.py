@@ -314,11 +314,14 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
 
 def pick_grammar(picks: Sequence[str]) -> str:
     """EBNF of a conclusion after check steps: one of ``picks`` (the checked items, as the
-    message writes them), then the rest of one line. The 135M model's free conclusions after
-    record checks mostly named nobody ("The student with the lowest GPA is the student with
-    the lowest GPA."); it must pick among the items it checked."""
+    message writes them) and a full stop. The 135M model's free conclusions after record
+    checks mostly named nobody ("The student with the lowest GPA is the student with the
+    lowest GPA."); it must pick among the items it checked. After the pick, the rest of the
+    line it wrote was the Stage-1 example's conclusion with the item put in ("Viktor Andersen
+    is the better student here, since the student's full name is Emil Okafor.": 20-25 tokens
+    that name a second item): the checks above are the reasons, so the answer is the pick."""
     alternatives = " | ".join(json.dumps(p, ensure_ascii=False) for p in dict.fromkeys(picks))
-    return f"root ::= pick rest\npick ::= {alternatives}\nrest ::= [^\\n]*\n"
+    return f'root ::= pick "."\npick ::= {alternatives}\n'
 
 
 def conclusion_stops(stop: Sequence[str], titles: Sequence[str]) -> tuple[str, ...]:
@@ -371,8 +374,10 @@ def _conclusion(run, cache, feed, start, context, t, logits=None, picks=(), titl
             cancel=run.cancel,
             # Right after the steps a small model tends to end the answer at once (EOS) or
             # start another step: neither may come before a few words of conclusion.
+            # A pick's grammar opens with an item and ends with it: nothing to hold off.
             suppress=SuppressFirst(
-                [*run.stop_ids, *marker_token_ids(tok)], min(MIN_CONCLUSION_TOKENS, budget)
+                [*run.stop_ids, *marker_token_ids(tok)],
+                0 if picks else min(MIN_CONCLUSION_TOKENS, budget),
             ),
             repetition=run.repetition,
             context_ids=context,

@@ -193,6 +193,9 @@ def test_records_as_steps_are_one_line_checks(make: Any) -> None:
     # server takes: the machine checks the rest).
     assert report["conclusion_tokens"] > 0, report["notes"]
     assert not any("conclusion failed" in note for note in report["notes"]), report["notes"]
+    # The conclusion is the item it picks, with nothing of the prompt's example after it.
+    conclusion = msg.content.rsplit("\n\n", 1)[-1].strip()
+    assert conclusion in {f"{title}." for title in task.steps}, msg.content
 
 
 @pytest.mark.parametrize("mode", ["parallel", "stepped"])
