@@ -5,12 +5,13 @@ Contract: ``open_engine(model=...)`` gives the in-process ``Engine`` of a model 
 loading settings, shared by every caller that asks with the same settings);
 ``open_engine(loaded=(model, tokenizer))`` the engine of a model already in memory (one per
 model object); ``open_engine(base_url=...)`` the ``RemoteEngine`` of an OpenAI-compatible
-server (one per server, model and key). The chat model, ``parallel-reason ask`` and the
+server (one per server, model and key; the last 8 stay held when no caller holds them). The chat model, ``parallel-reason ask`` and the
 benchmarks all come through here; a closed engine is replaced on the next call.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import threading
@@ -28,6 +29,10 @@ _LOCK = threading.RLock()  # guards the tables and serialises loading
 # An engine lives as long as a caller holds it (its model is then freed).
 _LOADED: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 _REMOTE: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+# A remote engine is light (a tokenizer and the server's card) but slow to set up again (the
+# tokenizer loads, /models and /metrics are asked: 0.1-0.4 s here): the last few stay held
+# when no caller holds them, so a chat model built per call does not pay that every call.
+_RECENT_REMOTE: collections.deque[Any] = collections.deque(maxlen=8)
 
 
 def open_engine(
@@ -135,6 +140,8 @@ def _remote(base_url: str, model: str | None, api_key: str | None, tokenizer: An
         if engine is None:
             engine = RemoteEngine(base_url, model, api_key, tokenizer=tokenizer)
             _REMOTE[key] = engine
+        if engine not in _RECENT_REMOTE:
+            _RECENT_REMOTE.append(engine)
         return engine
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import re
+import weakref
 
 import pytest
 
 from langchain_parallel_reason import ChatParallelReason
+from langchain_parallel_reason.runtime import open_engine
 from langchain_parallel_reason.runtime.http import STEP_OPENING_REGEX
 from langchain_parallel_reason.runtime.remote import RemoteEngine
 
@@ -55,3 +58,18 @@ def test_cache_advice_names_the_server_flag_to_change() -> None:
     assert "127 tokens" in advice
     assert "--block-size 32" in advice
     assert "--no-enable-prefix-caching" in info(16, False).cache_advice()
+
+
+def test_a_remote_engine_outlives_the_chat_model_that_opened_it() -> None:
+    # Its tokenizer and the server's card stay loaded: a chat model built per call reuses them.
+    llm = ChatParallelReason(base_url="http://127.0.0.1:9/v1", model="kept")
+    first = weakref.ref(llm._get_engine())
+    del llm
+    gc.collect()
+    assert first() is not None
+    assert open_engine(base_url="http://127.0.0.1:9/v1", model="kept") is first()
+    # ... the last few only: older engines go once nothing holds them.
+    for i in range(8):
+        open_engine(base_url="http://127.0.0.1:9/v1", model=f"other-{i}")
+    gc.collect()
+    assert first() is None
