@@ -199,11 +199,11 @@ def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t
         stage3 = []
         start, logits, context = laid
     picks = plan.titles if form.check else ()
-    stream, finish_reason = yield from _conclusion(
+    conclusion, conclusion_tokens, finish_reason = yield from _conclusion(
         run, cache, stage3, start, context, t, logits=logits, picks=picks, titles=plan.titles
     )
     run.timings["total"] = time.perf_counter() - t0
-    content = steps_md + stream.text
+    content = steps_md + conclusion
     report = ParallelReport(
         mode_used="parallel",
         steps=list(plan.titles),
@@ -212,7 +212,7 @@ def steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, attempts, t
         decode_steps=out.forward_passes,
         tokens_per_forward=(out.tokens / out.forward_passes) if out.forward_passes else None,
         plan_attempts=attempts,
-        conclusion_tokens=len(stream.tokens),
+        conclusion_tokens=conclusion_tokens,
         conclusion_kv="reprefill" if laid is None else "reuse",
         timings=run.timings,
         attention=out.attention,
@@ -292,7 +292,7 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
     steps_md = steps_content(plan.preamble.strip(), plan.titles, bodies)
     yield ContentDelta(steps_md)
     picks = plan.titles if form.check else ()
-    stream, finish_reason = yield from _conclusion(
+    conclusion, conclusion_tokens, finish_reason = yield from _conclusion(
         run, cache, feed, pos, row, t, picks=picks, titles=plan.titles
     )
     run.timings["total"] = time.perf_counter() - t0
@@ -304,24 +304,38 @@ def stepped_steps_and_conclusion(run, plan, prompt, prefix, cache, per_step, att
         decode_steps=sum(branch_tokens),
         tokens_per_forward=1.0 if sum(branch_tokens) else None,
         plan_attempts=attempts,
-        conclusion_tokens=len(stream.tokens),
+        conclusion_tokens=conclusion_tokens,
         timings=run.timings,
         notes=run.notes,
     )
-    content = steps_md + stream.text
+    content = steps_md + conclusion
     return AnswerResult(content, report, run.input_tokens, run.output_tokens, finish_reason)
 
 
 def pick_grammar(picks: Sequence[str]) -> str:
     """EBNF of a conclusion after check steps: one of ``picks`` (the checked items, as the
-    message writes them) and a full stop. The 135M model's free conclusions after record
-    checks mostly named nobody ("The student with the lowest GPA is the student with the
-    lowest GPA."); it must pick among the items it checked. After the pick, the rest of the
-    line it wrote was the Stage-1 example's conclusion with the item put in ("Viktor Andersen
-    is the better student here, since the student's full name is Emil Okafor.": 20-25 tokens
-    that name a second item): the checks above are the reasons, so the answer is the pick."""
+    message writes them), and nothing else; the pipeline then quotes the picked item's record
+    (`picked_record`). The 135M model's free conclusions after record checks mostly named
+    nobody ("The student with the lowest GPA is the student with the lowest GPA."), so it must
+    pick among the items it checked; what it wrote after the pick was either the Stage-1
+    example's conclusion with the item put in ("Viktor Andersen is the better student here,
+    since the student's full name is Emil Okafor.": 20-25 tokens naming a second item) or a
+    copy of the picked record, now and then looping or cut ("Document 1: Daria Tanaka, Daria
+    Tanaka, Daria Tan")."""
     alternatives = " | ".join(json.dumps(p, ensure_ascii=False) for p in dict.fromkeys(picks))
-    return f'root ::= pick "."\npick ::= {alternatives}\n'
+    return f"root ::= {alternatives}\n"
+
+
+def picked_record(question: str, picks: Sequence[str], written: str) -> str:
+    """What follows the pick in a conclusion after check steps: the rest of the picked item's
+    record line as the message writes it ("; GPA: 3.81; Major: Biology", ": The Amber Tower
+    ... was designed by ..."), or "." where the record ends at its title; "" when ``written``
+    is none of ``picks``. The model's decision is the pick; the record it picked shows why."""
+    text = written.strip()
+    chosen = next((p for p in sorted(picks, key=len, reverse=True) if text == p), None)
+    if chosen is None:
+        return ""
+    return record_rest(question, chosen).rstrip() or "."
 
 
 def conclusion_stops(stop: Sequence[str], titles: Sequence[str]) -> tuple[str, ...]:
@@ -336,10 +350,11 @@ def conclusion_stops(stop: Sequence[str], titles: Sequence[str]) -> tuple[str, .
 def _conclusion(run, cache, feed, start, context, t, logits=None, picks=(), titles=()):
     """Stage 3's decoding: ``feed`` (the token ids the cache still lacks, ending with the
     conclusion cue) at position ``start``, then the conclusion; yields its ContentDelta items
-    and returns ``(stream, finish_reason)``. ``context`` is the sequence before ``feed`` (for
+    and returns ``(text, decoded tokens, finish_reason)``. ``context`` is the sequence before ``feed`` (for
     the repetition controls); ``t`` is when Stage 3 began; ``logits``: those after the cue
     when the cache holds it already (``feed`` is then empty). ``picks``: after check steps,
-    the conclusion opens with one of them (a grammar; `pick_grammar`) and goes on in one line.
+    the conclusion is one of them (a grammar; `pick_grammar`), then the picked item's record
+    is quoted (`picked_record`; content, not decoded).
     ``titles``: the steps' titles (`conclusion_stops`).
 
     The steps are content already, so nothing here falls back: when the context is full (the
@@ -401,11 +416,15 @@ def _conclusion(run, cache, feed, start, context, t, logits=None, picks=(), titl
             run.notes.append(f"conclusion failed ({type(e).__name__}: {e}); answer ends there")
         if tail := stream.finish():
             yield ContentDelta(tail)
+    text = stream.text
+    if picks and (quote := picked_record(run.question(), picks, text)):
+        yield ContentDelta(quote)
+        text += quote
     run.output_tokens += len(stream.tokens)
     if budget >= 1 and room >= 1 and not stream.text.strip():
         run.notes.append("the conclusion came out empty")
     run.timings["conclusion"] = time.perf_counter() - t
-    return stream, finish_reason
+    return text, len(stream.tokens), finish_reason
 
 
 def _kept_tokens(tok: Any, result: Any, stops: Sequence[str]) -> tuple[int, str]:

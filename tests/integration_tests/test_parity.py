@@ -18,6 +18,7 @@ import pytest
 from langchain_parallel_reason import ChatParallelReason
 from langchain_parallel_reason.bench.task_gen import generate_task
 from langchain_parallel_reason.pipeline import MIN_CONCLUSION_TOKENS
+from langchain_parallel_reason.pipeline.render import record_rest
 from langchain_parallel_reason.prompts import echo_words
 
 pytestmark = [pytest.mark.slow, pytest.mark.remote, pytest.mark.allow_hosts(["127.0.0.1"])]
@@ -193,9 +194,12 @@ def test_records_as_steps_are_one_line_checks(make: Any) -> None:
     # server takes: the machine checks the rest).
     assert report["conclusion_tokens"] > 0, report["notes"]
     assert not any("conclusion failed" in note for note in report["notes"]), report["notes"]
-    # The conclusion is the item it picks, with nothing of the prompt's example after it.
-    conclusion = msg.content.rsplit("\n\n", 1)[-1].strip()
-    assert conclusion in {f"{title}." for title in task.steps}, msg.content
+    # The conclusion is the item it picks, then that item's record quoted from the message
+    # (nothing of the prompt's example after it).
+    conclusion = msg.content.rsplit("\n\n", 1)[-1]
+    picked = next((t for t in task.steps if conclusion.startswith(t)), None)
+    assert picked is not None, msg.content
+    assert conclusion == picked + record_rest(task.prompt, picked), msg.content
 
 
 @pytest.mark.parametrize("mode", ["parallel", "stepped"])

@@ -40,10 +40,11 @@ def test_check_steps_open_with_their_record_and_end_at_the_line(
         assert streamed.startswith(f"Name: {title}")
         assert "\n" not in streamed.strip()
         assert f"**{title}**: {streamed.strip()}" in result.content
-    # The conclusion is one of the checked items, picked: its name and a full stop.
+    # The conclusion is one of the checked items, picked (decoded), then its record quoted.
     conclusion = result.content.rsplit("\n\n", 1)[-1]
-    assert conclusion.strip() in ("Ann Lee.", "Bo Kim."), conclusion
-    assert report.conclusion_tokens > 0
+    assert conclusion in ("Ann Lee; GPA: 3.10", "Bo Kim; GPA: 2.90"), conclusion
+    picked = conclusion.split(";")[0]
+    assert report.conclusion_tokens == len(tiny_tokenizer.encode(picked, add_special_tokens=False))
 
 
 def test_paragraph_steps_are_reported_as_such(tiny_llama, tiny_tokenizer) -> None:
