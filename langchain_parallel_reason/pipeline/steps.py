@@ -331,9 +331,8 @@ def picked_record(question: str, picks: Sequence[str], written: str) -> str:
     record line as the message writes it ("; GPA: 3.81; Major: Biology", ": The Amber Tower
     ... was designed by ..."), or "." where the record ends at its title; "" when ``written``
     is none of ``picks``. The model's decision is the pick; the record it picked shows why."""
-    text = written.strip()
-    chosen = next((p for p in sorted(picks, key=len, reverse=True) if text == p), None)
-    if chosen is None:
+    chosen = written.strip()
+    if chosen not in picks:
         return ""
     return record_rest(question, chosen).rstrip() or "."
 
@@ -350,9 +349,9 @@ def conclusion_stops(stop: Sequence[str], titles: Sequence[str]) -> tuple[str, .
 def _conclusion(run, cache, feed, start, context, t, logits=None, picks=(), titles=()):
     """Stage 3's decoding: ``feed`` (the token ids the cache still lacks, ending with the
     conclusion cue) at position ``start``, then the conclusion; yields its ContentDelta items
-    and returns ``(text, decoded tokens, finish_reason)``. ``context`` is the sequence before ``feed`` (for
-    the repetition controls); ``t`` is when Stage 3 began; ``logits``: those after the cue
-    when the cache holds it already (``feed`` is then empty). ``picks``: after check steps,
+    and returns ``(text, decoded tokens, finish_reason)``. ``context`` is the sequence before
+    ``feed`` (for the repetition controls); ``t`` is when Stage 3 began; ``logits``: those
+    after the cue when the cache holds it already (``feed`` is then empty). ``picks``: after check steps,
     the conclusion is one of them (a grammar; `pick_grammar`), then the picked item's record
     is quoted (`picked_record`; content, not decoded).
     ``titles``: the steps' titles (`conclusion_stops`).

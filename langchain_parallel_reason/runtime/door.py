@@ -5,8 +5,9 @@ Contract: ``open_engine(model=...)`` gives the in-process ``Engine`` of a model 
 loading settings, shared by every caller that asks with the same settings);
 ``open_engine(loaded=(model, tokenizer))`` the engine of a model already in memory (one per
 model object); ``open_engine(base_url=...)`` the ``RemoteEngine`` of an OpenAI-compatible
-server (one per server, model and key; the last 8 stay held when no caller holds them). The chat model, ``parallel-reason ask`` and the
-benchmarks all come through here; a closed engine is replaced on the next call.
+server (one per server, model and key; the last 8 stay held when no caller holds them). The
+chat model, ``parallel-reason ask`` and the benchmarks all come through here; a closed engine
+is replaced on the next call.
 """
 
 from __future__ import annotations

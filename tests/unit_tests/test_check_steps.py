@@ -7,6 +7,7 @@ import pytest
 
 from langchain_parallel_reason.pipeline import PipelineConfig, StepDelta, drive, iter_answer
 from langchain_parallel_reason.pipeline.render import record_quote, record_titles
+from langchain_parallel_reason.pipeline.steps import picked_record
 
 RECORDS = (
     "Here are the records.\n1. Name: Ann Lee; GPA: 3.10\n2) Name: Bo Kim; GPA: 2.90\n\n"
@@ -45,6 +46,15 @@ def test_check_steps_open_with_their_record_and_end_at_the_line(
     assert conclusion in ("Ann Lee; GPA: 3.10", "Bo Kim; GPA: 2.90"), conclusion
     picked = conclusion.split(";")[0]
     assert report.conclusion_tokens == len(tiny_tokenizer.encode(picked, add_special_tokens=False))
+
+
+def test_the_picked_record_is_the_rest_of_its_line_or_a_full_stop() -> None:
+    picks = ("Ann Lee", "Bo Kim")
+    assert picked_record(RECORDS, picks, "Bo Kim") == "; GPA: 2.90"
+    assert picked_record(RECORDS, picks, " Ann Lee ") == "; GPA: 3.10"
+    assert picked_record("1. Ann Lee\n2. Bo Kim\nWho?", picks, "Bo Kim") == "."  # title ends it
+    assert picked_record(RECORDS, picks, "Ann") == ""  # not a pick: nothing is quoted
+    assert picked_record(RECORDS, picks, "") == ""
 
 
 def test_paragraph_steps_are_reported_as_such(tiny_llama, tiny_tokenizer) -> None:
