@@ -141,8 +141,9 @@ def _remote(base_url: str, model: str | None, api_key: str | None, tokenizer: An
         if engine is None:
             engine = RemoteEngine(base_url, model, api_key, tokenizer=tokenizer)
             _REMOTE[key] = engine
-        if engine not in _RECENT_REMOTE:
-            _RECENT_REMOTE.append(engine)
+        if engine in _RECENT_REMOTE:  # the last used go last: the oldest leaves first
+            _RECENT_REMOTE.remove(engine)
+        _RECENT_REMOTE.append(engine)
         return engine
 
 

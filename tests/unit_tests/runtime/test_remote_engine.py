@@ -68,7 +68,15 @@ def test_a_remote_engine_outlives_the_chat_model_that_opened_it() -> None:
     gc.collect()
     assert first() is not None
     assert open_engine(base_url="http://127.0.0.1:9/v1", model="kept") is first()
-    # ... the last few only: older engines go once nothing holds them.
+    # ... the last few used only: opening it again makes it the last; older engines go once
+    # nothing holds them.
+    for i in range(7):
+        open_engine(base_url="http://127.0.0.1:9/v1", model=f"other-{i}")
+    open_engine(base_url="http://127.0.0.1:9/v1", model="kept")
+    for i in range(7):
+        open_engine(base_url="http://127.0.0.1:9/v1", model=f"newer-{i}")
+    gc.collect()
+    assert first() is not None
     for i in range(8):
         open_engine(base_url="http://127.0.0.1:9/v1", model=f"other-{i}")
     gc.collect()
