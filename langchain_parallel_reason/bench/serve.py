@@ -107,10 +107,9 @@ def _calls(llm: Any, config: ServeBenchConfig, count: int) -> list[tuple[str, An
         "sequential": base.bind(mode="sequential"),
         "tool": llm.bind_tools([_multiply], tool_choice="any").bind(max_tokens=48),
     }
-    kinds = config.kinds
+    kinds = [config.kinds[i % len(config.kinds)] for i in range(count)]
     return [
-        (kinds[i % len(kinds)], runnables[kinds[i % len(kinds)]], _QUESTIONS[i % len(_QUESTIONS)])
-        for i in range(count)
+        (kind, runnables[kind], _QUESTIONS[i % len(_QUESTIONS)]) for i, kind in enumerate(kinds)
     ]
 
 

@@ -96,8 +96,8 @@ class DecodeKernel:
                 its slot, so rows see the step's keys (``keys``/``values`` must have room).
         """
         heads, _, dim = query.shape
-        tensors = (query, keys, values, cols, slots, lens, *(new or ()))
-        if any(t.device.type != "cpu" for t in (*tensors, *([] if mask is None else [mask]))):
+        tensors = (query, keys, values, cols, slots, lens, mask, *(new or ()))
+        if any(t is not None and t.device.type != "cpu" for t in tensors):
             msg = "the decode kernel runs on the CPU: every tensor must be in host memory"
             raise ValueError(msg)
         if not (query.dtype == keys.dtype == values.dtype == torch.bfloat16):
